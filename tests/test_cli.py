@@ -1,0 +1,69 @@
+"""The command line: listing, one-line errors, and every preset pretraining + evaluating on CIFAR-10."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from visrep.cli import run
+from conftest import CIFAR_ARCHIVE
+
+PRESETS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav"]
+
+
+def test_list_shows_every_kind(capsys):
+    assert run(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    for m in PRESETS:
+        assert f"  {m}" in out
+    assert run(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("methods:", "views:", "backbones:", "datasets:", "objectives:", "heads:"):
+        assert kind in out
+    for name in ("digits", "cifar10", "cifar100", "imagefolder", "synthetic", "multicrop", "vit_tiny", "resnet50"):
+        assert name in out
+
+
+def _cli(*args, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "visrep.cli", *args], capture_output=True, text=True, env=e,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["pretrain", "optim.lrr=1"], "unknown config key 'optim.lrr'; valid keys:"),
+    (["pretrain", "method=simclr", "data.dataset=cifar10", "data.download=false", "data.root=/nonexistent"],
+     "error:"),
+    (["eval", "knn", "--model", "/nonexistent/run"], "error:"),
+    (["list", "gizmos"], "cannot list 'gizmos'; valid choices:"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, args, fragment):
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(CIFAR_ARCHIVE), reason="offline CIFAR-10 archive not available")
+@pytest.mark.parametrize("method", PRESETS)
+def test_each_preset_pretrains_an_epoch_on_cifar10_and_evaluates(tmp_path, method, capsys):
+    """`visrep pretrain` (1 epoch on a 256-image CIFAR-10 subset) then `visrep eval knn` and `eval linear`."""
+    out = tmp_path / method
+    args = ["pretrain", "--data-dir", CIFAR_ARCHIVE, f"method={method}", "data.dataset=imagefolder",
+            "data.subset=256", f"out_dir={out}", "train.epochs=1", "train.batch_size=128", "train.progress=false",
+            "backbone.options.width=8", "monitor.bank_size=256", "monitor.test_size=128"]
+    if method in ("dino", "swav"):  # keep the multi-crop presets' heads small for a CPU test
+        args += ["projector.hidden_dim=64", "projector.bottleneck_dim=32" if method == "dino" else
+                 "projector.num_prototypes=50"]
+        args += ["projector.out_dim=256", "objective.params.out_dim=256"] if method == "dino" else []
+    assert run(args) == 0
+    assert "done: 2/2 steps" in capsys.readouterr().out
+    for protocol in ("knn", "linear"):
+        res_path = tmp_path / f"{method}_{protocol}.json"
+        extra = ["--epochs", "5"] if protocol == "linear" else []
+        assert run(["eval", protocol, "--model", str(out), "--dataset", "imagefolder", "--data-dir", CIFAR_ARCHIVE,
+                    "--train-subset", "512", "--test-subset", "256", "--out", str(res_path), *extra]) == 0
+        res = json.loads(res_path.read_text())
+        assert 0.0 <= res["top1"] <= 1.0 and res["top5"] >= res["top1"]
+        assert res["protocol"] == protocol and res["model"]["method"] == method

@@ -1,0 +1,154 @@
+"""The one training loop: every preset trains, resumes bit-for-bit, and stops cleanly on NaN."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visrep
+from visrep.errors import ConfigError, TrainingError
+from visrep.train.checkpoint import load_checkpoint, strip_prefix
+
+from conftest import tiny_overrides
+
+PRESETS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav"]
+
+
+def _small_heads(method):
+    # Keep the presets' structure but shrink their widths so a test step takes milliseconds.
+    if method == "dino":
+        return {"projector": {"type": "dino", "hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64},
+                "objective": {"params": {"out_dim": 64}}}
+    if method == "swav":
+        return {"projector": {"type": "swav", "hidden_dim": 32, "out_dim": 16, "num_prototypes": 20}}
+    if method == "moco_v2":
+        return {"objective": {"params": {"queue_size": 128, "out_dim": 16}}}
+    out = {"projector": {"hidden_dim": 32, "out_dim": 16}}
+    if method in ("byol", "moco_v3", "simsiam"):
+        out["predictor"] = {"hidden_dim": 32, "out_dim": 16}
+    return out
+
+
+@pytest.mark.parametrize("method", PRESETS)
+def test_every_preset_trains_with_the_same_loop(tmp_path, method):
+    heads = _small_heads(method)
+    over = tiny_overrides(tmp_path, method=method, **heads)
+    if "type" in heads.get("projector", {}):
+        over["projector"] = heads["projector"]  # replace, not merge: dino/swav heads take other options
+    over["train"]["epochs"] = 1
+    cfg = visrep.resolve(over)
+    summary = visrep.pretrain(cfg, quiet=True)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    assert "knn_top1" in summary["history"][-1]
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in l for l in lines)
+
+
+def _weights(run_dir):
+    return strip_prefix(load_file(str(run_dir / "checkpoints" / "last.safetensors")), "model.")
+
+
+@pytest.mark.parametrize("method", ["byol", "moco_v2"])
+def test_resume_equals_uninterrupted_run(tmp_path, method):
+    """Stop after epoch 1 (as a kill would leave it), resume: final weights equal an uninterrupted run."""
+    full = visrep.resolve(tiny_overrides(tmp_path / "a", method=method, **_small_heads(method)))
+    visrep.pretrain(full, quiet=True)
+    part = tiny_overrides(tmp_path / "b", method=method, **_small_heads(method))
+    part["train"]["max_steps"] = 2
+    s1 = visrep.pretrain(visrep.resolve(part), quiet=True)
+    assert s1["stop_reason"] == "max_steps" and s1["steps"] == 2
+    part["train"]["max_steps"] = None
+    s2 = visrep.pretrain(visrep.resolve(part), resume=True, quiet=True)
+    assert s2["steps"] == 4
+
+    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the objective's state (MoCo queue) and optimizer state resumed too
+    ta, _ = load_checkpoint(tmp_path / "a" / "run")
+    tb, _ = load_checkpoint(tmp_path / "b" / "run")
+    for k in ta:
+        if k.startswith(("objective.", "optim.")):
+            assert torch.equal(ta[k], tb[k]), k
+
+
+def test_mid_epoch_stop_resumes_exactly(tmp_path):
+    full = visrep.resolve(tiny_overrides(tmp_path / "a", method="simclr"))
+    visrep.pretrain(full, quiet=True)
+    part = tiny_overrides(tmp_path / "b", method="simclr")
+    part["train"]["max_steps"] = 3  # stops inside epoch 2
+    visrep.pretrain(visrep.resolve(part), quiet=True)
+    part["train"]["max_steps"] = None
+    visrep.pretrain(visrep.resolve(part), resume=True, quiet=True)
+    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path):
+    cfg = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"epochs": 1}}))
+    visrep.pretrain(cfg, quiet=True)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        visrep.pretrain(cfg, quiet=True)
+    other = visrep.resolve(tiny_overrides(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        visrep.pretrain(other, resume=True, quiet=True)
+    changed = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"epochs": 1}, "optim": {"lr": 9.0}}))
+    with pytest.raises(ConfigError, match="section 'optim' differs"):
+        visrep.pretrain(changed, resume=True, quiet=True)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from visrep.objectives.contrastive import NTXentLoss
+
+    calls = {"n": 0}
+    real = NTXentLoss.forward
+
+    def flaky(self, student, teacher):
+        calls["n"] += 1
+        loss = real(self, student, teacher)
+        return loss * float("nan") if calls["n"] == 3 else loss  # step 3 = first step of epoch 2
+
+    monkeypatch.setattr(NTXentLoss, "forward", flaky)
+    cfg = visrep.resolve(tiny_overrides(tmp_path))
+    with pytest.raises(TrainingError) as e:
+        visrep.pretrain(cfg, quiet=True)
+    assert "the loss became nan at step 2" in str(e.value) and "last good checkpoint" in str(e.value)
+    tensors, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 2 and all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    cfg = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"epochs": 1, "precision": "bf16"}}))
+    s = visrep.pretrain(cfg, quiet=True)
+    assert math.isfinite(s["final_loss"])
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path):
+    cfg = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"precision": "fp16", "device": "cpu"}}))
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        visrep.pretrain(cfg, quiet=True)
+
+
+def test_checkpoint_is_safetensors_and_backbone_loads_into_timm(tmp_path):
+    import timm
+
+    cfg = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"epochs": 1}}))
+    visrep.pretrain(cfg, quiet=True)
+    path = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"[:8]  # not a pickle
+    tensors, meta = load_checkpoint(path)
+    assert meta["format"] == "visrep-checkpoint-v1" and meta["config"]["method"] == "simclr"
+    assert "rng.torch" in tensors and any(k.startswith("optim.") for k in tensors)
+    timm_model = timm.create_model("resnet18", num_classes=0, channels=(8, 16, 32, 64), stem_width=8)
+    from visrep.models.backbones import apply_cifar_stem
+
+    apply_cifar_stem(timm_model).load_state_dict(strip_prefix(tensors, "model.backbone."))  # same keys, strict
+
+
+def test_gradient_clipping_and_schedules(tmp_path):
+    over = tiny_overrides(tmp_path, **{"optim": {"clip_grad": 0.5, "weight_decay_end": 0.1},
+                                       "train": {"epochs": 1}})
+    s = visrep.pretrain(visrep.resolve(over), quiet=True)
+    assert math.isfinite(s["final_loss"])

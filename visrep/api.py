@@ -1,0 +1,71 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    import visrep
+    cfg = visrep.resolve(overrides=["method=byol", "data.dataset=digits", "train.epochs=2"])
+    summary = visrep.pretrain(cfg)
+    result = visrep.evaluate_knn(summary["out_dir"], dataset="digits")
+"""
+from __future__ import annotations
+
+from visrep.config import RunConfig, resolve_config
+from visrep.errors import ConfigError
+
+
+def resolve(config: str | dict | None = None, overrides: list[str] | dict | None = None,
+            base: dict | None = None) -> RunConfig:
+    """A validated RunConfig from a YAML path or a dict, plus dotted overrides."""
+    if isinstance(config, dict):
+        return resolve_config(None, overrides, base=config if base is None else {**base, **config})
+    return resolve_config(config, overrides, base=base)
+
+
+def pretrain(config: RunConfig | str | dict | None = None, *, overrides=None, resume: bool = False,
+             quiet: bool = False) -> dict:
+    """Pretrain with a method preset; see `visrep.train.loop.pretrain`."""
+    from visrep.train.loop import pretrain as _pretrain
+
+    cfg = config if isinstance(config, RunConfig) else resolve(config, overrides)
+    return _pretrain(cfg, resume=resume, quiet=quiet)
+
+
+def evaluate_knn(source: str, **kwargs) -> dict:
+    from visrep.evaluate.api import evaluate_knn as _knn
+
+    return _knn(source, **kwargs)
+
+
+def evaluate_linear(source: str, **kwargs) -> dict:
+    from visrep.evaluate.api import evaluate_linear as _linear
+
+    return _linear(source, **kwargs)
+
+
+def registries() -> dict:
+    from visrep.data.sources import SOURCES
+    from visrep.data.views import VIEWS
+    from visrep.methods import METHODS
+    from visrep.models import BACKBONES, HEADS
+    from visrep.objectives import OBJECTIVES
+
+    return {"methods": METHODS, "views": VIEWS, "backbones": BACKBONES, "datasets": SOURCES,
+            "objectives": OBJECTIVES, "heads": HEADS}
+
+
+def list_parts(kind: str) -> list[tuple[str, str]]:
+    regs = registries()
+    if kind not in regs:
+        raise ConfigError(f"cannot list '{kind}'; valid choices: {', '.join(regs)}, all")
+    return regs[kind].describe()
+
+
+def format_listing(kind: str = "all") -> str:
+    kinds = list(registries()) if kind == "all" else [kind]
+    lines = []
+    for k in kinds:
+        rows = list_parts(k)
+        lines.append(f"{k}:")
+        width = max(len(n) for n, _ in rows) if rows else 0
+        lines += [f"  {n.ljust(width)}  {d}" for n, d in rows]
+        if k == "backbones":
+            lines.append(f"  {'<timm name>'.ljust(width)}  any timm model, e.g. timm:convnext_atto (random init)")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""`visrep ...`: a thin layer over the Python API (visrep/api.py).
+
+    visrep pretrain --config configs/simclr_cifar10.yaml train.epochs=1 optim.lr=0.5
+    visrep pretrain --config ... --resume
+    visrep eval knn --model runs/simclr --dataset cifar10 --data-dir ~/data
+    visrep eval linear --model timm:resnet18 --dataset digits
+    visrep list methods|views|backbones|datasets|objectives|heads
+    visrep demo
+
+Errors a user can fix print one line (`visrep: error: ...`) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="dataset name (visrep list datasets); default digits")
+    p.add_argument("--data-dir", default=None, help="dataset root or archive (else $VISREP_DATA)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--image-size", type=int, default=None, help="resize images (default: checkpoint's size)")
+    p.add_argument("--train-subset", type=int, default=None, help="seeded subset of N training images")
+    p.add_argument("--test-subset", type=int, default=None, help="seeded subset of N test images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--branch", default="student", choices=["student", "teacher"],
+                   help="which backbone of a checkpoint to evaluate (teacher = EMA teacher)")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visrep", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone with a method preset")
+    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    p.add_argument("--data-dir", default=None, help="dataset root or archive (sets data.root)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method=byol optim.lr=0.5")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    pe = sub.add_parser("eval", help="evaluate a checkpoint or timm model")
+    esub = pe.add_subparsers(dest="protocol", required=True)
+    k = esub.add_parser("knn", help="weighted kNN on frozen features (Wu et al. 2018; k=20, T=0.07 as DINO)")
+    k.add_argument("--model", required=True, help="checkpoint file, run directory, or timm:NAME")
+    _add_data_args(k)
+    k.add_argument("--k", type=int, default=20)
+    k.add_argument("--temperature", type=float, default=0.07)
+    lp = esub.add_parser("linear", help="offline linear probe on cached frozen features")
+    lp.add_argument("--model", required=True, help="checkpoint file, run directory, or timm:NAME")
+    _add_data_args(lp)
+    lp.add_argument("--epochs", type=int, default=None)
+    lp.add_argument("--lr", type=float, default=None)
+    lp.add_argument("--weight-decay", type=float, default=None)
+
+    pl = sub.add_parser("list", help="list registered parts")
+    pl.add_argument("kind", nargs="?", default="all",
+                    help="methods | views | backbones | datasets | objectives | heads | all")
+
+    pd = sub.add_parser("demo", help="offline demo: SimCLR on bundled digits vs random init (~2 min on 2 cores)")
+    pd.add_argument("--out-dir", default="runs/demo")
+    pd.add_argument("--epochs", type=int, default=None)
+    return parser
+
+
+def _print_json(res: dict) -> None:
+    slim = {k: v for k, v in res.items() if k in ("top1", "top5", "protocol", "seconds")}
+    print(json.dumps(slim, indent=2))
+
+
+def run(argv: list[str] | None = None) -> int:
+    from visrep import api
+
+    args = build_parser().parse_args(argv)
+    if args.command == "pretrain":
+        extra = {"data": {"root": args.data_dir}} if args.data_dir else None
+        cfg = api.resolve(args.config, args.overrides, base=extra)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        summary = api.pretrain(cfg, resume=args.resume)
+        last = summary["history"][-1] if summary["history"] else {}
+        print(f"done: {summary['steps']}/{summary['total_steps']} steps ({summary['stop_reason']}), "
+              f"final loss {summary['final_loss']:.4f}"
+              + (f", kNN top-1 {last['knn_top1']:.3f}" if "knn_top1" in last else "")
+              + f"; checkpoint {summary['checkpoint']}")
+        return 0
+    if args.command == "eval":
+        common = dict(dataset=args.dataset, root=args.data_dir, train_split=args.train_split,
+                      test_split=args.test_split, image_size=args.image_size, branch=args.branch,
+                      batch_size=args.batch_size, device=args.device, train_subset=args.train_subset,
+                      test_subset=args.test_subset, seed=args.seed, out=args.out)
+        if args.protocol == "knn":
+            res = api.evaluate_knn(args.model, k=args.k, temperature=args.temperature, **common)
+        else:
+            extra = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
+                                       ("weight_decay", args.weight_decay)) if v is not None}
+            res = api.evaluate_linear(args.model, **common, **extra)
+        _print_json(res)
+        return 0
+    if args.command == "list":
+        print(api.format_listing(args.kind))
+        return 0
+    if args.command == "demo":
+        from visrep.demo import run_demo
+
+        run_demo(out_dir=args.out_dir, epochs=args.epochs)
+        return 0
+    return 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    from visrep.errors import VisrepError
+
+    try:
+        code = run(argv)
+    except VisrepError as e:
+        print(f"visrep: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("visrep: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

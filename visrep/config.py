@@ -1,0 +1,289 @@
+"""Run configuration: YAML + method preset + dotted command-line overrides, validated on load.
+
+Order of precedence (later wins):  DEFAULTS  <  method preset  <  YAML file  <  `key.sub=value` overrides.
+
+Every section is a dataclass below, with each default documented next to its field. An unknown key or
+a bad value raises `ConfigError` with one sentence naming the valid choices. Free-form option dicts
+(`views.options`, `backbone.options`, `objective.params`, head specs) are validated by the part they
+configure when it is built.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from visrep.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"            # a name from `visrep list datasets`
+    root: Optional[str] = None         # dataset root/archive; falls back to $VISREP_DATA
+    split: str = "train"               # split used for pretraining
+    test_split: str = "test"           # split used by the kNN monitor and evaluation
+    image_size: Optional[int] = None   # resize on load (None: the dataset's native size)
+    subset: Optional[int] = None       # use a seeded subset of N training images (None: all)
+    download: bool = True              # fetch cifar10/cifar100 when not found (needs internet)
+    options: dict = field(default_factory=dict)  # extra source options (e.g. synthetic n, num_classes)
+
+
+@dataclass
+class ViewsConfig:
+    policy: str = "simclr"             # a name from `visrep list views`
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet18"             # `visrep list backbones`, or any timm model name
+    options: dict = field(default_factory=lambda: {"cifar_stem": True})
+
+
+@dataclass
+class TargetConfig:
+    branch: str = "none"               # none | stopgrad | ema  (where the objective's targets come from)
+    momentum: float = 0.99             # EMA teacher momentum at step 0 (BYOL: 0.996 for ImageNet, 0.99 CIFAR)
+    momentum_end: float = 1.0          # cosine-increased to this value at the last step (BYOL)
+
+
+@dataclass
+class ScheduleSpec:
+    start: float = 0.0
+    end: float = 0.0
+    warmup_epochs: float = 0.0         # linear from `start` to `end` over these epochs, then constant
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "ntxent"               # `visrep list objectives`
+    params: dict = field(default_factory=dict)
+    # Attributes of the objective set every step from a schedule, e.g. DINO's teacher_temp.
+    schedules: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"                 # sgd | lars | adamw
+    lr: float = 0.3                    # base learning rate, scaled by batch_size/256 when lr_scaling=linear
+    lr_scaling: str = "linear"         # linear | none   (Goyal et al. 2017 linear scaling rule)
+    min_lr: float = 0.0                # end of the cosine
+    warmup_epochs: float = 10.0        # linear warm-up from 0 (Goyal et al. 2017)
+    weight_decay: float = 1e-6
+    weight_decay_end: Optional[float] = None  # cosine weight-decay schedule end (DINO); None = constant
+    momentum: float = 0.9              # SGD / LARS momentum
+    betas: tuple = (0.9, 0.999)        # AdamW
+    lars_eta: float = 0.02             # LARS trust coefficient (You et al. 2017; 0.02 as solo-learn CIFAR)
+    exclude_bias_norm: bool = True     # no weight decay / LARS adaptation for biases and norm layers
+    clip_grad: Optional[float] = None  # max global grad norm (None: no clipping)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256              # global batch (split across processes under torchrun)
+    precision: str = "fp32"            # fp32 | bf16 (autocast, CPU+GPU) | fp16 (autocast + GradScaler, GPU only)
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    deterministic: bool = False        # torch.use_deterministic_algorithms (bit-exact resume on CPU)
+    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    log_every: int = 10                # steps between metric lines in metrics.jsonl / TensorBoard
+    checkpoint_every: int = 1          # epochs between checkpoints (the last epoch is always saved)
+    max_steps: Optional[int] = None    # stop early after this many steps in total (smoke tests, budgets)
+    time_budget_s: Optional[float] = None  # stop at the end of the step that exceeds this wall time
+    progress: bool = True              # show a progress bar
+    sync_bn: bool = True               # convert BatchNorm to SyncBatchNorm when more than one process runs
+
+
+@dataclass
+class MonitorConfig:
+    online_probe: bool = True          # linear classifier on detached features during pretraining (solo-learn)
+    probe_lr: float = 0.1
+    knn_every: int = 1                 # epochs between kNN monitor evaluations (0: never)
+    knn_k: int = 20                    # Wu et al. 2018 / DINO use k=20, T=0.07
+    knn_temperature: float = 0.07
+    bank_size: Optional[int] = 5000    # training images used as the kNN memory bank (None: all)
+    test_size: Optional[int] = 2000    # test images scored by the monitor (None: all)
+
+
+@dataclass
+class RunConfig:
+    method: str = "simclr"             # a name from `visrep list methods`; fills the sections below
+    seed: int = 0
+    out_dir: str = "runs/default"      # checkpoints, metrics.jsonl, TensorBoard events, plots
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    projector: Optional[dict] = field(default_factory=lambda: {"type": "mlp"})
+    predictor: Optional[dict] = None
+    target: TargetConfig = field(default_factory=TargetConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "target.branch": ("none", "stopgrad", "ema"),
+    "optim.name": ("sgd", "lars", "adamw"),
+    "optim.lr_scaling": ("linear", "none"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+# --------------------------------------------------------------------------- merging & parsing
+def deep_merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; dict values merge, anything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["optim.lr=0.5", "train.epochs=2"]` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, key)
+        else:
+            value = _check_type(value, tp, key)
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | None = None,
+                   base: dict | None = None) -> RunConfig:
+    """DEFAULTS < preset(method) < YAML < overrides  ->  validated RunConfig."""
+    from visrep.methods import METHODS  # late import: methods import config
+
+    user = load_yaml(yaml_path) if yaml_path else {}
+    if base:
+        user = deep_merge(base, user)
+    if overrides:
+        user = deep_merge(user, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    method = user.get("method", RunConfig.method)
+    if not isinstance(method, str):
+        raise ConfigError(f"method must be a name, got {method!r}")
+    preset = METHODS.get(method)
+    merged = deep_merge(deep_merge(RunConfig().to_dict(), preset.config), user)
+    cfg = from_dict(RunConfig, merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that need the registries."""
+    from visrep.data.sources import SOURCES
+    from visrep.data.views import VIEWS
+    from visrep.objectives import OBJECTIVES
+
+    SOURCES.get(cfg.data.dataset)
+    VIEWS.get(cfg.views.policy)
+    OBJECTIVES.get(cfg.objective.name)
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    if cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size must be at least 2, got {cfg.train.batch_size}")
+    for name, spec in cfg.objective.schedules.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"objective.schedules.{name} must be a mapping with start, end, warmup_epochs")
+        from_dict(ScheduleSpec, spec, f"objective.schedules.{name}")
+
+
+def config_from_json(text: str) -> RunConfig:
+    """Rebuild a RunConfig saved in a checkpoint (no preset merge: it was resolved already)."""
+    return from_dict(RunConfig, json.loads(text))

@@ -1,0 +1,19 @@
+"""Evaluation of frozen backbones: cached feature extraction, weighted kNN, offline linear probe."""
+from visrep.evaluate.api import evaluate_knn, evaluate_linear, resolve_device
+from visrep.evaluate.features import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TRANSFORM_VERSION,
+    default_cache_dir,
+    extract_features,
+    extract_features_with_info,
+    feature_cache_key,
+)
+from visrep.evaluate.knn import knn_classify, knn_scores
+from visrep.evaluate.linear import linear_probe
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "TRANSFORM_VERSION", "default_cache_dir", "evaluate_knn", "evaluate_linear",
+    "extract_features", "extract_features_with_info", "feature_cache_key", "knn_classify", "knn_scores",
+    "linear_probe", "resolve_device",
+]

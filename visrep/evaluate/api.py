@@ -1,0 +1,224 @@
+"""High-level evaluation: a backbone source + a dataset -> one JSON-able result with the exact protocol.
+
+    evaluate_knn("runs/simclr", dataset="cifar10")            # weighted kNN, k=20, T=0.07
+    evaluate_linear("timm:resnet18", dataset="digits")         # linear probe on frozen features
+
+Both load the backbone with `load_backbone`, both splits with `load_dataset` (at their native size; the
+evaluation transform resizes), extract features through the on-disk cache, run the classifier and return
+(and write to `out`, if given) a dict with "top1"/"top5" (fractions in [0, 1]) and everything needed to
+reproduce the number: the source and its weight fingerprint, the dataset and split sizes, image size,
+normalisation, classifier hyper-parameters, feature size, cache hits, visrep version, time.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from visrep.errors import ConfigError, DataError, VisrepError
+from visrep.evaluate.features import IMAGENET_MEAN, IMAGENET_STD, TRANSFORM_VERSION, extract_features_with_info
+
+
+def _version() -> str:
+    try:
+        import visrep
+
+        v = getattr(visrep, "__version__", None)
+        if v:
+            return str(v)
+    except Exception:  # a partially written package must not break evaluation
+        pass
+    try:
+        from importlib.metadata import version
+
+        return version("visrep")
+    except Exception:
+        return "unknown"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None -> cuda when available, else cpu; anything else is checked."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _looks_like_path(source: str) -> bool:
+    return (os.sep in source or "/" in source or source.endswith(".safetensors") or source.startswith(".")
+            or source.startswith("~")) and not source.startswith("timm:")
+
+
+def _load_model(source: str, image_size: int | None, branch: str, seed: int):
+    from visrep.models.loading import load_backbone
+
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise ConfigError(f"model source must be a checkpoint path, run directory or timm:NAME, got {source!r}")
+    source = str(source)
+    if _looks_like_path(source) and not Path(source).expanduser().exists():
+        raise ConfigError(f"no checkpoint or run directory at '{source}'")
+    if source.startswith("~"):
+        source = str(Path(source).expanduser())
+    # Random-init backbones are built under a fixed seed (without touching the caller's RNG), so a
+    # random-init baseline is reproducible and its features cache like any other model's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            return load_backbone(source, image_size=image_size, branch=branch)
+        except VisrepError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, OSError) as e:
+            raise VisrepError(f"could not load a backbone from '{source}' ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _load_split(dataset: str, split: str, root, download: bool, options: dict, subset: int | None, seed: int):
+    try:
+        from visrep.data.sources import load_dataset
+    except ImportError as e:  # pragma: no cover - only while the data package is incomplete
+        raise DataError(f"dataset loading is unavailable ({e})") from None
+    ds = load_dataset(dataset, split, root, download=download, **options)
+    if len(ds.labels) == 0:
+        raise DataError(f"the {split} split of dataset '{dataset}' is empty")
+    if subset is not None:
+        if subset < 1:
+            raise ConfigError(f"{split} subset must be >= 1, got {subset}")
+        if subset < len(ds.labels):
+            ds = ds.subset(int(subset), seed)
+    return ds
+
+
+def _prepare(source, *, dataset, root, train_split, test_split, image_size, branch, batch_size, device,
+             cache_dir, train_subset, test_subset, seed, progress, mean, std, download, dataset_options):
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    options = dict(dataset_options or {})
+    train = _load_split(dataset, train_split, root, download, options, train_subset, seed)
+    test = _load_split(dataset, test_split, root, download, options, test_subset, seed)
+    if list(train.classes) != list(test.classes):
+        raise DataError(f"splits '{train_split}' and '{test_split}' of '{dataset}' have different classes")
+    native = int(train.images.shape[-1])
+    is_checkpoint = Path(str(source)).expanduser().exists()
+    # Image size: the caller's, else the checkpoint's recorded one, else the dataset's native size.
+    model, info = _load_model(source, image_size if (image_size or is_checkpoint) else native, branch, seed)
+    size = int(image_size or info.get("image_size") or native)
+    mean = tuple(float(m) for m in (IMAGENET_MEAN if mean is None else mean))
+    std = tuple(float(s) for s in (IMAGENET_STD if std is None else std))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError("mean and std must be three numbers each, std > 0")
+    kw = dict(image_size=size, batch_size=batch_size, device=dev, cache_dir=cache_dir,
+              model_fingerprint=info.get("fingerprint"), mean=mean, std=std, progress=progress)
+    try:
+        ftr, ltr, ctr = extract_features_with_info(model, train, **kw)
+        fte, lte, cte = extract_features_with_info(model, test, **kw)
+    except VisrepError:
+        raise
+    except (RuntimeError, AssertionError, ValueError) as e:  # e.g. a ViT fed the wrong image size
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VisrepError(f"the backbone failed on {size}x{size} images ({msg})") from None
+    record = {
+        "source": str(source),
+        "model": {k: info.get(k) for k in ("kind", "fingerprint", "method", "epoch", "backbone", "branch",
+                                           "image_size")},
+        "dataset": {"name": dataset, "root": None if root is None else str(root),
+                    "train_split": train_split, "test_split": test_split,
+                    "train_size": int(len(ltr)), "test_size": int(len(lte)),
+                    "train_subset": train_subset, "test_subset": test_subset,
+                    "num_classes": len(train.classes), "classes": list(train.classes),
+                    "train_fingerprint": train.meta.get("fingerprint"),
+                    "test_fingerprint": test.meta.get("fingerprint"), "options": options},
+        "image_size": size,
+        "normalization": {"mean": list(mean), "std": list(std), "transform": TRANSFORM_VERSION},
+        "feature_dim": int(ftr.shape[1]),
+        "cache": {"train": ctr["cache"], "test": cte["cache"]},
+        "device": str(dev),
+        "seed": int(seed),
+    }
+    return (ftr, ltr, fte, lte, len(train.classes)), record, t0
+
+
+def _finish(record: dict, result: dict, t0: float, out) -> dict:
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["visrep_version"] = _version()
+    record["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    final = {**result, **record}
+    if out is not None:
+        path = Path(out).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(final, indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise VisrepError(f"could not write the result to '{out}' ({e.strerror or e})") from None
+        final["out"] = str(path)
+    return final
+
+
+def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = None, train_split: str = "train",
+                 test_split: str = "test", image_size: int | None = None, k: int = 20,
+                 temperature: float = 0.07, branch: str = "student", batch_size: int = 256,
+                 device: str = "cpu", cache_dir: str | None = None, train_subset: int | None = None,
+                 test_subset: int | None = None, seed: int = 0, out: str | None = None, progress: bool = True,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 download: bool = True, dataset_options: dict | None = None) -> dict:
+    """Weighted kNN accuracy (Wu et al. 2018; k=20, T=0.07 as DINO) of a backbone's frozen features.
+
+    source: checkpoint file, run directory, or `timm:NAME` / backbone name (random init, seeded by `seed`).
+    image_size: None -> the checkpoint's recorded size, else the dataset's native size.
+    train_subset / test_subset: seeded subsets (by `seed`) of N images. device: cpu | cuda | auto.
+    cache_dir: feature cache (None: `$VISREP_CACHE/features` or `~/.cache/visrep/features`; False: off).
+    mean/std: normalisation (None: ImageNet's). out: write the result as JSON there.
+    Returns {"protocol": "knn", "top1", "top5" (fractions), "k", "temperature", ..., "source", "model",
+    "dataset", "image_size", "normalization", "feature_dim", "cache", "visrep_version", "timestamp",
+    "seconds"}.
+    """
+    from visrep.evaluate.knn import knn_classify
+
+    (ftr, ltr, fte, lte, c), record, t0 = _prepare(
+        source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
+        image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
+        train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
+        download=download, dataset_options=dataset_options)
+    res = knn_classify(ftr, ltr, fte, lte, k=k, temperature=temperature, num_classes=c)
+    res.update(similarity="cosine", weighting="exp(s/T)", reference="Wu et al. 2018 / DINO (Caron et al. 2021)")
+    return _finish(record, {"protocol": "knn", **res}, t0, out)
+
+
+def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = None, train_split: str = "train",
+                    test_split: str = "test", image_size: int | None = None, epochs: int = 100,
+                    lr: float = 0.1, weight_decay: float = 0.0, probe_batch_size: int = 256,
+                    standardize: bool = True, branch: str = "student", batch_size: int = 256,
+                    device: str = "cpu", cache_dir: str | None = None, train_subset: int | None = None,
+                    test_subset: int | None = None, seed: int = 0, out: str | None = None,
+                    progress: bool = True, mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None, download: bool = True,
+                    dataset_options: dict | None = None) -> dict:
+    """Linear-probe accuracy of a backbone's frozen (cached) features; see `visrep.evaluate.linear`.
+
+    Same data/model arguments as `evaluate_knn`; `batch_size` is the feature-extraction batch, the probe's
+    own is `probe_batch_size`. Probe: train-standardised features, zero-init nn.Linear, SGD Nesterov
+    momentum 0.9, cosine lr from `lr` to 0 over `epochs`, `weight_decay`, data order seeded by `seed`.
+    Returns {"protocol": "linear", "top1", "top5" (fractions), every probe hyper-parameter, and the same
+    provenance fields as `evaluate_knn`}.
+    """
+    from visrep.evaluate.linear import linear_probe
+
+    (ftr, ltr, fte, lte, c), record, t0 = _prepare(
+        source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
+        image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
+        train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
+        download=download, dataset_options=dataset_options)
+    res = linear_probe(ftr, ltr, fte, lte, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                       batch_size=probe_batch_size, seed=seed, standardize=standardize, num_classes=c)
+    return _finish(record, {"protocol": "linear", **res}, t0, out)

@@ -1,0 +1,199 @@
+"""Frozen-feature extraction with an on-disk cache.
+
+    feats, labels = extract_features(model, dataset, image_size=32, model_fingerprint=info["fingerprint"])
+
+Images go through the evaluation transform (resize to `image_size`, scale to [0, 1], normalise with
+`mean`/`std`; ImageNet's by default), then through the model in eval mode under `torch.inference_mode()`,
+in batches. The result is cached as a safetensors file (no pickle) whose name is the sha1 of everything
+that determines the features: the model's weight fingerprint, the dataset's content fingerprint, name and
+size, the image size, the normalisation and the transform version. Without a model fingerprint nothing
+is cached. The cache directory is, in order: the `cache_dir` argument, `$VISREP_CACHE/features`,
+`~/.cache/visrep/features`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from visrep.errors import VisrepError
+
+# timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD, copied so importing this module does not import timm
+# (tests check that the two agree).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Bump when the evaluation transform changes, so old cache entries stop matching.
+TRANSFORM_VERSION = "eval-resize-normalize-v1"
+CACHE_FORMAT = "visrep-features-v1"
+
+
+def default_cache_dir() -> Path:
+    """`$VISREP_CACHE/features` when VISREP_CACHE is set, else `~/.cache/visrep/features`."""
+    env = os.environ.get("VISREP_CACHE")
+    if env:
+        return Path(env).expanduser() / "features"
+    return Path("~/.cache/visrep/features").expanduser()
+
+
+def dataset_fingerprint(dataset) -> str:
+    """The dataset's `meta["fingerprint"]`, or a content hash of its images and labels when it has none."""
+    meta = getattr(dataset, "meta", None) or {}
+    fp = meta.get("fingerprint")
+    if fp:
+        return str(fp)
+    h = hashlib.sha1()
+    for t in (dataset.images, dataset.labels):
+        t = t.detach().to("cpu").contiguous()
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def feature_cache_key(model_fingerprint: str, dataset, image_size: int, mean: Sequence[float],
+                      std: Sequence[float]) -> str:
+    """sha1 (hex) of everything that determines the extracted features."""
+    desc = {
+        "format": CACHE_FORMAT,
+        "model": str(model_fingerprint),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "dataset": str(getattr(dataset, "name", "")),
+        "n": int(len(dataset.labels)),
+        "image_size": int(image_size),
+        "mean": [round(float(m), 8) for m in mean],
+        "std": [round(float(s), 8) for s in std],
+        "transform": TRANSFORM_VERSION,
+    }
+    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def _transform(images: torch.Tensor, image_size: int, mean, std) -> torch.Tensor:
+    from visrep.data.views import eval_transform
+
+    return eval_transform(images, image_size, mean, std)
+
+
+def _load_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+        feats, labels = t["features"], t["labels"]
+    except Exception:  # unreadable / truncated / foreign file: recompute and overwrite
+        return None
+    if feats.ndim != 2 or feats.shape[0] != n or labels.shape != (n,):
+        return None
+    return feats.float(), labels.long()
+
+
+def _save_cache(path: Path, feats: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique temporary name so two processes filling the same entry never write the same file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp),
+                  metadata={"visrep": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device, mean, std,
+             progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    images, labels = dataset.images, dataset.labels
+    n = int(images.shape[0])
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    chunks: list[torch.Tensor] = []
+    show = progress and sys.stderr.isatty()
+    try:
+        with tqdm(total=n, desc=f"features {getattr(dataset, 'name', '')}".strip(), unit="img",
+                  disable=not show, leave=False) as bar:
+            for start in range(0, n, batch_size):
+                with torch.inference_mode():
+                    x = _transform(images[start:start + batch_size], image_size, mean, std)
+                    out = model(x.to(device, non_blocking=True))
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                if out.ndim != 2:
+                    raise VisrepError(f"the model returned features of shape {tuple(out.shape)}, "
+                                      "expected pooled features [batch, dim]")
+                chunks.append(out.float().cpu())
+                bar.update(x.shape[0])
+    finally:
+        model.train(was_training)
+    # Concatenated outside inference mode, so the result is an ordinary tensor (usable with autograd).
+    feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    return feats.contiguous(), labels.detach().to("cpu", torch.long).clone()
+
+
+def extract_features_with_info(model: nn.Module, dataset, *, image_size: int, batch_size: int = 256,
+                               device: str | torch.device = "cpu", cache_dir: str | Path | None | bool = None,
+                               model_fingerprint: str | None = None,
+                               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Like `extract_features`, plus an info dict: {"cache": "hit"|"miss"|"off", "cache_path", "key"}."""
+    if batch_size < 1:
+        raise VisrepError(f"batch_size must be >= 1, got {batch_size}")
+    if image_size is None or int(image_size) < 1:
+        raise VisrepError(f"image_size must be a positive integer, got {image_size!r}")
+    image_size = int(image_size)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    n = int(len(dataset.labels))
+    path = None
+    key = None
+    if model_fingerprint is not None and cache_dir is not False:
+        root = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_cache_dir()
+        key = feature_cache_key(model_fingerprint, dataset, image_size, mean, std)
+        path = root / f"{key}.safetensors"
+        hit = _load_cache(path, n)
+        if hit is not None:
+            return hit[0], hit[1], {"cache": "hit", "cache_path": str(path), "key": key}
+    feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress)
+    if path is None:
+        return feats, labels, {"cache": "off", "cache_path": None, "key": None}
+    meta = {"format": CACHE_FORMAT, "model": str(model_fingerprint), "dataset": str(getattr(dataset, "name", "")),
+            "dataset_fingerprint": dataset_fingerprint(dataset), "n": n, "image_size": image_size,
+            "mean": list(mean), "std": list(std), "transform": TRANSFORM_VERSION}
+    try:
+        _save_cache(path, feats, labels, meta)
+    except OSError as e:  # a read-only or full cache directory must not fail the evaluation
+        print(f"visrep: could not write feature cache {path} ({e})", file=sys.stderr)
+    return feats, labels, {"cache": "miss", "cache_path": str(path), "key": key}
+
+
+def extract_features(model: nn.Module, dataset, *, image_size: int, batch_size: int = 256,
+                     device: str | torch.device = "cpu", cache_dir: str | Path | None | bool = None,
+                     model_fingerprint: str | None = None,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of every image of `dataset`: (float32 [N, D] on the CPU, int64 labels [N]).
+
+    model: returns [B, D] features; it is put in eval mode (its train/eval mode is restored afterwards)
+        and moved to `device`.
+    dataset: an `ImageDataset` (uint8 images [N, 3, H, W], int64 labels, name, meta["fingerprint"]).
+    image_size: images are resized to this size, then normalised with `mean`/`std` (ImageNet's by default).
+    model_fingerprint: content hash of the weights (`load_backbone`'s info["fingerprint"]); None: no cache.
+    cache_dir: where cache files go; None: `$VISREP_CACHE/features` or `~/.cache/visrep/features`;
+        False: no cache.
+    progress: tqdm bar on stderr when it is a terminal.
+    """
+    feats, labels, _ = extract_features_with_info(
+        model, dataset, image_size=image_size, batch_size=batch_size, device=device, cache_dir=cache_dir,
+        model_fingerprint=model_fingerprint, mean=mean, std=std, progress=progress)
+    return feats, labels

@@ -1,0 +1,90 @@
+"""Methods are presets: named fillings of the template's fields, nothing else.
+
+Each preset sets views, heads, target branch, objective and optimiser defaults. The numbers follow
+the paper and, for the CIFAR-scale defaults (32 px, batch 256), solo-learn's published CIFAR recipes
+(da Costa et al. 2022, JMLR). Anything can be overridden in YAML or on the command line.
+Adding a method = adding an entry here (and an objective if the loss is new); the loop never changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from visrep.registry import Registry
+
+METHODS = Registry("method")
+
+
+@dataclass
+class MethodPreset:
+    name: str
+    paper: str
+    config: dict = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        return self.paper
+
+
+def mlp(hidden: int, out: int, layers: int = 2, bn: bool = True, last_bn: bool = False, **kw) -> dict:
+    return {"type": "mlp", "hidden_dim": hidden, "out_dim": out, "num_layers": layers, "bn": bn,
+            "last_bn": last_bn, **kw}
+
+
+def _add(name: str, paper: str, **config) -> None:
+    METHODS.add(name, MethodPreset(name, paper, config))
+
+
+_add("simclr", "SimCLR: Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations",
+     views={"policy": "simclr"}, projector=mlp(2048, 256), predictor=None, target={"branch": "none"},
+     objective={"name": "ntxent", "params": {"temperature": 0.2}},
+     optim={"name": "lars", "lr": 0.4, "weight_decay": 1e-5})
+
+_add("moco_v2", "MoCo v2: Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning",
+     views={"policy": "simclr"}, projector=mlp(2048, 256, bn=False), predictor=None,
+     target={"branch": "ema", "momentum": 0.99, "momentum_end": 1.0},
+     objective={"name": "moco_queue", "params": {"temperature": 0.2, "queue_size": 65536, "out_dim": 256}},
+     optim={"name": "sgd", "lr": 0.3, "weight_decay": 1e-4})
+
+_add("moco_v3", "MoCo v3: Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers",
+     views={"policy": "byol"}, projector=mlp(4096, 256, layers=3, last_bn=True, last_bn_affine=False),
+     predictor=mlp(4096, 256, layers=2, last_bn=True, last_bn_affine=False),
+     target={"branch": "ema", "momentum": 0.99, "momentum_end": 1.0},
+     objective={"name": "infonce", "params": {"temperature": 0.2}},
+     optim={"name": "lars", "lr": 0.3, "weight_decay": 1e-6})
+
+_add("byol", "BYOL: Grill et al. 2020, Bootstrap Your Own Latent",
+     views={"policy": "byol"}, projector=mlp(4096, 256), predictor=mlp(4096, 256),
+     target={"branch": "ema", "momentum": 0.99, "momentum_end": 1.0},
+     objective={"name": "byol", "params": {}},
+     optim={"name": "lars", "lr": 1.0, "weight_decay": 1e-5})
+
+_add("simsiam", "SimSiam: Chen & He 2021, Exploring Simple Siamese Representation Learning",
+     views={"policy": "simclr"}, projector=mlp(2048, 2048, layers=3, last_bn=True), predictor=mlp(512, 2048),
+     target={"branch": "stopgrad"},
+     objective={"name": "simsiam", "params": {}},
+     optim={"name": "sgd", "lr": 0.5, "weight_decay": 1e-5})
+
+_add("barlow_twins", "Barlow Twins: Zbontar et al. 2021, Self-Supervised Learning via Redundancy Reduction",
+     views={"policy": "byol"}, projector=mlp(2048, 2048, layers=3), predictor=None, target={"branch": "none"},
+     objective={"name": "barlow_twins", "params": {"lambda_offdiag": 0.0051}},
+     optim={"name": "lars", "lr": 0.3, "weight_decay": 1e-4})
+
+_add("vicreg", "VICReg: Bardes, Ponce, LeCun 2022, Variance-Invariance-Covariance Regularization",
+     views={"policy": "byol"}, projector=mlp(2048, 2048, layers=3), predictor=None, target={"branch": "none"},
+     objective={"name": "vicreg", "params": {}},
+     optim={"name": "lars", "lr": 0.3, "weight_decay": 1e-4})
+
+_add("dino", "DINO: Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers",
+     views={"policy": "multicrop"},
+     projector={"type": "dino", "hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "num_layers": 3},
+     predictor=None, target={"branch": "ema", "momentum": 0.996, "momentum_end": 1.0},
+     objective={"name": "dino", "params": {"out_dim": 4096, "student_temp": 0.1},
+                "schedules": {"teacher_temp": {"start": 0.04, "end": 0.07, "warmup_epochs": 30}}},
+     optim={"name": "lars", "lr": 0.3, "weight_decay": 1e-6, "clip_grad": 3.0})
+
+_add("swav", "SwAV: Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
+     views={"policy": "multicrop"},
+     projector={"type": "swav", "hidden_dim": 2048, "out_dim": 128, "num_prototypes": 3000},
+     predictor=None, target={"branch": "none"},
+     objective={"name": "swav", "params": {"temperature": 0.1}},
+     optim={"name": "lars", "lr": 0.6, "weight_decay": 1e-6})

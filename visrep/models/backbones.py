@@ -1,0 +1,117 @@
+"""Backbones: one registry by name, built on timm so state dicts load into timm unchanged.
+
+    build_backbone("resnet18", cifar_stem=True)          # timm ResNet-18, 3x3 stem, no max-pool
+    build_backbone("vit_tiny", image_size=32, patch_size=4)
+    build_backbone("convnext_atto")                       # any timm model name passes through
+
+Every backbone returns pooled features [B, D] from `forward` and exposes `num_features`.
+Our models *are* timm models (created with `num_classes=0`), so their keys are timm's keys:
+`timm.create_model("resnet18", num_classes=0).load_state_dict(ours.state_dict())` works
+for the ImageNet stem, and for the CIFAR stem after the same two-line stem change.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from visrep.errors import ConfigError
+from visrep.registry import Registry
+
+BACKBONES = Registry("backbone")
+
+
+def _timm():
+    import timm  # imported lazily: timm import costs ~1 s
+
+    return timm
+
+
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """3x3 stride-1 first conv and no max-pool, the usual stem for 32x32 inputs (He et al. 2016, CIFAR)."""
+    out_ch = model.conv1.out_channels
+    model.conv1 = nn.Conv2d(3, out_ch, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _resnet(timm_name: str, doc: str):
+    def build(*, cifar_stem: bool = False, width: int = 64, image_size: int | None = None, **kwargs):
+        if width <= 0:
+            raise ConfigError(f"backbone width must be positive, got {width}")
+        extra = {}
+        if width != 64:  # narrower/wider ResNets for small CPU budgets; timm keeps the same keys
+            extra = dict(channels=(width, 2 * width, 4 * width, 8 * width), stem_width=width)
+        model = _timm().create_model(timm_name, pretrained=False, num_classes=0, **extra, **kwargs)
+        return apply_cifar_stem(model) if cifar_stem else model
+
+    build.__doc__ = doc
+    return build
+
+
+BACKBONES.add("resnet18", _resnet("resnet18", "ResNet-18 (timm keys); options: cifar_stem, width (64)."))
+BACKBONES.add("resnet50", _resnet("resnet50", "ResNet-50 (timm keys); options: cifar_stem, width (64)."))
+
+
+def _vit(timm_name: str, doc: str):
+    def build(*, image_size: int = 224, patch_size: int = 16, **kwargs):
+        if image_size % patch_size:
+            raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        return _timm().create_model(
+            timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch_size, **kwargs
+        )
+
+    build.__doc__ = doc
+    return build
+
+
+BACKBONES.add("vit_tiny", _vit("vit_tiny_patch16_224", "ViT-Tiny 192/12/3 (timm keys); options: image_size, patch_size."))
+BACKBONES.add("vit_small", _vit("vit_small_patch16_224", "ViT-Small 384/12/6 (timm keys); options: image_size, patch_size."))
+BACKBONES.add("vit_base", _vit("vit_base_patch16_224", "ViT-Base 768/12/12 (timm keys); options: image_size, patch_size."))
+
+
+def build_backbone(name: str, **options) -> nn.Module:
+    """Build a registered backbone, or any timm model by name (`timm:NAME` or plain `NAME`).
+
+    `image_size` is accepted by every backbone (ViTs need it; CNNs ignore it).
+    Weights are never downloaded here: pretraining starts from random init.
+    """
+    if name.startswith("timm:"):
+        name = name[5:]
+    elif name in BACKBONES:
+        builder = BACKBONES.get(name)
+        try:
+            model = builder(**options)
+        except TypeError as e:  # an option this backbone does not take
+            raise ConfigError(f"bad option for backbone '{name}': {e}") from None
+        return model
+    timm = _timm()
+    if not timm.is_model(name):
+        BACKBONES.get(name)  # raises ConfigError listing our names
+    options = dict(options)
+    options.pop("image_size", None)  # timm CNNs take any size; timm ViTs take img_size
+    cifar_stem = options.pop("cifar_stem", False)
+    if options.pop("width", 64) != 64:
+        raise ConfigError(f"option width is only for visrep's resnet18/resnet50, not timm model '{name}'")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **options)
+    except TypeError as e:
+        raise ConfigError(f"bad option for timm model '{name}': {e}") from None
+    if cifar_stem:
+        if not hasattr(model, "conv1"):
+            raise ConfigError(f"cifar_stem needs a ResNet-like timm model with conv1, '{name}' has none")
+        apply_cifar_stem(model)
+    return model
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(getattr(model, "num_features"))
+
+
+@torch.no_grad()
+def probe_output_dim(model: nn.Module, image_size: int) -> int:
+    """Feature size from a dry forward pass, for timm models whose num_features is not pooled."""
+    was = model.training
+    model.eval()
+    out = model(torch.zeros(2, 3, image_size, image_size))
+    model.train(was)
+    return int(out.shape[-1])

@@ -1,0 +1,105 @@
+"""Heads that sit on the backbone's pooled features: projectors, predictors, DINO and SwAV heads.
+
+A head is built from a small dict (the `projector:` / `predictor:` sections of a config):
+
+    {"type": "mlp", "hidden_dim": 2048, "out_dim": 128, "num_layers": 2, "bn": True, "last_bn": False}
+    {"type": "dino", "hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "num_layers": 3}
+    {"type": "swav", "hidden_dim": 2048, "out_dim": 128, "num_prototypes": 3000}
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visrep.errors import ConfigError
+from visrep.registry import Registry
+
+HEADS = Registry("head")
+
+
+@HEADS.register("mlp")
+class MLPHead(nn.Module):
+    """MLP projector/predictor: (Linear-BN-ReLU) x (num_layers-1), then Linear [+ BN] (SimCLR/BYOL/Barlow style)."""
+
+    def __init__(self, in_dim: int, *, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
+                 bn: bool = True, last_bn: bool = False, last_bn_affine: bool = True):
+        super().__init__()
+        if num_layers < 1:
+            raise ConfigError(f"mlp head needs num_layers >= 1, got {num_layers}")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim, bias=not bn)]
+            if bn:
+                layers += [nn.BatchNorm1d(hidden_dim)]
+            layers += [nn.ReLU(inplace=True)]
+            dim = hidden_dim
+        layers += [nn.Linear(dim, out_dim, bias=not last_bn)]
+        if last_bn:
+            layers += [nn.BatchNorm1d(out_dim, affine=last_bn_affine)]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@HEADS.register("dino")
+class DINOHead(nn.Module):
+    """DINO head (Caron et al. 2021): GELU MLP -> L2-normalise -> weight-normalised linear to out_dim prototypes."""
+
+    def __init__(self, in_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256, out_dim: int = 4096,
+                 num_layers: int = 3, norm_last_layer: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim), nn.GELU()]
+            dim = hidden_dim
+        layers += [nn.Linear(dim, bottleneck_dim)]
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        # DINO fixes the weight-norm magnitude g = 1 (norm_last_layer=True) for stability.
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+        if norm_last_layer:
+            self.last_layer.parametrizations.weight.original0.requires_grad = False
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return self.last_layer(x)
+
+
+@HEADS.register("swav")
+class SwAVHead(nn.Module):
+    """SwAV head (Caron et al. 2020): MLP projector, L2-normalise, then cosine scores against unit-norm prototypes."""
+
+    def __init__(self, in_dim: int, *, hidden_dim: int = 2048, out_dim: int = 128, num_prototypes: int = 3000):
+        super().__init__()
+        self.projector = MLPHead(in_dim, hidden_dim=hidden_dim, out_dim=out_dim, num_layers=2, bn=True)
+        self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
+        self.out_dim = num_prototypes
+
+    def forward(self, x):
+        z = F.normalize(self.projector(x), dim=-1)
+        # Normalising the prototypes in the forward keeps them on the sphere without an extra step in the loop.
+        return z @ F.normalize(self.prototypes.weight, dim=-1).t()
+
+
+def build_head(spec: dict | None, in_dim: int) -> nn.Module | None:
+    """Build a head from its config dict; None or {"type": "none"} gives no head."""
+    if spec is None:
+        return None
+    spec = dict(spec)
+    kind = spec.pop("type", "mlp")
+    if kind in ("none", None):
+        return None
+    cls = HEADS.get(kind)
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "in_dim")]
+    bad = [k for k in spec if k not in valid]
+    if bad:
+        raise ConfigError(f"unknown option '{bad[0]}' for head '{kind}'; valid options: {', '.join(valid)}")
+    return cls(in_dim, **spec)

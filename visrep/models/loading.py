@@ -1,0 +1,62 @@
+"""Load a backbone for evaluation from a visrep checkpoint, a run directory, or a timm model name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from visrep.errors import ConfigError, VisrepError
+from visrep.models.backbones import build_backbone
+
+
+def load_backbone(source: str, *, image_size: int | None = None, branch: str = "student",
+                  pretrained: bool = False) -> tuple[nn.Module, dict]:
+    """Return `(backbone in eval mode, info)`.
+
+    source: a checkpoint file / run directory written by `visrep pretrain`, or `timm:NAME` / a registered
+    backbone name (random init; `pretrained=True` asks timm for its weights, which needs internet).
+    branch: "student" (online backbone) or "teacher" (EMA teacher, the one DINO evaluates).
+    info: {"source", "kind", "fingerprint", "image_size", "config"} — fingerprint is a content hash.
+    """
+    from visrep.config import config_from_json
+    from visrep.train.checkpoint import load_checkpoint, strip_prefix, weights_fingerprint
+
+    if branch not in ("student", "teacher"):
+        raise ConfigError(f"branch must be student or teacher, got {branch!r}")
+    if Path(source).exists():
+        import json
+
+        tensors, meta = load_checkpoint(source)
+        if "config" not in meta:
+            raise VisrepError(f"'{source}' is not a visrep checkpoint (no config in its metadata)")
+        cfg = config_from_json(json.dumps(meta["config"]))
+        size = meta.get("image_size") or image_size or 32
+        opts = dict(cfg.backbone.options)
+        if cfg.backbone.name.startswith("vit"):
+            opts["image_size"] = size
+        model = build_backbone(cfg.backbone.name, **opts)
+        prefix = "model.backbone." if branch == "student" else "model.teacher_backbone."
+        state = strip_prefix(tensors, prefix)
+        if not state:
+            raise VisrepError(f"checkpoint '{source}' has no {branch} backbone weights")
+        model.load_state_dict(state)
+        info = {"source": str(source), "kind": "checkpoint", "branch": branch, "image_size": size,
+                "fingerprint": weights_fingerprint(state), "epoch": meta.get("epoch"),
+                "method": cfg.method, "backbone": cfg.backbone.name}
+    else:
+        name = source[5:] if source.startswith("timm:") else source
+        opts = {"image_size": image_size} if (image_size and name.startswith("vit")) else {}
+        if pretrained:
+            import timm
+
+            try:
+                model = timm.create_model(name, pretrained=True, num_classes=0)
+            except Exception as e:  # network or hub errors: one sentence for the user
+                raise VisrepError(f"could not fetch pretrained weights for '{name}' ({type(e).__name__}); "
+                                  "this needs internet access") from None
+        else:
+            model = build_backbone(source, **opts)
+        info = {"source": source, "kind": "timm" if pretrained else "random-init", "branch": "student",
+                "image_size": image_size, "fingerprint": weights_fingerprint(model.state_dict()),
+                "backbone": name}
+    return model.eval(), info

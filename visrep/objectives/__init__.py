@@ -1,0 +1,82 @@
+"""Self-supervised objectives (losses).
+
+Every objective is an `nn.Module` with keyword-only constructor params and
+`forward(student: list[Tensor], teacher: list[Tensor]) -> scalar Tensor`:
+
+* `student`: online-branch outputs for ALL views ([B, D] each; global views first, then
+  local crops), after the predictor when the method has one;
+* `teacher`: target-branch outputs for the GLOBAL views only. The objectives never detach
+  it (the method's target mode does) except where the algorithm itself needs it (SwAV
+  codes, DINO center, MoCo queue).
+
+Losses that need batch statistics gather over the process group by default
+(`gather_distributed=True`); the mean over ranks of the per-rank losses then equals the loss
+of the full batch in one process. All math runs in float32, even under autocast.
+"""
+from __future__ import annotations
+
+import inspect
+
+from visrep.errors import ConfigError
+from visrep.registry import Registry
+
+from visrep.objectives.barlow_twins import BarlowTwinsLoss
+from visrep.objectives.byol import BYOLLoss, SimSiamLoss
+from visrep.objectives.contrastive import InfoNCELoss, MoCoQueueLoss, NTXentLoss
+from visrep.objectives.dino import DINOLoss
+from visrep.objectives.swav import SwAVLoss, sinkhorn_knopp
+from visrep.objectives.vicreg import VICRegLoss
+
+OBJECTIVES = Registry("objective")
+
+for _name, _cls in (
+    ("ntxent", NTXentLoss),
+    ("moco_queue", MoCoQueueLoss),
+    ("infonce", InfoNCELoss),
+    ("byol", BYOLLoss),
+    ("simsiam", SimSiamLoss),
+    ("barlow_twins", BarlowTwinsLoss),
+    ("vicreg", VICRegLoss),
+    ("dino", DINOLoss),
+    ("swav", SwAVLoss),
+):
+    OBJECTIVES.add(_name, _cls)
+
+
+def objective_params(name: str) -> dict:
+    """{param: default} of the objective's constructor."""
+    cls = OBJECTIVES.get(name)
+    return {
+        p.name: p.default
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def build_objective(name: str, **params):
+    """Build a registered objective; an unknown param name raises ConfigError listing the valid ones."""
+    valid = objective_params(name)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "(none)"
+        raise ConfigError(
+            f"objective '{name}': unknown param(s) {', '.join(unknown)}; valid params: {listed}"
+        )
+    return OBJECTIVES.get(name)(**params)
+
+
+__all__ = [
+    "OBJECTIVES",
+    "build_objective",
+    "objective_params",
+    "sinkhorn_knopp",
+    "NTXentLoss",
+    "MoCoQueueLoss",
+    "InfoNCELoss",
+    "BYOLLoss",
+    "SimSiamLoss",
+    "BarlowTwinsLoss",
+    "VICRegLoss",
+    "DINOLoss",
+    "SwAVLoss",
+]

@@ -1,0 +1,361 @@
+"""The one training loop. Every method runs through `pretrain`; none has a branch of its own here.
+
+Per step:  uint8 batch ─► views(seed) ─► template (backbone, heads, target branch) ─► objective ─► loss
+           + an online linear probe on the detached features (solo-learn's monitor), then the optimizer
+           step, then the EMA teacher update. Hyper-parameters come from plain arrays indexed by step.
+
+Reproducibility: the data order is a permutation seeded by (seed, epoch) and the views are seeded by
+(seed, step, rank), so a run can restart at any step from its checkpoint and continue bit-for-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from visrep.config import RunConfig
+from visrep.errors import ConfigError, TrainingError, VisrepError
+from visrep.train.checkpoint import (add_prefix, find_checkpoint, load_checkpoint, optimizer_from_tensors,
+                                     optimizer_to_tensors, save_checkpoint, strip_prefix)
+from visrep.train.distributed import DistInfo, resolve_device, setup_distributed
+from visrep.train.optim import build_optimizer, param_groups
+from visrep.train.schedules import linear_warmup_constant, momentum_schedule, warmup_cosine
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def view_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**62)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class Schedules:
+    """Every per-step hyper-parameter as an array: lr, weight decay, EMA momentum, objective attributes."""
+
+    def __init__(self, cfg: RunConfig, steps_per_epoch: int):
+        total = cfg.train.epochs * steps_per_epoch
+        o = cfg.optim
+        lr = o.lr * (cfg.train.batch_size / 256 if o.lr_scaling == "linear" else 1.0)
+        self.lr = warmup_cosine(lr, o.min_lr, total, round(o.warmup_epochs * steps_per_epoch))
+        wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+        self.wd = warmup_cosine(o.weight_decay, wd_end, total, 0)
+        self.momentum = momentum_schedule(cfg.target.momentum, cfg.target.momentum_end, total)
+        self.objective = {
+            name: linear_warmup_constant(s.get("start", 0.0), s.get("end", 0.0), total,
+                                         round(s.get("warmup_epochs", 0.0) * steps_per_epoch))
+            for name, s in cfg.objective.schedules.items()
+        }
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _log_line(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Pretrain with the composition `cfg` describes; returns a summary dict (also in out_dir/summary.json).
+
+    resume=True continues from `out_dir/checkpoints/last.safetensors` (a run killed at any point can
+    continue). Without it, an out_dir that already holds a checkpoint is refused, so nothing is
+    overwritten by accident.
+    """
+    from visrep.data.sources import load_dataset
+    from visrep.data.views import build_views
+    from visrep.methods import build_template
+    from visrep.objectives import build_objective
+
+    t_start = time.time()
+    tc = cfg.train
+    if tc.precision == "fp16" and not (tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())):
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    dist_info = setup_distributed(torch.device("cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu"))
+    device = resolve_device(tc.device, dist_info.local_rank)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "checkpoints" / "last.safetensors"
+    if ckpt_path.exists() and not resume:
+        raise ConfigError(f"'{out_dir}' already holds a run; pass --resume to continue it or choose another out_dir")
+    if resume and not ckpt_path.exists():
+        raise ConfigError(f"nothing to resume: '{ckpt_path}' does not exist")
+
+    # ---------------------------------------------------------------- data and parts of the template
+    d = cfg.data
+    train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
+    train = train.subset(d.subset, cfg.seed)
+    image_size = int(train.images.shape[-1])
+    num_classes = len(train.classes)
+    batch = tc.batch_size
+    if batch % dist_info.world_size:
+        raise ConfigError(f"train.batch_size {batch} must be divisible by the {dist_info.world_size} processes")
+    local_batch = batch // dist_info.world_size
+    steps_per_epoch = len(train) // batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {batch} is larger than the {len(train)} training images")
+
+    policy = build_views(cfg.views.policy, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         **cfg.views.options).to(device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    model = build_template(cfg, image_size).to(device)
+    objective = build_objective(cfg.objective.name, **cfg.objective.params).to(device)
+    feat_dim = int(getattr(model.backbone, "num_features"))
+    probe = nn.Linear(feat_dim, num_classes).to(device)
+
+    ddp_model, ddp_probe = model, probe
+    if dist_info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if tc.sync_bn and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        ddp_model = DDP(model, device_ids=ids)
+        ddp_probe = DDP(probe, device_ids=ids)
+
+    groups = param_groups(model.student_modules(), cfg.optim.weight_decay, cfg.optim.exclude_bias_norm)
+    optimizer = build_optimizer(cfg.optim, groups)
+    probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg.monitor.probe_lr, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
+    sched = Schedules(cfg, steps_per_epoch)
+    total_steps = cfg.train.epochs * steps_per_epoch
+
+    start_step = 0
+    history: list[dict] = []
+    if resume:
+        tensors, meta = load_checkpoint(ckpt_path)
+        _check_resumable(meta, cfg)
+        model.load_state_dict(strip_prefix(tensors, "model."))
+        objective.load_state_dict(strip_prefix(tensors, "objective."))
+        probe.load_state_dict(strip_prefix(tensors, "probe."))
+        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+        optimizer_from_tensors(probe_opt, strip_prefix(tensors, "probe_"), meta["probe_optimizer"])
+        if "scaler" in meta:
+            scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        start_step = int(meta["step"])
+        history = meta.get("history", [])
+
+    # ---------------------------------------------------------------- logging
+    main = dist_info.is_main
+    writer = None
+    metrics_path = out_dir / "metrics.jsonl"
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step if resume else None)
+        except ImportError:  # tensorboard is optional at run time
+            writer = None
+
+    def save(step: int, reason: str) -> None:
+        if not main:
+            return
+        opt_t, opt_meta = optimizer_to_tensors(optimizer)
+        popt_t, popt_meta = optimizer_to_tensors(probe_opt)
+        tensors = {**add_prefix(model.state_dict(), "model."), **add_prefix(objective.state_dict(), "objective."),
+                   **add_prefix(probe.state_dict(), "probe."), **opt_t, **add_prefix(popt_t, "probe_"),
+                   **_rng_tensors()}
+        meta = {"config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "image_size": image_size,
+                "num_classes": num_classes, "classes": train.classes, "optimizer": opt_meta,
+                "probe_optimizer": popt_meta, "history": history, "reason": reason}
+        if scaler.is_enabled():
+            meta["scaler"] = scaler.state_dict()
+        save_checkpoint(ckpt_path, tensors, meta)
+
+    monitor = _KnnMonitor(cfg, train, image_size, device) if (cfg.monitor.knn_every and main) else None
+    if monitor is not None and start_step == 0 and not history:
+        history.append({"epoch": 0, **monitor(model.backbone)})  # the random-init reference point
+        _log_line(metrics_path, {"epoch": 0, **history[-1]})
+
+    # ---------------------------------------------------------------- the loop
+    images, labels = train.images, train.labels
+    n_global = policy.n_global
+    step = start_step
+    stop_reason = "completed"
+    seen, t_seen = 0, time.time()
+    last_loss = float("nan")
+    in_step = False  # True while the weights and `step` disagree (no checkpoint may be written then)
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, disable=not (main and tc.progress and not quiet),
+                   desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+        while step < total_steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            perm = epoch_permutation(len(train), cfg.seed, epoch)
+            model.train()
+            for i in range(i, steps_per_epoch):
+                idx = perm[i * batch + dist_info.rank * local_batch: i * batch + (dist_info.rank + 1) * local_batch]
+                x = images[idx].to(device, non_blocking=True)
+                y = labels[idx].to(device, non_blocking=True)
+                for g in optimizer.param_groups:
+                    g["lr"] = float(sched.lr[step])
+                    g["weight_decay"] = float(sched.wd[step]) * g.get("wd_scale", 1.0)
+                for name, values in sched.objective.items():
+                    setattr(objective, name, float(values[step]))
+
+                in_step = True
+                views = policy(x, seed=view_seed(cfg.seed, step, dist_info.rank))
+                with _autocast(device, tc.precision):
+                    out = ddp_model(views, n_global)
+                    loss = objective(out.student, out.teacher)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
+                        f"is kept at {ckpt_path if ckpt_path.exists() else 'none yet'}; lower optim.lr, set "
+                        "optim.clip_grad or use train.precision=fp32")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.optim.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                model.update_teacher(float(sched.momentum[step]))
+
+                probe_acc = float("nan")
+                if cfg.monitor.online_probe:
+                    feats = out.features.float()
+                    yy = y.repeat(n_global)
+                    logits = ddp_probe(feats)
+                    probe_loss = F.cross_entropy(logits, yy)
+                    probe_opt.zero_grad(set_to_none=True)
+                    probe_loss.backward()
+                    probe_opt.step()
+                    probe_acc = (logits.argmax(1) == yy).float().mean().item()
+
+                step += 1
+                in_step = False
+                seen += x.shape[0] * dist_info.world_size
+                last_loss = loss.item()
+                bar.update(1)
+                if main and (step % tc.log_every == 0 or step == total_steps):
+                    ips = seen / max(time.time() - t_seen, 1e-9)
+                    rec = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
+                           "lr": float(sched.lr[step - 1]), "momentum": float(sched.momentum[step - 1]),
+                           "probe_acc": probe_acc, "images_per_s": ips}
+                    _log_line(metrics_path, rec)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", ips=f"{ips:.0f}")
+                    if writer:
+                        for k in ("loss", "lr", "momentum", "probe_acc", "images_per_s"):
+                            writer.add_scalar(f"train/{k}", rec[k], step)
+                    seen, t_seen = 0, time.time()
+                if tc.max_steps is not None and step >= tc.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                if tc.time_budget_s is not None and time.time() - t_start >= tc.time_budget_s:
+                    stop_reason = "time_budget"
+                    break
+            epoch_done = step % steps_per_epoch == 0
+            ep = step // steps_per_epoch
+            if epoch_done and monitor is not None and (ep % cfg.monitor.knn_every == 0 or step == total_steps):
+                res = monitor(model.backbone)
+                history.append({"epoch": ep, **res})
+                _log_line(metrics_path, {"epoch": ep, **res})
+                if writer:
+                    writer.add_scalar("monitor/knn_top1", res["knn_top1"], step)
+                bar.set_postfix(loss=f"{last_loss:.3f}", knn=f"{res['knn_top1']:.3f}")
+            if stop_reason != "completed" or (epoch_done and (ep % tc.checkpoint_every == 0 or step == total_steps)):
+                save(step, stop_reason if stop_reason != "completed" else "epoch")
+            if stop_reason != "completed":
+                break
+        bar.close()
+    except KeyboardInterrupt:
+        if not in_step:
+            save(step, "interrupted")
+        raise TrainingError(f"interrupted; continue with --resume from the last checkpoint ({ckpt_path})") from None
+    finally:
+        if writer:
+            writer.close()
+
+    summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": step,
+               "total_steps": total_steps, "epochs_done": step / steps_per_epoch, "stop_reason": stop_reason,
+               "final_loss": last_loss, "seconds": time.time() - t_start, "history": history,
+               "checkpoint": str(ckpt_path)}
+    if main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_resumable(meta: dict, cfg: RunConfig) -> None:
+    saved = meta.get("config", {})
+    now = cfg.to_dict()
+    # Only what changes the trajectory matters; train.max_steps / time budget / progress may differ.
+    ignore = {"max_steps", "time_budget_s", "progress", "log_every", "num_threads", "device"}
+    for section in now:
+        a, b = saved.get(section), now[section]
+        if isinstance(a, dict) and isinstance(b, dict):
+            a = {k: v for k, v in a.items() if k not in ignore}
+            b = {k: v for k, v in b.items() if k not in ignore}
+        if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
+            raise ConfigError(f"cannot resume: config section '{section}' differs from the checkpoint's; "
+                              "resume with the same config or start a new out_dir")
+
+
+class _KnnMonitor:
+    """kNN accuracy of the current backbone on a fixed bank/test subset (solo-learn's online kNN)."""
+
+    def __init__(self, cfg: RunConfig, train, image_size: int, device: torch.device):
+        from visrep.data.sources import load_dataset
+
+        d, m = cfg.data, cfg.monitor
+        self.bank = train.subset(m.bank_size, cfg.seed) if m.bank_size and m.bank_size < len(train) else train
+        try:
+            test = load_dataset(d.dataset, d.test_split, d.root, image_size=image_size, download=d.download,
+                                **d.options)
+        except VisrepError:
+            test = None  # no test split: the monitor is skipped rather than failing the run
+        if test is not None and m.test_size and m.test_size < len(test):
+            test = test.subset(m.test_size, cfg.seed)
+        self.test, self.cfg, self.image_size, self.device = test, cfg, image_size, device
+
+    @torch.no_grad()
+    def __call__(self, backbone: nn.Module) -> dict:
+        from visrep.evaluate.features import extract_features
+        from visrep.evaluate.knn import knn_classify
+
+        if self.test is None:
+            return {}
+        was = backbone.training
+        kw = dict(image_size=self.image_size, device=self.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  progress=False)
+        fb, lb = extract_features(backbone, self.bank, **kw)
+        ft, lt = extract_features(backbone, self.test, **kw)
+        backbone.train(was)
+        res = knn_classify(fb, lb, ft, lt, k=self.cfg.monitor.knn_k, temperature=self.cfg.monitor.knn_temperature,
+                           num_classes=len(self.bank.classes))
+        return {"knn_top1": float(res["top1"]), "knn_top5": float(res["top5"])}

@@ -1,0 +1,82 @@
+"""Optimisers: SGD, AdamW (torch) and LARS (written here: torch has none), plus parameter groups."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from visrep.errors import ConfigError
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS, You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional Networks".
+
+    For each parameter w with gradient g (weight decay λ folded into the update):
+        d = g + λ·w
+        trust = η·‖w‖ / ‖d‖   if both norms > 0 else 1          (layer-wise adaptation)
+        v ← μ·v + lr·trust·d ;   w ← w − v
+    Groups with `lars_exclude=True` (biases, norm layers: as in SimCLR/BYOL) skip both weight decay and
+    adaptation and become plain SGD with momentum.
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(2)); opt = LARS([w], lr=0.1, eta=0.02)
+        >>> w.grad = torch.ones(2); opt.step()
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.02, lars_exclude: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.norm(p), torch.norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm,
+                                        torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(d, alpha=group["lr"])
+                p.sub_(buf)
+        return loss
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_norm: bool) -> list[dict]:
+    """Two groups: regular weights, and biases/norm parameters (no decay, no LARS adaptation)."""
+    decay, no_decay = [], []
+    seen = set()
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if exclude_bias_norm and (p.ndim <= 1 or name.endswith(".bias")):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False, "wd_scale": 1.0}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "wd_scale": 0.0})
+    return groups
+
+
+def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+    """cfg: OptimConfig. lr and weight decay are overwritten every step from the schedules."""
+    if cfg.name == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(clean, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optim.name must be one of sgd, lars, adamw, got {cfg.name!r}")

@@ -1,0 +1,34 @@
+"""Schedules as plain arrays indexed by step (as in DINO / nanoGPT): easy to plot, test and resume."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                  warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from `warmup_start` to `base` over `warmup_steps`, then half-cosine to `final`.
+
+    value(t) = final + ½(base − final)(1 + cos(π·(t − w)/(T − w)))   for w ≤ t < T   (Loshchilov & Hutter 2017)
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps)
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.array([])
+    n = total_steps - warmup_steps
+    t = np.arange(n)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t / max(n, 1)))
+    return np.concatenate([warm, cos]).astype(np.float64)
+
+
+def linear_warmup_constant(start: float, end: float, total_steps: int, warmup_steps: int) -> np.ndarray:
+    """Linear from `start` to `end` over `warmup_steps`, then `end` (DINO's teacher temperature)."""
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps)
+    warm = np.linspace(start, end, warmup_steps) if warmup_steps else np.array([])
+    return np.concatenate([warm, np.full(total_steps - warmup_steps, end)]).astype(np.float64)
+
+
+def momentum_schedule(base: float, final: float, total_steps: int) -> np.ndarray:
+    """BYOL's EMA momentum: τ(t) = 1 − (1 − τ_base)(cos(πt/T) + 1)/2, reaching `final` (1.0) at the end."""
+    return warmup_cosine(base, final, total_steps, 0)
