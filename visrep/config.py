@@ -87,6 +87,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    steps: Optional[int] = None        # schedule horizon in steps; overrides epochs (e.g. with a time budget)
     batch_size: int = 256              # global batch (split across processes under torchrun)
     precision: str = "fp32"            # fp32 | bf16 (autocast, CPU+GPU) | fp16 (autocast + GradScaler, GPU only)
     device: str = "auto"               # auto | cpu | cuda | cuda:N
@@ -276,6 +277,8 @@ def validate(cfg: RunConfig) -> None:
     OBJECTIVES.get(cfg.objective.name)
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    if cfg.train.steps is not None and cfg.train.steps < 1:
+        raise ConfigError(f"train.steps must be at least 1, got {cfg.train.steps}")
     if cfg.train.batch_size < 2:
         raise ConfigError(f"train.batch_size must be at least 2, got {cfg.train.batch_size}")
     for name, spec in cfg.objective.schedules.items():

@@ -47,10 +47,10 @@ class Schedules:
     """Every per-step hyper-parameter as an array: lr, weight decay, EMA momentum, objective attributes."""
 
     def __init__(self, cfg: RunConfig, steps_per_epoch: int):
-        total = cfg.train.epochs * steps_per_epoch
+        total = total_steps_of(cfg, steps_per_epoch)
         o = cfg.optim
-        lr = o.lr * (cfg.train.batch_size / 256 if o.lr_scaling == "linear" else 1.0)
-        self.lr = warmup_cosine(lr, o.min_lr, total, round(o.warmup_epochs * steps_per_epoch))
+        scale = cfg.train.batch_size / 256 if o.lr_scaling == "linear" else 1.0
+        self.lr = warmup_cosine(o.lr * scale, o.min_lr * scale, total, round(o.warmup_epochs * steps_per_epoch))
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         self.wd = warmup_cosine(o.weight_decay, wd_end, total, 0)
         self.momentum = momentum_schedule(cfg.target.momentum, cfg.target.momentum_end, total)
@@ -59,6 +59,11 @@ class Schedules:
                                          round(s.get("warmup_epochs", 0.0) * steps_per_epoch))
             for name, s in cfg.objective.schedules.items()
         }
+
+
+def total_steps_of(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """The schedules' horizon: train.steps when set (e.g. for a time budget), else epochs x steps per epoch."""
+    return cfg.train.steps if cfg.train.steps else cfg.train.epochs * steps_per_epoch
 
 
 def _autocast(device: torch.device, precision: str):
@@ -147,7 +152,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg.monitor.probe_lr, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
     sched = Schedules(cfg, steps_per_epoch)
-    total_steps = cfg.train.epochs * steps_per_epoch
+    total_steps = total_steps_of(cfg, steps_per_epoch)
 
     start_step = 0
     history: list[dict] = []
@@ -206,6 +211,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     step = start_step
     stop_reason = "completed"
     seen, t_seen = 0, time.time()
+    t_loop = time.time()  # train.time_budget_s counts the loop only (not data decoding or model building)
     last_loss = float("nan")
     in_step = False  # True while the weights and `step` disagree (no checkpoint may be written then)
     try:
@@ -263,7 +269,9 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 seen += x.shape[0] * dist_info.world_size
                 last_loss = loss.item()
                 bar.update(1)
-                if main and (step % tc.log_every == 0 or step == total_steps):
+                stopping = (tc.max_steps is not None and step >= tc.max_steps) or (
+                    tc.time_budget_s is not None and time.time() - t_loop >= tc.time_budget_s)
+                if main and (step % tc.log_every == 0 or step == total_steps or stopping):
                     ips = seen / max(time.time() - t_seen, 1e-9)
                     rec = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
                            "lr": float(sched.lr[step - 1]), "momentum": float(sched.momentum[step - 1]),
@@ -274,11 +282,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                         for k in ("loss", "lr", "momentum", "probe_acc", "images_per_s"):
                             writer.add_scalar(f"train/{k}", rec[k], step)
                     seen, t_seen = 0, time.time()
-                if tc.max_steps is not None and step >= tc.max_steps:
-                    stop_reason = "max_steps"
-                    break
-                if tc.time_budget_s is not None and time.time() - t_start >= tc.time_budget_s:
-                    stop_reason = "time_budget"
+                if stopping:
+                    stop_reason = "max_steps" if tc.max_steps is not None and step >= tc.max_steps else "time_budget"
                     break
             epoch_done = step % steps_per_epoch == 0
             ep = step // steps_per_epoch
@@ -304,7 +309,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
 
     summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": step,
                "total_steps": total_steps, "epochs_done": step / steps_per_epoch, "stop_reason": stop_reason,
-               "final_loss": last_loss, "seconds": time.time() - t_start, "history": history,
+               "final_loss": last_loss, "seconds": time.time() - t_start, "loop_seconds": time.time() - t_loop,
+               "history": history,
                "checkpoint": str(ckpt_path)}
     if main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
