@@ -61,3 +61,10 @@ def test_all_nine_presets_resolve():
     for n in names:
         cfg = resolve_config(overrides=[f"method={n}"])
         assert isinstance(cfg, RunConfig)
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim: {weight_decay: 1e-4}\nobjective: {name: vicreg, params: {eps: 1e-4}}\n")
+    cfg = resolve_config(str(p), ["optim.lr=5e-1"])
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.lr == 0.5 and cfg.objective.params["eps"] == 1e-4

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import visrep
-from visrep.errors import ConfigError, TrainingError
+from visrep.errors import ConfigError, TrainingError, VisrepError
 from visrep.train.checkpoint import load_checkpoint, strip_prefix
 
 from conftest import tiny_overrides
@@ -70,7 +70,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, method):
     ta, _ = load_checkpoint(tmp_path / "a" / "run")
     tb, _ = load_checkpoint(tmp_path / "b" / "run")
     for k in ta:
-        if k.startswith(("objective.", "optim.")):
+        if k.startswith(("objective.", "optim.", "probe.", "probe_optim.")):
             assert torch.equal(ta[k], tb[k]), k
 
 
@@ -147,8 +147,77 @@ def test_checkpoint_is_safetensors_and_backbone_loads_into_timm(tmp_path):
     apply_cifar_stem(timm_model).load_state_dict(strip_prefix(tensors, "model.backbone."))  # same keys, strict
 
 
-def test_gradient_clipping_and_schedules(tmp_path):
-    over = tiny_overrides(tmp_path, **{"optim": {"clip_grad": 0.5, "weight_decay_end": 0.1},
-                                       "train": {"epochs": 1}})
+def test_gradient_clipping_and_schedules(tmp_path, monkeypatch):
+    from visrep.train.loop import Schedules
+
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        calls.append(max_norm)
+        norm = real(params, max_norm, *a, **k)
+        assert real(params, float("inf")) <= max_norm * (1 + 1e-4)  # clipped in place
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    over = tiny_overrides(tmp_path, **{"optim": {"clip_grad": 0.5, "weight_decay": 0.01, "weight_decay_end": 0.1,
+                                                 "lr": 0.2, "min_lr": 0.02, "warmup_epochs": 1},
+                                       "train": {"epochs": 2}})
+    cfg = visrep.resolve(over)
+    s = visrep.pretrain(cfg, quiet=True)
+    assert math.isfinite(s["final_loss"]) and calls == [0.5] * 4
+    sch = Schedules(cfg, steps_per_epoch=2)
+    scale = 32 / 256  # linear scaling of lr and min_lr by batch/256
+    assert sch.lr[0] == 0.0 and sch.lr[2] == pytest.approx(0.2 * scale)  # warm-up then the cosine's start
+    assert sch.lr[3] == pytest.approx(scale * (0.02 + 0.5 * (0.2 - 0.02) * (1 + math.cos(math.pi / 2))))
+    assert sch.wd[0] == pytest.approx(0.01) and sch.wd[-1] == pytest.approx(0.1 + 0.5 * (0.01 - 0.1) * (1 + math.cos(3 * math.pi / 4)))
+
+
+def test_train_steps_horizon_and_time_budget(tmp_path):
+    over = tiny_overrides(tmp_path, **{"train": {"epochs": 1, "steps": 3}})  # 2 steps per epoch: ends mid-epoch
+    s = visrep.pretrain(visrep.resolve(over), quiet=True)
+    assert s["steps"] == 3 and s["stop_reason"] == "completed"
+    assert load_checkpoint(tmp_path / "run")[1]["step"] == 3
+    over = tiny_overrides(tmp_path / "b", **{"train": {"epochs": 50, "time_budget_s": 0.0}})
+    s = visrep.pretrain(visrep.resolve(over), quiet=True)
+    assert s["stop_reason"] == "time_budget" and s["steps"] == 1
+    assert load_checkpoint(tmp_path / "b" / "run")[1]["reason"] == "time_budget"
+
+
+def test_vit_backbone_with_multicrop_dino(tmp_path):
+    over = tiny_overrides(tmp_path, method="dino", objective={"params": {"out_dim": 64}})
+    over["backbone"] = {"name": "vit_tiny", "options": {"patch_size": 4, "depth": 2}}
+    over["projector"] = {"type": "dino", "hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64}
+    over["train"]["epochs"] = 1
     s = visrep.pretrain(visrep.resolve(over), quiet=True)
     assert math.isfinite(s["final_loss"])
+
+
+def test_swapping_one_part_drops_the_presets_options_for_it(tmp_path):
+    cfg = visrep.resolve(tiny_overrides(tmp_path, method="simclr", objective={"name": "vicreg"}))
+    assert cfg.objective.params == {} and cfg.views.policy == "simclr"
+    cfg = visrep.resolve({"method": "byol", "projector": {"type": "swav", "num_prototypes": 10},
+                          "backbone": {"name": "vit_tiny"}})
+    assert cfg.backbone.options == {}  # the default resnet's cifar_stem does not leak into the ViT
+    assert cfg.projector == {"type": "swav", "num_prototypes": 10} and cfg.predictor["type"] == "mlp"
+
+
+def test_bad_options_fail_at_config_time(tmp_path):
+    for over, fragment in [({"objective": {"params": {"temprature": 0.1}}}, "unknown param(s) temprature"),
+                           ({"projector": {"hidden": 3}}, "unknown option 'hidden' for projector 'mlp'"),
+                           ({"views": {"options": {"blur": 0.1}}}, "blur"),
+                           ({"objective": {"schedules": {"teacher_temp": {"start": 1.0, "end": 1.0}}}}, None),
+                           ({"train": {"log_every": 0}}, "train.log_every must be at least 1")]:
+        if fragment is None:  # an attribute the objective does not have: refused when the run starts
+            with pytest.raises(ConfigError, match="has no attribute 'teacher_temp'"):
+                visrep.pretrain(visrep.resolve(tiny_overrides(tmp_path / "s", **over)), quiet=True)
+            continue
+        with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            visrep.resolve(tiny_overrides(tmp_path, **over))
+
+
+def test_missing_test_split_fails_before_training(tmp_path):
+    over = tiny_overrides(tmp_path, data={"test_split": "tset"})
+    with pytest.raises(VisrepError, match="kNN monitor cannot load split 'tset'"):
+        visrep.pretrain(visrep.resolve(over), quiet=True)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -31,6 +31,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="which backbone of a checkpoint to evaluate (teacher = EMA teacher)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone-options", default=None,
+                   help='options for a random-init/timm --model, as YAML, e.g. "{cifar_stem: true, width: 16}"')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _yaml_mapping(text: str | None, flag: str) -> dict | None:
+    import yaml
+
+    from visrep.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a YAML mapping such as '{{cifar_stem: true}}', got {text!r}")
+    return value
+
+
 def _print_json(res: dict) -> None:
     slim = {k: v for k, v in res.items() if k in ("top1", "top5", "protocol", "seconds")}
     print(json.dumps(slim, indent=2))
@@ -78,14 +96,16 @@ def run(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.command == "pretrain":
-        extra = {"data": {"root": args.data_dir}} if args.data_dir else None
-        cfg = api.resolve(args.config, args.overrides, base=extra)
+        overrides = list(args.overrides) + ([f"data.root={args.data_dir}"] if args.data_dir else [])
+        cfg = api.resolve(args.config, overrides)
         if args.print_config:
             import yaml
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         summary = api.pretrain(cfg, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+            return 0
         last = summary["history"][-1] if summary["history"] else {}
         print(f"done: {summary['steps']}/{summary['total_steps']} steps ({summary['stop_reason']}), "
               f"final loss {summary['final_loss']:.4f}"
@@ -96,7 +116,8 @@ def run(argv: list[str] | None = None) -> int:
         common = dict(dataset=args.dataset, root=args.data_dir, train_split=args.train_split,
                       test_split=args.test_split, image_size=args.image_size, branch=args.branch,
                       batch_size=args.batch_size, device=args.device, train_subset=args.train_subset,
-                      test_subset=args.test_subset, seed=args.seed, out=args.out)
+                      test_subset=args.test_subset, seed=args.seed, out=args.out,
+                      backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"))
         if args.protocol == "knn":
             res = api.evaluate_knn(args.model, k=args.k, temperature=args.temperature, **common)
         else:

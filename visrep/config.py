@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ class ViewsConfig:
 @dataclass
 class BackboneConfig:
     name: str = "resnet18"             # `visrep list backbones`, or any timm model name
-    options: dict = field(default_factory=lambda: {"cifar_stem": True})
+    options: dict = field(default_factory=dict)  # e.g. {cifar_stem: true, width: 16} or {patch_size: 4}
 
 
 @dataclass
@@ -80,6 +81,7 @@ class OptimConfig:
     momentum: float = 0.9              # SGD / LARS momentum
     betas: tuple = (0.9, 0.999)        # AdamW
     lars_eta: float = 0.02             # LARS trust coefficient (You et al. 2017; 0.02 as solo-learn CIFAR)
+    lars_clip_lr: bool = True          # cap LARS's local rate at the global lr (solo-learn's CIFAR recipes)
     exclude_bias_norm: bool = True     # no weight decay / LARS adaptation for biases and norm layers
     clip_grad: Optional[float] = None  # max global grad norm (None: no clipping)
 
@@ -119,7 +121,7 @@ class RunConfig:
     out_dir: str = "runs/default"      # checkpoints, metrics.jsonl, TensorBoard events, plots
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(options={"cifar_stem": True}))
     projector: Optional[dict] = field(default_factory=lambda: {"type": "mlp"})
     predictor: Optional[dict] = None
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -141,6 +143,20 @@ CHOICES = {
 
 
 # --------------------------------------------------------------------------- merging & parsing
+class _Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but `1e-4` is a float (YAML 1.1 needs a dot: `1.0e-4`); users write 1e-4."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 def deep_merge(base: dict, update: dict) -> dict:
     """Recursive dict merge; dict values merge, anything else replaces."""
     out = copy.deepcopy(base)
@@ -160,7 +176,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -178,7 +194,7 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -260,10 +276,25 @@ def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | N
     if not isinstance(method, str):
         raise ConfigError(f"method must be a name, got {method!r}")
     preset = METHODS.get(method)
-    merged = deep_merge(deep_merge(RunConfig().to_dict(), preset.config), user)
+    merged = deep_merge(_swappable(deep_merge(RunConfig().to_dict(), preset.config), user), user)
     cfg = from_dict(RunConfig, merged)
     validate(cfg)
     return cfg
+
+
+# A section whose kind the user changes is taken whole from the user, not merged into the preset's: the
+# preset's options belong to the old kind (e.g. `method=simclr objective.name=vicreg` drops `temperature`).
+_KIND_KEYS = {"objective": "name", "projector": "type", "predictor": "type", "views": "policy", "backbone": "name"}
+
+
+def _swappable(preset: dict, user: dict) -> dict:
+    out = dict(preset)
+    for section, key in _KIND_KEYS.items():
+        mine = user.get(section)
+        theirs = preset.get(section)
+        if isinstance(mine, dict) and isinstance(theirs, dict) and key in mine and mine[key] != theirs.get(key):
+            out.pop(section)
+    return out
 
 
 def validate(cfg: RunConfig) -> None:
@@ -277,10 +308,26 @@ def validate(cfg: RunConfig) -> None:
     OBJECTIVES.get(cfg.objective.name)
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    for key in ("log_every", "checkpoint_every"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
     if cfg.train.steps is not None and cfg.train.steps < 1:
         raise ConfigError(f"train.steps must be at least 1, got {cfg.train.steps}")
     if cfg.train.batch_size < 2:
         raise ConfigError(f"train.batch_size must be at least 2, got {cfg.train.batch_size}")
+    # Cheap parts are built here so a bad option fails before any data is decoded (and in --print-config).
+    from visrep.data.views import build_views
+    from visrep.models.heads import check_head_spec
+    from visrep.objectives import objective_params
+
+    build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
+    check_head_spec(cfg.projector, "projector")
+    check_head_spec(cfg.predictor, "predictor")
+    valid = objective_params(cfg.objective.name)
+    bad = [k for k in cfg.objective.params if k not in valid]
+    if bad:
+        raise ConfigError(f"objective '{cfg.objective.name}': unknown param(s) {', '.join(bad)}; valid params: "
+                          f"{', '.join(valid)}")
     for name, spec in cfg.objective.schedules.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"objective.schedules.{name} must be a mapping with start, end, warmup_epochs")

@@ -30,15 +30,21 @@ def run_demo(out_dir: str = "runs/demo", epochs: int | None = None) -> dict:
 
     from visrep import api
     from visrep.config import deep_merge
+    from visrep.errors import ConfigError
 
     t0 = time.time()
     out = Path(out_dir)
-    if (out / "checkpoints").exists():
-        shutil.rmtree(out)  # the demo always starts fresh; its directory is its own
+    marker = out / ".visrep-demo"
+    if out.exists() and any(out.iterdir()):
+        if not marker.exists():
+            raise ConfigError(f"'{out}' exists and is not a demo directory; choose another --out-dir")
+        shutil.rmtree(out)  # the demo always starts fresh in a directory it made itself
     overrides = deep_merge(DEMO_OVERRIDES, {"out_dir": str(out)})
     if epochs:
         overrides["train"]["epochs"] = epochs
     cfg = api.resolve(overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by `visrep demo`; the demo may delete this directory\n")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"visrep demo: pretraining {cfg.backbone.name} (width 16) with SimCLR on digits for "
           f"{cfg.train.epochs} epochs, on {cfg.train.device}")
@@ -99,7 +105,7 @@ def _plot_embeddings(cfg, out: Path, path: Path) -> None:
     from visrep.evaluate.features import extract_features
     from visrep.methods import build_template
     from visrep.models import load_backbone
-    from visrep.train.loop import IMAGENET_MEAN, IMAGENET_STD
+    from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
 
     test = load_dataset("digits", "test", image_size=16)
     trained, _ = load_backbone(str(out))

@@ -59,7 +59,7 @@ def _looks_like_path(source: str) -> bool:
             or source.startswith("~")) and not source.startswith("timm:")
 
 
-def _load_model(source: str, image_size: int | None, branch: str, seed: int):
+def _load_model(source: str, image_size: int | None, branch: str, seed: int, options: dict | None = None):
     from visrep.models.loading import load_backbone
 
     if not isinstance(source, (str, os.PathLike)) or not str(source):
@@ -74,7 +74,7 @@ def _load_model(source: str, image_size: int | None, branch: str, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
-            return load_backbone(source, image_size=image_size, branch=branch)
+            return load_backbone(source, image_size=image_size, branch=branch, options=options)
         except VisrepError:
             raise
         except (RuntimeError, KeyError, ValueError, TypeError, OSError) as e:
@@ -99,7 +99,8 @@ def _load_split(dataset: str, split: str, root, download: bool, options: dict, s
 
 
 def _prepare(source, *, dataset, root, train_split, test_split, image_size, branch, batch_size, device,
-             cache_dir, train_subset, test_subset, seed, progress, mean, std, download, dataset_options):
+             cache_dir, train_subset, test_subset, seed, progress, mean, std, download, dataset_options,
+             backbone_options=None):
     t0 = time.perf_counter()
     dev = resolve_device(device)
     options = dict(dataset_options or {})
@@ -110,7 +111,8 @@ def _prepare(source, *, dataset, root, train_split, test_split, image_size, bran
     native = int(train.images.shape[-1])
     is_checkpoint = Path(str(source)).expanduser().exists()
     # Image size: the caller's, else the checkpoint's recorded one, else the dataset's native size.
-    model, info = _load_model(source, image_size if (image_size or is_checkpoint) else native, branch, seed)
+    model, info = _load_model(source, image_size if (image_size or is_checkpoint) else native, branch, seed,
+                              backbone_options)
     size = int(image_size or info.get("image_size") or native)
     mean = tuple(float(m) for m in (IMAGENET_MEAN if mean is None else mean))
     std = tuple(float(s) for s in (IMAGENET_STD if std is None else std))
@@ -171,7 +173,8 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
                  device: str = "cpu", cache_dir: str | None = None, train_subset: int | None = None,
                  test_subset: int | None = None, seed: int = 0, out: str | None = None, progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 download: bool = True, dataset_options: dict | None = None) -> dict:
+                 download: bool = True, dataset_options: dict | None = None,
+                 backbone_options: dict | None = None) -> dict:
     """Weighted kNN accuracy (Wu et al. 2018; k=20, T=0.07 as DINO) of a backbone's frozen features.
 
     source: checkpoint file, run directory, or `timm:NAME` / backbone name (random init, seeded by `seed`).
@@ -189,7 +192,7 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
-        download=download, dataset_options=dataset_options)
+        download=download, dataset_options=dataset_options, backbone_options=backbone_options)
     res = knn_classify(ftr, ltr, fte, lte, k=k, temperature=temperature, num_classes=c)
     res.update(similarity="cosine", weighting="exp(s/T)", reference="Wu et al. 2018 / DINO (Caron et al. 2021)")
     return _finish(record, {"protocol": "knn", **res}, t0, out)
@@ -203,7 +206,7 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
                     test_subset: int | None = None, seed: int = 0, out: str | None = None,
                     progress: bool = True, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None, download: bool = True,
-                    dataset_options: dict | None = None) -> dict:
+                    dataset_options: dict | None = None, backbone_options: dict | None = None) -> dict:
     """Linear-probe accuracy of a backbone's frozen (cached) features; see `visrep.evaluate.linear`.
 
     Same data/model arguments as `evaluate_knn`; `batch_size` is the feature-extraction batch, the probe's
@@ -218,7 +221,7 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
-        download=download, dataset_options=dataset_options)
+        download=download, dataset_options=dataset_options, backbone_options=backbone_options)
     res = linear_probe(ftr, ltr, fte, lte, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        batch_size=probe_batch_size, seed=seed, standardize=standardize, num_classes=c)
     return _finish(record, {"protocol": "linear", **res}, t0, out)

@@ -66,7 +66,7 @@ _add("simsiam", "SimSiam: Chen & He 2021, Exploring Simple Siamese Representatio
 
 _add("barlow_twins", "Barlow Twins: Zbontar et al. 2021, Self-Supervised Learning via Redundancy Reduction",
      views={"policy": "byol"}, projector=mlp(2048, 2048, layers=3), predictor=None, target={"branch": "none"},
-     objective={"name": "barlow_twins", "params": {"lambda_offdiag": 0.0051}},
+     objective={"name": "barlow_twins", "params": {"lambda_offdiag": 0.0051, "scale_loss": 0.1}},
      optim={"name": "lars", "lr": 0.3, "weight_decay": 1e-4})
 
 _add("vicreg", "VICReg: Bardes, Ponce, LeCun 2022, Variance-Invariance-Covariance Regularization",

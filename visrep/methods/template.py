@@ -55,7 +55,10 @@ class Template(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """θ_teacher ← m·θ_teacher + (1 − m)·θ_student; buffers (BN statistics) are copied."""
+        """θ_teacher ← m·θ_teacher + (1 − m)·θ_student, parameters only (BYOL/MoCo/DINO).
+
+        The teacher's BatchNorm running statistics come from its own forward passes, as in DINO and MoCo.
+        """
         if self.target != "ema":
             return
         for s_mod, t_mod in ((self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)):
@@ -63,8 +66,6 @@ class Template(nn.Module):
             t_params = list(t_mod.parameters())
             torch._foreach_mul_(t_params, momentum)
             torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
-            for tb, sb in zip(t_mod.buffers(), s_mod.buffers()):
-                tb.copy_(sb)
 
 
 def build_template(cfg, image_size: int) -> Template:

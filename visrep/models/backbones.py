@@ -56,6 +56,8 @@ def _vit(timm_name: str, doc: str):
     def build(*, image_size: int = 224, patch_size: int = 16, **kwargs):
         if image_size % patch_size:
             raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        # dynamic_img_size: multi-crop feeds smaller local crops; timm interpolates the position embeddings.
+        kwargs.setdefault("dynamic_img_size", True)
         return _timm().create_model(
             timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch_size, **kwargs
         )
@@ -106,12 +108,3 @@ def build_backbone(name: str, **options) -> nn.Module:
 def feature_dim(model: nn.Module) -> int:
     return int(getattr(model, "num_features"))
 
-
-@torch.no_grad()
-def probe_output_dim(model: nn.Module, image_size: int) -> int:
-    """Feature size from a dry forward pass, for timm models whose num_features is not pooled."""
-    was = model.training
-    model.eval()
-    out = model(torch.zeros(2, 3, image_size, image_size))
-    model.train(was)
-    return int(out.shape[-1])

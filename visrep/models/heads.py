@@ -89,10 +89,12 @@ class SwAVHead(nn.Module):
         return z @ F.normalize(self.prototypes.weight, dim=-1).t()
 
 
-def build_head(spec: dict | None, in_dim: int) -> nn.Module | None:
-    """Build a head from its config dict; None or {"type": "none"} gives no head."""
+def check_head_spec(spec: dict | None, where: str = "head"):
+    """Validate a head's config dict; returns (class, options) or None for no head."""
     if spec is None:
         return None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping with a 'type' or null, got {spec!r}")
     spec = dict(spec)
     kind = spec.pop("type", "mlp")
     if kind in ("none", None):
@@ -101,5 +103,17 @@ def build_head(spec: dict | None, in_dim: int) -> nn.Module | None:
     valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "in_dim")]
     bad = [k for k in spec if k not in valid]
     if bad:
-        raise ConfigError(f"unknown option '{bad[0]}' for head '{kind}'; valid options: {', '.join(valid)}")
-    return cls(in_dim, **spec)
+        raise ConfigError(f"unknown option '{bad[0]}' for {where} '{kind}'; valid options: {', '.join(valid)}")
+    return cls, spec
+
+
+def build_head(spec: dict | None, in_dim: int) -> nn.Module | None:
+    """Build a head from its config dict; None or {"type": "none"} gives no head."""
+    checked = check_head_spec(spec)
+    if checked is None:
+        return None
+    cls, options = checked
+    try:
+        return cls(in_dim, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad option for head '{spec.get('type', 'mlp')}': {e}") from None

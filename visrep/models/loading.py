@@ -10,12 +10,14 @@ from visrep.models.backbones import build_backbone
 
 
 def load_backbone(source: str, *, image_size: int | None = None, branch: str = "student",
-                  pretrained: bool = False) -> tuple[nn.Module, dict]:
+                  pretrained: bool = False, options: dict | None = None) -> tuple[nn.Module, dict]:
     """Return `(backbone in eval mode, info)`.
 
     source: a checkpoint file / run directory written by `visrep pretrain`, or `timm:NAME` / a registered
     backbone name (random init; `pretrained=True` asks timm for its weights, which needs internet).
     branch: "student" (online backbone) or "teacher" (EMA teacher, the one DINO evaluates).
+    options: backbone options for a random-init/timm source (e.g. {"cifar_stem": True, "width": 16}), so a
+    random-init baseline can match a pretrained run's architecture; ignored for checkpoints.
     info: {"source", "kind", "fingerprint", "image_size", "config"} — fingerprint is a content hash.
     """
     from visrep.config import config_from_json
@@ -45,12 +47,14 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
                 "method": cfg.method, "backbone": cfg.backbone.name}
     else:
         name = source[5:] if source.startswith("timm:") else source
-        opts = {"image_size": image_size} if (image_size and name.startswith("vit")) else {}
+        opts = dict(options or {})
+        if image_size and name.startswith("vit"):
+            opts.setdefault("image_size", image_size)
         if pretrained:
             import timm
 
             try:
-                model = timm.create_model(name, pretrained=True, num_classes=0)
+                model = timm.create_model(name, pretrained=True, num_classes=0, **opts)
             except Exception as e:  # network or hub errors: one sentence for the user
                 raise VisrepError(f"could not fetch pretrained weights for '{name}' ({type(e).__name__}); "
                                   "this needs internet access") from None

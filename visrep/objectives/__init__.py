@@ -62,7 +62,10 @@ def build_objective(name: str, **params):
         raise ConfigError(
             f"objective '{name}': unknown param(s) {', '.join(unknown)}; valid params: {listed}"
         )
-    return OBJECTIVES.get(name)(**params)
+    try:
+        return OBJECTIVES.get(name)(**params)
+    except (TypeError, ValueError) as e:  # e.g. temperature="abc": one sentence, not a traceback
+        raise ConfigError(f"objective '{name}': bad param value ({e})") from None
 
 
 __all__ = [

@@ -23,6 +23,8 @@ class BarlowTwinsLoss(nn.Module):
 
     Args:
         lambda_offdiag: λ, default 0.0051 (the paper's value, ≈ 5e-3).
+        scale_loss: a constant factor on the whole loss, default 1.0 (solo-learn's CIFAR recipe uses 0.1,
+            which with LARS only changes the step of the non-adapted biases/norm parameters).
         gather_distributed: standardize and correlate over the batch of all ranks.
 
     Example:
@@ -33,11 +35,12 @@ class BarlowTwinsLoss(nn.Module):
         1.0
     """
 
-    def __init__(self, *, lambda_offdiag: float = 0.0051, gather_distributed: bool = True):
+    def __init__(self, *, lambda_offdiag: float = 0.0051, scale_loss: float = 1.0, gather_distributed: bool = True):
         super().__init__()
         if lambda_offdiag < 0:
             raise ConfigError(f"barlow_twins lambda_offdiag must be >= 0, got {lambda_offdiag}")
         self.lambda_offdiag = float(lambda_offdiag)
+        self.scale_loss = float(scale_loss)
         self.gather_distributed = gather_distributed
 
     @staticmethod
@@ -56,4 +59,4 @@ class BarlowTwinsLoss(nn.Module):
             eye = torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
             on = (1 - torch.diagonal(c)).pow(2).sum()
             off = c.pow(2).masked_fill(eye, 0).sum()
-            return on + self.lambda_offdiag * off
+            return self.scale_loss * (on + self.lambda_offdiag * off)

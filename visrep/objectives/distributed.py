@@ -39,9 +39,13 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     """All-gather `x` along dim 0 (rank order) with gradient; identity without a group."""
     if world_size() == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the autograd-aware gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:

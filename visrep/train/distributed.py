@@ -13,6 +13,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -23,9 +24,29 @@ def setup_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
-    if not dist.is_initialized():
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    owned = not dist.is_initialized()
+    if owned:
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)  # collectives and default allocations go to this process's GPU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned)
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    """Destroy the process group if `setup_distributed` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every process if `flag` is true on any (stop together: a lone stop would hang the rest)."""
+    if info.world_size <= 1:
+        return bool(flag)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -24,15 +22,12 @@ from torch import nn
 
 from visrep.config import RunConfig
 from visrep.errors import ConfigError, TrainingError, VisrepError
-from visrep.train.checkpoint import (add_prefix, find_checkpoint, load_checkpoint, optimizer_from_tensors,
-                                     optimizer_to_tensors, save_checkpoint, strip_prefix)
-from visrep.train.distributed import DistInfo, resolve_device, setup_distributed
+from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
+from visrep.train.checkpoint import (add_prefix, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+                                     save_checkpoint, strip_prefix)
+from visrep.train.distributed import any_rank, resolve_device, setup_distributed, teardown_distributed
 from visrep.train.optim import build_optimizer, param_groups
 from visrep.train.schedules import linear_warmup_constant, momentum_schedule, warmup_cosine
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def view_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**62)
@@ -134,6 +129,10 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     np.random.seed(cfg.seed % 2**32)
     model = build_template(cfg, image_size).to(device)
     objective = build_objective(cfg.objective.name, **cfg.objective.params).to(device)
+    for name in cfg.objective.schedules:
+        if not hasattr(objective, name):
+            raise ConfigError(f"objective.schedules.{name}: objective '{cfg.objective.name}' has no attribute "
+                              f"'{name}' to schedule")
     feat_dim = int(getattr(model.backbone, "num_features"))
     probe = nn.Linear(feat_dim, num_classes).to(device)
 
@@ -167,6 +166,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         if "scaler" in meta:
             scaler.load_state_dict(meta["scaler"])
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         start_step = int(meta["step"])
         history = meta.get("history", [])
 
@@ -223,7 +224,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
             epoch, i = divmod(step, steps_per_epoch)
             perm = epoch_permutation(len(train), cfg.seed, epoch)
             model.train()
-            for i in range(i, steps_per_epoch):
+            for i in range(i, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
                 idx = perm[i * batch + dist_info.rank * local_batch: i * batch + (dist_info.rank + 1) * local_batch]
                 x = images[idx].to(device, non_blocking=True)
                 y = labels[idx].to(device, non_blocking=True)
@@ -238,7 +239,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 with _autocast(device, tc.precision):
                     out = ddp_model(views, n_global)
                     loss = objective(out.student, out.teacher)
-                if not torch.isfinite(loss):
+                # Every process must agree to stop, or the others would wait forever in the next collective.
+                if any_rank(not bool(torch.isfinite(loss)), dist_info):
                     raise TrainingError(
                         f"the loss became {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
                         f"is kept at {ckpt_path if ckpt_path.exists() else 'none yet'}; lower optim.lr, set "
@@ -269,8 +271,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 seen += x.shape[0] * dist_info.world_size
                 last_loss = loss.item()
                 bar.update(1)
-                stopping = (tc.max_steps is not None and step >= tc.max_steps) or (
-                    tc.time_budget_s is not None and time.time() - t_loop >= tc.time_budget_s)
+                stopping = any_rank((tc.max_steps is not None and step >= tc.max_steps) or (
+                    tc.time_budget_s is not None and time.time() - t_loop >= tc.time_budget_s), dist_info)
                 if main and (step % tc.log_every == 0 or step == total_steps or stopping):
                     ips = seen / max(time.time() - t_seen, 1e-9)
                     rec = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
@@ -285,12 +287,12 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 if stopping:
                     stop_reason = "max_steps" if tc.max_steps is not None and step >= tc.max_steps else "time_budget"
                     break
-            epoch_done = step % steps_per_epoch == 0
+            epoch_done = step % steps_per_epoch == 0 or step == total_steps
             ep = step // steps_per_epoch
             if epoch_done and monitor is not None and (ep % cfg.monitor.knn_every == 0 or step == total_steps):
                 res = monitor(model.backbone)
-                history.append({"epoch": ep, **res})
-                _log_line(metrics_path, {"epoch": ep, **res})
+                history.append({"epoch": step / steps_per_epoch, **res})
+                _log_line(metrics_path, history[-1])
                 if writer:
                     writer.add_scalar("monitor/knn_top1", res["knn_top1"], step)
                 bar.set_postfix(loss=f"{last_loss:.3f}", knn=f"{res['knn_top1']:.3f}")
@@ -306,6 +308,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     finally:
         if writer:
             writer.close()
+        teardown_distributed(dist_info)
 
     summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": step,
                "total_steps": total_steps, "epochs_done": step / steps_per_epoch, "stop_reason": stop_reason,
@@ -321,7 +324,7 @@ def _check_resumable(meta: dict, cfg: RunConfig) -> None:
     saved = meta.get("config", {})
     now = cfg.to_dict()
     # Only what changes the trajectory matters; train.max_steps / time budget / progress may differ.
-    ignore = {"max_steps", "time_budget_s", "progress", "log_every", "num_threads", "device"}
+    ignore = {"max_steps", "time_budget_s", "progress", "log_every", "num_threads", "device", "root", "download"}
     for section in now:
         a, b = saved.get(section), now[section]
         if isinstance(a, dict) and isinstance(b, dict):
@@ -340,12 +343,13 @@ class _KnnMonitor:
 
         d, m = cfg.data, cfg.monitor
         self.bank = train.subset(m.bank_size, cfg.seed) if m.bank_size and m.bank_size < len(train) else train
-        try:
+        try:  # fail before training, not at the end of the first epoch
             test = load_dataset(d.dataset, d.test_split, d.root, image_size=image_size, download=d.download,
                                 **d.options)
-        except VisrepError:
-            test = None  # no test split: the monitor is skipped rather than failing the run
-        if test is not None and m.test_size and m.test_size < len(test):
+        except VisrepError as e:
+            raise type(e)(f"the kNN monitor cannot load split '{d.test_split}' ({e}); set data.test_split, "
+                          "or monitor.knn_every=0 to train without it") from None
+        if m.test_size and m.test_size < len(test):
             test = test.subset(m.test_size, cfg.seed)
         self.test, self.cfg, self.image_size, self.device = test, cfg, image_size, device
 
@@ -354,8 +358,6 @@ class _KnnMonitor:
         from visrep.evaluate.features import extract_features
         from visrep.evaluate.knn import knn_classify
 
-        if self.test is None:
-            return {}
         was = backbone.training
         kw = dict(image_size=self.image_size, device=self.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   progress=False)

@@ -10,10 +10,11 @@ from visrep.errors import ConfigError
 class LARS(torch.optim.Optimizer):
     """LARS, You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional Networks".
 
-    For each parameter w with gradient g (weight decay λ folded into the update):
-        d = g + λ·w
-        trust = η·‖w‖ / ‖d‖   if both norms > 0 else 1          (layer-wise adaptation)
-        v ← μ·v + lr·trust·d ;   w ← w − v
+    For each parameter w with gradient g and weight decay λ:
+        trust = η·‖w‖ / (‖g‖ + λ·‖w‖ + ε)      (1 if ‖w‖ = 0 or ‖g‖ = 0; the paper's local learning rate)
+        trust = min(trust / lr, 1)            if clip_lr (solo-learn's CIFAR recipes: the local rate never
+                                              exceeds the global one)
+        d = trust·(g + λ·w) ;  v ← μ·v + d ;  w ← w − lr·v
     Groups with `lars_exclude=True` (biases, norm layers: as in SimCLR/BYOL) skip both weight decay and
     adaptation and become plain SGD with momentum.
 
@@ -23,31 +24,34 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.02, lars_exclude: bool = False):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude)
+                 eta: float = 0.02, clip_lr: bool = True, eps: float = 1e-8, lars_exclude: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=clip_lr, eps=eps,
+                        lars_exclude=lars_exclude)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad
+                g = p.grad
+                d = g.add(p, alpha=wd) if wd else g
                 if not group["lars_exclude"]:
-                    if group["weight_decay"]:
-                        d = d.add(p, alpha=group["weight_decay"])
-                    w_norm, d_norm = torch.norm(p), torch.norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm,
-                                        torch.ones_like(w_norm))
+                    w_norm, g_norm = torch.norm(p), torch.norm(g)
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                    if group["clip_lr"] and lr > 0:
+                        trust = torch.clamp(trust / lr, max=1.0)
                     d = d.mul(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(d, alpha=group["lr"])
-                p.sub_(buf)
+                buf.mul_(group["momentum"]).add_(d)
+                p.sub_(buf, alpha=lr)
         return loss
 
 
@@ -73,7 +77,8 @@ def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_nor
 def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     """cfg: OptimConfig. lr and weight decay are overwritten every step from the schedules."""
     if cfg.name == "lars":
-        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                    clip_lr=cfg.lars_clip_lr)
     clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
     if cfg.name == "sgd":
         return torch.optim.SGD(clean, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
