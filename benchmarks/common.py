@@ -19,7 +19,10 @@ from torch import nn
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-DEFAULT_DATA = "/work/shared/data/cifar10/cifar10-jpeg.tar.gz"
+# The offline copy beside the checkout (../shared/data); override with --data or $VISREP_CIFAR10_ARCHIVE.
+DEFAULT_DATA = os.environ.get(
+    "VISREP_CIFAR10_ARCHIVE",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10", "cifar10-jpeg.tar.gz"))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
