@@ -194,24 +194,6 @@ AUGMENTATION_DIFFERENCES = [
 ]
 
 
-class UInt8ImageDataset(torch.utils.data.Dataset):
-    """A torchvision-CIFAR10-style dataset over decoded images: HWC uint8 numpy array, PIL image per item,
-    then the transform (the way lightly's examples feed torchvision.datasets.CIFAR10)."""
-
-    def __init__(self, images_nchw: torch.Tensor, labels: torch.Tensor, transform):
-        self.data = images_nchw.permute(0, 2, 3, 1).contiguous().numpy()
-        self.targets = labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
-
-
 def run_lightly(args, images: torch.Tensor, labels: torch.Tensor, round_idx: int) -> dict:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -221,7 +203,7 @@ def run_lightly(args, images: torch.Tensor, labels: torch.Tensor, round_idx: int
     backbone = common.timm_cifar_resnet("resnet18", args.width)
     head = SimCLRProjectionHead(input_dim=backbone.num_features, hidden_dim=HIDDEN, output_dim=OUT)
     criterion = NTXentLoss(temperature=TEMPERATURE)
-    ds = UInt8ImageDataset(images, labels, lightly_simclr_transform())
+    ds = common.UInt8ImageDataset(images, labels, lightly_simclr_transform())
     g = torch.Generator().manual_seed(2000 + round_idx)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers, generator=g,

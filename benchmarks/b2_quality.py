@@ -161,23 +161,6 @@ def run_visrep(args, method: str, plan: dict, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- lightly
-class UInt8ImageDataset(torch.utils.data.Dataset):
-    """torchvision-CIFAR10-style dataset over the decoded images: HWC uint8 numpy, a PIL image per item."""
-
-    def __init__(self, images_nchw: torch.Tensor, labels: torch.Tensor, transform):
-        self.data = images_nchw.permute(0, 2, 3, 1).contiguous().numpy()
-        self.targets = labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
-
-
 def lightly_transform(method: str):
     """lightly transforms with visrep's view-policy parameters (simclr: jitter (0.8,0.8,0.8,0.2) p=.8,
     gray .2, blur .5; byol: jitter (0.4,0.4,0.2,0.1) p=.8, gray .2, blur (1, .1), solarize (0, .2);
@@ -237,7 +220,7 @@ def run_lightly(args, method: str, plan: dict) -> dict:
     m_start = p.target.momentum
     m_end = m_start if plan["kind"] == "constant" else p.target.momentum_end
     g = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(UInt8ImageDataset(train.images, train.labels, lightly_transform(method)),
+    loader = torch.utils.data.DataLoader(common.UInt8ImageDataset(train.images, train.labels, lightly_transform(method)),
                                          batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers, generator=g,
                                          persistent_workers=args.num_workers > 0)

@@ -214,3 +214,21 @@ def median(xs: list[float]) -> float | None:
         return None
     n = len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+class UInt8ImageDataset(torch.utils.data.Dataset):
+    """A torchvision-CIFAR10-style dataset over decoded images: HWC uint8 numpy array, PIL image per item,
+    then the transform (the way lightly's examples feed torchvision.datasets.CIFAR10)."""
+
+    def __init__(self, images_nchw: torch.Tensor, labels: torch.Tensor, transform):
+        self.data = images_nchw.permute(0, 2, 3, 1).contiguous().numpy()
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]

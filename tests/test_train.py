@@ -137,7 +137,9 @@ def test_checkpoint_is_safetensors_and_backbone_loads_into_timm(tmp_path):
     cfg = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"epochs": 1}}))
     visrep.pretrain(cfg, quiet=True)
     path = tmp_path / "run" / "checkpoints" / "last.safetensors"
-    assert path.read_bytes()[:8] != b"\x80\x04\x95"[:8]  # not a pickle
+    raw = path.read_bytes()  # safetensors layout: u64 little-endian header length, then a JSON header
+    header_len = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and json.loads(raw[8:8 + header_len])["__metadata__"]["visrep"]
     tensors, meta = load_checkpoint(path)
     assert meta["format"] == "visrep-checkpoint-v1" and meta["config"]["method"] == "simclr"
     assert "rng.torch" in tensors and any(k.startswith("optim.") for k in tensors)

@@ -42,16 +42,10 @@ def _version() -> str:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None -> cuda when available, else cpu; anything else is checked."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
+    """"auto"/None -> cuda when available, else cpu; the training loop's rules otherwise."""
+    from visrep.train.distributed import resolve_device as _resolve
+
+    return _resolve("auto" if device is None else str(device))
 
 
 def _looks_like_path(source: str) -> bool:
