@@ -67,3 +67,28 @@ def test_each_preset_pretrains_an_epoch_on_cifar10_and_evaluates(tmp_path, metho
         res = json.loads(res_path.read_text())
         assert 0.0 <= res["top1"] <= 1.0 and res["top5"] >= res["top1"]
         assert res["protocol"] == protocol and res["model"]["method"] == method
+
+
+@pytest.mark.skipif(not os.path.exists(CIFAR_ARCHIVE), reason="offline CIFAR-10 archive not available")
+@pytest.mark.parametrize("method, backbone", [("mae", "illama_tiny"), ("simmim", "vit_tiny"), ("hpm", "illama_small"),
+                                              ("hpm_loss_pred_only", "vit_small"), ("supervised", "illama_base")])
+def test_mim_supervised_and_illama_from_the_cli(tmp_path, method, backbone, capsys):
+    """`visrep pretrain method=... backbone.name=...` (1 epoch, CIFAR-10 subset, 1 block), then eval knn/linear."""
+    out = tmp_path / method
+    args = ["pretrain", "--data-dir", CIFAR_ARCHIVE, f"method={method}", "data.dataset=imagefolder",
+            "data.subset=256", f"out_dir={out}", "train.epochs=1", "train.batch_size=128", "train.progress=false",
+            f"backbone.name={backbone}", "backbone.options.depth=1", "monitor.bank_size=256", "monitor.test_size=128"]
+    if method in ("mae", "hpm", "hpm_loss_pred_only"):
+        args += ["decoder.dim=32", "decoder.depth=1", "decoder.heads=2"]
+    if method.startswith("hpm"):
+        args += ["loss_predictor.dim=32", "loss_predictor.depth=1", "loss_predictor.heads=2"]
+    assert run(args) == 0
+    assert "done: 2/2 steps" in capsys.readouterr().out
+    protocols = ("knn", "linear", "classifier") if method == "supervised" else ("knn", "linear")
+    for protocol in protocols:
+        res_path = tmp_path / f"{protocol}.json"
+        extra = ["--epochs", "2"] if protocol == "linear" else []
+        assert run(["eval", protocol, "--model", str(out), "--dataset", "imagefolder", "--data-dir", CIFAR_ARCHIVE,
+                    "--train-subset", "256", "--test-subset", "128", "--out", str(res_path), *extra]) == 0
+        res = json.loads(res_path.read_text())
+        assert 0.0 <= res["top1"] <= res["top5"] <= 1.0 and res["model"]["method"] == method

@@ -388,21 +388,37 @@ def _inputs(name):
     return s, t, kw
 
 
+def _extra_inputs(name):
+    """The keyword inputs an objective names in `inputs` (mask / loss_pred / labels), and its own views."""
+    if name in ("reconstruction", "hpm"):
+        mask = torch.tensor([[True, False, True, True], [False, True, True, False]])
+        return [randn(2, 4, 6, seed=1)], [randn(2, 4, 6, seed=2)], {"mask": mask, "loss_pred": randn(2, 4, seed=3)}
+    if name == "cross_entropy":
+        return [randn(4, 5, seed=4)], [], {"labels": torch.tensor([0, 3, 4, 1])}
+    return None
+
+
 @pytest.mark.parametrize("name", OBJECTIVES.names())
 def test_fp32_under_bf16_autocast(name):
     s, t, kw = _inputs(name)
-    s16, t16 = [x.bfloat16() for x in s], [x.bfloat16() for x in t]
     fn = build_objective(name, **kw).eval()
+    extra = _extra_inputs(name)
+    inputs = {}
+    if extra is not None:
+        s, t, inputs = extra
+    inputs = {k: inputs[k] for k in getattr(fn, "inputs", ())}
+    s16, t16 = [x.bfloat16() for x in s], [x.bfloat16() for x in t]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = fn(s16, t16)
-    ref = fn([x.float() for x in s16], [x.float() for x in t16])
+        low = fn(s16, t16, **inputs)
+    ref = fn([x.float() for x in s16], [x.float() for x in t16], **inputs)
     assert low.dtype == torch.float32 and low.dim() == 0
     assert torch.allclose(low, ref, atol=1e-5, rtol=1e-5), (low, ref)
 
 
 def test_registry_names():
     assert OBJECTIVES.names() == sorted(
-        ["ntxent", "moco_queue", "infonce", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav"]
+        ["ntxent", "moco_queue", "infonce", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav",
+         "reconstruction", "hpm", "cross_entropy"]
     )
 
 
@@ -429,7 +445,8 @@ def test_bad_views_raise_config_error():
         DINOLoss(out_dim=5)([z, z], [z, z])
 
 
-@pytest.mark.parametrize("module", ["contrastive", "byol", "barlow_twins", "vicreg", "dino", "swav"])
+@pytest.mark.parametrize("module", ["contrastive", "byol", "barlow_twins", "vicreg", "dino", "swav",
+                                    "reconstruction", "supervised"])
 def test_docstring_examples(module):
     mod = importlib.import_module(f"visrep.objectives.{module}")
     result = doctest.testmod(mod)

@@ -34,6 +34,12 @@ def evaluate_knn(source: str, **kwargs) -> dict:
     return _knn(source, **kwargs)
 
 
+def evaluate_classifier(source: str, **kwargs) -> dict:
+    from visrep.evaluate.api import evaluate_classifier as _classifier
+
+    return _classifier(source, **kwargs)
+
+
 def evaluate_linear(source: str, **kwargs) -> dict:
     from visrep.evaluate.api import evaluate_linear as _linear
 
@@ -45,10 +51,12 @@ def registries() -> dict:
     from visrep.data.views import VIEWS
     from visrep.methods import METHODS
     from visrep.models import BACKBONES, HEADS
+    from visrep.data.masking import MASKS
+    from visrep.models.decoders import DECODERS
     from visrep.objectives import OBJECTIVES
 
-    return {"methods": METHODS, "views": VIEWS, "backbones": BACKBONES, "datasets": SOURCES,
-            "objectives": OBJECTIVES, "heads": HEADS}
+    return {"methods": METHODS, "views": VIEWS, "masks": MASKS, "backbones": BACKBONES, "datasets": SOURCES,
+            "objectives": OBJECTIVES, "heads": HEADS, "decoders": DECODERS}
 
 
 def list_parts(kind: str) -> list[tuple[str, str]]:

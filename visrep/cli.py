@@ -4,7 +4,7 @@
     visrep pretrain --config ... --resume
     visrep eval knn --model runs/simclr --dataset cifar10 --data-dir ~/data
     visrep eval linear --model timm:resnet18 --dataset digits
-    visrep list methods|views|backbones|datasets|objectives|heads
+    visrep list methods|views|masks|backbones|datasets|objectives|heads|decoders
     visrep demo
 
 Errors a user can fix print one line (`visrep: error: ...`) and exit with status 2.
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(k)
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
+    cp = esub.add_parser("classifier", help="top-1 of a supervised run's own classifier head on the test split")
+    cp.add_argument("--model", required=True, help="checkpoint file or run directory of a supervised run")
+    _add_data_args(cp)
     lp = esub.add_parser("linear", help="offline linear probe on cached frozen features")
     lp.add_argument("--model", required=True, help="checkpoint file, run directory, or timm:NAME")
     _add_data_args(lp)
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("list", help="list registered parts")
     pl.add_argument("kind", nargs="?", default="all",
-                    help="methods | views | backbones | datasets | objectives | heads | all")
+                    help="methods | views | masks | backbones | datasets | objectives | heads | decoders | all")
 
     pd = sub.add_parser("demo", help="offline demo: SimCLR on bundled digits vs random init (~2 min on 2 cores)")
     pd.add_argument("--out-dir", default="runs/demo")
@@ -120,6 +123,9 @@ def run(argv: list[str] | None = None) -> int:
                       backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"))
         if args.protocol == "knn":
             res = api.evaluate_knn(args.model, k=args.k, temperature=args.temperature, **common)
+        elif args.protocol == "classifier":
+            drop = ("train_split", "train_subset", "branch", "backbone_options")
+            res = api.evaluate_classifier(args.model, **{k: v for k, v in common.items() if k not in drop})
         else:
             extra = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
                                        ("weight_decay", args.weight_decay)) if v is not None}

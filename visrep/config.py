@@ -124,6 +124,10 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(options={"cifar_stem": True}))
     projector: Optional[dict] = field(default_factory=lambda: {"type": "mlp"})
     predictor: Optional[dict] = None
+    # Masked image modelling (`visrep list masks`, `visrep list decoders`); all None for other methods.
+    masking: Optional[dict] = None     # e.g. {name: random, ratio: 0.75, mode: drop}
+    decoder: Optional[dict] = None     # e.g. {type: mae, dim: 512, depth: 8, heads: 16}
+    loss_predictor: Optional[dict] = None  # HPM's loss-prediction branch, e.g. {type: mae, dim: 512, depth: 8}
     target: TargetConfig = field(default_factory=TargetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -276,7 +280,10 @@ def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | N
     if not isinstance(method, str):
         raise ConfigError(f"method must be a name, got {method!r}")
     preset = METHODS.get(method)
-    merged = deep_merge(_swappable(deep_merge(RunConfig().to_dict(), preset.config), user), user)
+    # A preset that changes a section's kind (e.g. MAE's vit_tiny) drops the default's options too.
+    defaults = RunConfig().to_dict()
+    with_preset = deep_merge(_swappable(defaults, preset.config), preset.config)
+    merged = deep_merge(_swappable(with_preset, user), user)
     cfg = from_dict(RunConfig, merged)
     validate(cfg)
     return cfg
@@ -284,7 +291,8 @@ def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | N
 
 # A section whose kind the user changes is taken whole from the user, not merged into the preset's: the
 # preset's options belong to the old kind (e.g. `method=simclr objective.name=vicreg` drops `temperature`).
-_KIND_KEYS = {"objective": "name", "projector": "type", "predictor": "type", "views": "policy", "backbone": "name"}
+_KIND_KEYS = {"objective": "name", "projector": "type", "predictor": "type", "views": "policy", "backbone": "name",
+              "masking": "name", "decoder": "type", "loss_predictor": "type"}
 
 
 def _swappable(preset: dict, user: dict) -> dict:
@@ -323,6 +331,18 @@ def validate(cfg: RunConfig) -> None:
     build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
     check_head_spec(cfg.projector, "projector")
     check_head_spec(cfg.predictor, "predictor")
+    from visrep.data.masking import build_mask_generator
+    from visrep.models.decoders import check_decoder_spec
+
+    masking = build_mask_generator(cfg.masking)
+    check_decoder_spec(cfg.decoder, "decoder")
+    check_decoder_spec(cfg.loss_predictor, "loss_predictor")
+    if masking is None and (cfg.decoder is not None or cfg.loss_predictor is not None):
+        raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
+    if masking is not None and cfg.decoder is None:
+        raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
+    if masking is not None and masking.needs_scores and (cfg.loss_predictor is None or cfg.target.branch != "ema"):
+        raise ConfigError(f"masking '{cfg.masking['name']}' needs a loss_predictor section and target.branch=ema")
     valid = objective_params(cfg.objective.name)
     bad = [k for k in cfg.objective.params if k not in valid]
     if bad:

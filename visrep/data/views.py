@@ -458,6 +458,18 @@ def multicrop(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, n_local:
     return ViewPolicy("multicrop", image_size, globals_, locals_, mean, std, opts)
 
 
+@VIEWS.register("crop")
+def crop(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, crop_scale=(0.2, 1.0),
+         flip_prob: float = 0.5) -> ViewPolicy:
+    """One view of random resized crop + flip, no colour: MAE/SimMIM (He et al. 2022: scale (0.2, 1)) and supervised.
+
+    Masked image modelling needs no colour augmentation (MAE §A.1); the mask is the augmentation.
+    """
+    spec = ViewSpec(size=image_size, scale=_scale("crop_scale", crop_scale), flip_p=_prob("flip_prob", flip_prob),
+                    jitter_p=0.0, gray_p=0.0)
+    return ViewPolicy("crop", image_size, [spec], [], mean, std, dict(crop_scale=crop_scale, flip_prob=flip_prob))
+
+
 @VIEWS.register("none")
 def none(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ViewPolicy:
     """No augmentation: one view, the eval transform (resize if needed + normalize)."""

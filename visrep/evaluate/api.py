@@ -219,3 +219,55 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
     res = linear_probe(ftr, ltr, fte, lte, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        batch_size=probe_batch_size, seed=seed, standardize=standardize, num_classes=c)
     return _finish(record, {"protocol": "linear", **res}, t0, out)
+
+
+def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | None = None, test_split: str = "test",
+                        image_size: int | None = None, batch_size: int = 256, device: str = "cpu",
+                        cache_dir: str | None = None, test_subset: int | None = None, seed: int = 0,
+                        out: str | None = None, progress: bool = True, download: bool = True,
+                        dataset_options: dict | None = None) -> dict:
+    """Top-1/top-5 of a supervised run's own classifier (backbone + the trained linear head) on a test split.
+
+    source: a checkpoint file or run directory written by `visrep pretrain` with a classifier head
+    (method `supervised`). The logits go through the same eval transform and cache as kNN features.
+    """
+    import json as _json
+
+    from torch import nn
+
+    from visrep.config import config_from_json
+    from visrep.methods import build_template
+    from visrep.train.checkpoint import load_checkpoint, strip_prefix, weights_fingerprint
+
+    t0 = time.perf_counter()
+    if not Path(str(source)).expanduser().exists():
+        raise ConfigError(f"no checkpoint or run directory at '{source}'")
+    tensors, meta = load_checkpoint(str(Path(str(source)).expanduser()))
+    if "config" not in meta:
+        raise VisrepError(f"'{source}' is not a visrep checkpoint (no config in its metadata)")
+    cfg = config_from_json(_json.dumps(meta["config"]))
+    if not (isinstance(cfg.projector, dict) and cfg.projector.get("type") == "linear"):
+        raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
+                          "eval linear for self-supervised checkpoints")
+    size = int(image_size or meta.get("image_size") or 32)
+    template = build_template(cfg, size, int(meta.get("num_classes") or 0) or None)
+    template.load_state_dict(strip_prefix(tensors, "model."))
+    classifier = nn.Sequential(template.backbone, template.projector).eval()
+    test = _load_split(dataset, test_split, root, download, dict(dataset_options or {}), test_subset, seed)
+    if meta.get("classes") and list(meta["classes"]) != list(test.classes):
+        raise DataError(f"the classes of '{dataset}' ({len(test.classes)}) differ from the ones the classifier "
+                        f"was trained on ({len(meta['classes'])})")
+    dev = resolve_device(device)
+    fp = weights_fingerprint(classifier.state_dict())
+    logits, labels, info = extract_features_with_info(
+        classifier, test, image_size=size, batch_size=batch_size, device=dev, cache_dir=cache_dir,
+        model_fingerprint=fp, mean=IMAGENET_MEAN, std=IMAGENET_STD, progress=progress)
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    record = {"protocol": "classifier", "top1": float((top5[:, 0] == labels).float().mean()),
+              "top5": float((top5 == labels.unsqueeze(1)).any(1).float().mean()),
+              "source": str(source), "model": {"kind": "checkpoint", "fingerprint": fp, "method": cfg.method,
+                                               "backbone": cfg.backbone.name, "epoch": meta.get("epoch")},
+              "dataset": {"name": dataset, "test_split": test_split, "test_size": int(len(labels)),
+                          "test_subset": test_subset, "test_fingerprint": test.meta.get("fingerprint")},
+              "image_size": size, "cache": {"test": info["cache"]}, "device": str(dev), "seed": int(seed)}
+    return _finish(record, {}, t0, out)

@@ -88,3 +88,51 @@ _add("swav", "SwAV: Caron et al. 2020, Unsupervised Learning of Visual Features 
      predictor=None, target={"branch": "none"},
      objective={"name": "swav", "params": {"temperature": 0.1}},
      optim={"name": "lars", "lr": 0.6, "weight_decay": 1e-6})
+
+
+# ------------------------------------------------------------------ masked image modelling
+# One view of crop + flip, a mask generator, a decoder on the patch tokens and a pixel loss. The
+# backbone is a ViT (patch 4 at 32 px by default; any vit_* or illama_* works).
+_MIM_OPTIM = {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 10}
+_MAE_DECODER = {"type": "mae", "dim": 512, "depth": 8, "heads": 16}
+
+_add("mae", "MAE: He et al. 2022, Masked Autoencoders Are Scalable Vision Learners",
+     views={"policy": "crop", "options": {"crop_scale": [0.2, 1.0]}},
+     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos"}},
+     projector=None, predictor=None, target={"branch": "none"},
+     masking={"name": "random", "ratio": 0.75, "mode": "drop"}, decoder=_MAE_DECODER,
+     objective={"name": "reconstruction", "params": {"loss": "mse", "norm_pix": True}},
+     optim=_MIM_OPTIM)
+
+_add("simmim", "SimMIM: Xie et al. 2022, SimMIM: A Simple Framework for Masked Image Modeling",
+     views={"policy": "crop", "options": {"crop_scale": [0.67, 1.0]}},
+     backbone={"name": "vit_tiny", "options": {}},
+     projector=None, predictor=None, target={"branch": "none"},
+     masking={"name": "random", "ratio": 0.6, "mode": "token"}, decoder={"type": "linear"},
+     objective={"name": "reconstruction", "params": {"loss": "l1", "norm_pix": False}},
+     optim={"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_epochs": 10})
+
+_add("hpm", "HPM: Wang et al. 2023, Hard Patches Mining for Masked Image Modeling",
+     views={"policy": "crop", "options": {"crop_scale": [0.2, 1.0]}},
+     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos"}},
+     projector=None, predictor=None, target={"branch": "ema", "momentum": 0.996, "momentum_end": 1.0},
+     masking={"name": "hard_patches", "ratio": 0.75, "mode": "drop", "alpha_end": 0.5},
+     decoder=_MAE_DECODER, loss_predictor=_MAE_DECODER,
+     objective={"name": "hpm", "params": {"loss": "mse", "norm_pix": True}},
+     optim=_MIM_OPTIM)
+
+_add("hpm_loss_pred_only", "HPM ablation 'loss prediction only': random masks + the loss predictor (Wang et al. 2023)",
+     views={"policy": "crop", "options": {"crop_scale": [0.2, 1.0]}},
+     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos"}},
+     projector=None, predictor=None, target={"branch": "none"},
+     masking={"name": "random", "ratio": 0.75, "mode": "drop"},
+     decoder=_MAE_DECODER, loss_predictor=_MAE_DECODER,
+     objective={"name": "hpm", "params": {"loss": "mse", "norm_pix": True}},
+     optim=_MIM_OPTIM)
+
+# ------------------------------------------------------------------ supervised
+_add("supervised", "Supervised: one crop+flip view, a linear classifier head and cross-entropy (DeiT-style AdamW)",
+     views={"policy": "crop", "options": {"crop_scale": [0.25, 1.0]}},
+     projector={"type": "linear"}, predictor=None, target={"branch": "none"},
+     objective={"name": "cross_entropy", "params": {"label_smoothing": 0.1}},
+     optim={"name": "adamw", "lr": 2.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_epochs": 5})

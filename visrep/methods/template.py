@@ -1,19 +1,30 @@
 """The one template every method is an instance of (Morningstar et al. 2024, "Augmentations vs Algorithms").
 
+Joint embedding and supervised (no `masking`):
+
     views ──► backbone ──► projector [──► predictor] ──► student outputs, one per view
                  └─ target branch (global views only): none | stopgrad | ema teacher ──► teacher outputs
 
-`objective(student, teacher)` turns the two lists into a loss. Nothing here knows which method runs:
-a method is only the choice of views, heads, target branch and objective (see `presets.py`).
+Masked image modelling (`masking` set; one view):
+
+    view ──► mask generator ──► backbone (visible tokens, or mask tokens) ──► decoder ──► student [pred]
+      └──────────────────────────────────────────────── patchified pixels ──► teacher [target]
+                                  backbone tokens ──► loss_predictor ──► extras["loss_pred"]  (HPM)
+    EMA teacher (backbone + loss_predictor) on the full view ──► per-patch scores ──► hard_patches masks
+
+`objective(student, teacher, **inputs)` turns the two lists into a loss; `inputs` are the extras the
+objective names (mask, loss_pred, labels). Nothing here knows which method runs: a method is only the
+choice of views, masking, heads, target branch and objective (see `presets.py`).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from visrep.errors import ConfigError
 from visrep.models import build_backbone, build_head, feature_dim
 
 
@@ -22,25 +33,55 @@ class TemplateOutput:
     student: list            # online outputs for every view (after the predictor, if any)
     teacher: list            # target-branch outputs for the global views
     features: torch.Tensor   # detached backbone features of the global views (for online probe/monitors)
+    extras: dict = field(default_factory=dict)  # mask, loss_pred: inputs an objective may name
 
 
 class Template(nn.Module):
     def __init__(self, backbone: nn.Module, projector: nn.Module | None, predictor: nn.Module | None,
-                 target: str = "none"):
+                 target: str = "none", masking: nn.Module | None = None, decoder: nn.Module | None = None,
+                 loss_predictor: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.projector = projector if projector is not None else nn.Identity()
         self.predictor = predictor
         self.target = target
+        self.masking, self.decoder, self.loss_predictor = masking, decoder, loss_predictor
+        self.mask_token = None
+        if masking is not None:
+            from visrep.models.masked import embed_dim_of, patch_size_of
+
+            if decoder is None:
+                raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
+            self.patch_size = patch_size_of(backbone)
+            if masking.mode == "token":  # SimMIM's learned mask token, in the encoder's input space
+                self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim_of(backbone)))
+                nn.init.trunc_normal_(self.mask_token, std=0.02)
+            if masking.needs_scores and (loss_predictor is None or target != "ema"):
+                raise ConfigError("masking 'hard_patches' needs a loss_predictor section and target.branch=ema "
+                                  "(its masks come from the EMA teacher's loss predictions)")
+        elif decoder is not None or loss_predictor is not None:
+            raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
         if target == "ema":
             # The teacher is a frozen copy, updated only by `update_teacher` (BYOL/MoCo/DINO momentum encoder).
             self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
             self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+            if loss_predictor is not None:
+                self.teacher_loss_predictor = copy.deepcopy(loss_predictor).requires_grad_(False)
 
     def student_modules(self):
-        return [m for m in (self.backbone, self.projector, self.predictor) if m is not None]
+        extra = [m for m in (self.decoder, self.loss_predictor) if m is not None]
+        own = [_Params(self.mask_token)] if self.mask_token is not None else []
+        return [m for m in (self.backbone, self.projector, self.predictor) if m is not None] + extra + own
 
-    def forward(self, views: list[torch.Tensor], n_global: int) -> TemplateOutput:
+    def _ema_pairs(self):
+        pairs = [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+        if self.loss_predictor is not None:
+            pairs.append((self.loss_predictor, self.teacher_loss_predictor))
+        return pairs
+
+    def forward(self, views: list[torch.Tensor], n_global: int, seed: int = 0) -> TemplateOutput:
+        if self.masking is not None:
+            return self._forward_masked(views[0], seed)
         feats = [self.backbone(v) for v in views]
         z = [self.projector(f) for f in feats]
         student = [self.predictor(x) for x in z] if self.predictor is not None else z
@@ -53,6 +94,25 @@ class Template(nn.Module):
             teacher = z[:n_global]
         return TemplateOutput(student, teacher, torch.cat(feats[:n_global]).detach())
 
+    def _forward_masked(self, x: torch.Tensor, seed: int) -> TemplateOutput:
+        from visrep.models.masked import encode_masked, patchify
+
+        p = self.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        gen = torch.Generator(device=x.device).manual_seed(int(seed) % (2**63))
+        scores = None
+        if self.masking.needs_scores:  # HPM: the EMA teacher predicts each patch's loss on the full image
+            with torch.no_grad():
+                tokens, _ = encode_masked(self.teacher_backbone, x)
+                scores = self.teacher_loss_predictor(tokens, None, grid).squeeze(-1)
+        mask = self.masking(x.shape[0], grid, gen, scores)
+        tokens, pooled = encode_masked(self.backbone, x, mask, self.mask_token)
+        extras = {"mask": mask}
+        if self.loss_predictor is not None:
+            extras["loss_pred"] = self.loss_predictor(tokens, mask, grid).squeeze(-1)
+        pred = self.decoder(tokens, mask, grid)
+        return TemplateOutput([pred], [patchify(x, p)], pooled.detach(), extras)
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """θ_teacher ← m·θ_teacher + (1 − m)·θ_student, parameters only (BYOL/MoCo/DINO).
@@ -61,21 +121,42 @@ class Template(nn.Module):
         """
         if self.target != "ema":
             return
-        for s_mod, t_mod in ((self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)):
+        for s_mod, t_mod in self._ema_pairs():
             s_params = [p.detach() for p in s_mod.parameters()]
             t_params = list(t_mod.parameters())
+            if not t_params:  # e.g. the Identity projector of MIM methods
+                continue
             torch._foreach_mul_(t_params, momentum)
             torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
-def build_template(cfg, image_size: int) -> Template:
-    """Backbone + heads + target branch from a RunConfig."""
+class _Params(nn.Module):
+    """Wraps loose parameters (the mask token) so the optimiser's param groups can list them."""
+
+    def __init__(self, *params: nn.Parameter):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+def build_template(cfg, image_size: int, num_classes: int | None = None) -> Template:
+    """Backbone + heads + masking + target branch from a RunConfig."""
+    from visrep.data.masking import build_mask_generator
+    from visrep.models.decoders import build_decoder
+    from visrep.models.masked import embed_dim_of, patch_size_of
+
     opts = dict(cfg.backbone.options)
-    if cfg.backbone.name.startswith("vit"):
-        opts.setdefault("image_size", image_size)
+    opts.setdefault("image_size", image_size)
     backbone = build_backbone(cfg.backbone.name, **opts)
     dim = feature_dim(backbone)
-    projector = build_head(cfg.projector, dim)
+    projector = build_head(cfg.projector, dim, num_classes)
     out_dim = getattr(projector, "out_dim", dim)
-    predictor = build_head(cfg.predictor, out_dim)
-    return Template(backbone, projector, predictor, cfg.target.branch)
+    predictor = build_head(cfg.predictor, out_dim, num_classes)
+    masking = build_mask_generator(cfg.masking)
+    decoder = loss_predictor = None
+    if masking is not None:
+        p, width = patch_size_of(backbone), embed_dim_of(backbone)
+        decoder = build_decoder(cfg.decoder, width, p * p * 3, "decoder")
+        loss_predictor = build_decoder(cfg.loss_predictor, width, 1, "loss_predictor")
+    elif cfg.decoder is not None or cfg.loss_predictor is not None:
+        raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
+    return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)

@@ -52,23 +52,64 @@ BACKBONES.add("resnet18", _resnet("resnet18", "ResNet-18 (timm keys); options: c
 BACKBONES.add("resnet50", _resnet("resnet50", "ResNet-50 (timm keys); options: cifar_stem, width (64)."))
 
 
+def default_patch_size(image_size: int, patch_size: int | None) -> int:
+    """16 px patches from 128 px up (ViT), else an 8x8 grid (32 px -> 4, the usual CIFAR ViT patch)."""
+    if patch_size is not None:
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ConfigError(f"patch_size must be a positive integer, got {patch_size!r}")
+        return patch_size
+    return 16 if image_size >= 128 else max(1, image_size // 8)
+
+
 def _vit(timm_name: str, doc: str):
-    def build(*, image_size: int = 224, patch_size: int = 16, **kwargs):
+    def build(*, image_size: int = 224, patch_size: int | None = None, pos_embed: str = "learn", **kwargs):
+        patch_size = default_patch_size(image_size, patch_size)
         if image_size % patch_size:
             raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if pos_embed not in ("learn", "sincos"):
+            raise ConfigError(f"vit option pos_embed must be learn or sincos, got {pos_embed!r}")
         # dynamic_img_size: multi-crop feeds smaller local crops; timm interpolates the position embeddings.
         kwargs.setdefault("dynamic_img_size", True)
-        return _timm().create_model(
+        model = _timm().create_model(
             timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch_size, **kwargs
         )
+        if pos_embed == "sincos":  # MAE's fixed 2-D sin-cos embedding (class token position: zeros), frozen
+            from visrep.models.masked import sincos_2d
+
+            h, w = model.patch_embed.grid_size
+            table = sincos_2d(model.embed_dim, h, w)
+            prefix = model.pos_embed.shape[1] - h * w
+            model.pos_embed.data.zero_()
+            model.pos_embed.data[0, prefix:] = table
+            model.pos_embed.requires_grad_(False)
+        return model
 
     build.__doc__ = doc
     return build
 
 
-BACKBONES.add("vit_tiny", _vit("vit_tiny_patch16_224", "ViT-Tiny 192/12/3 (timm keys); options: image_size, patch_size."))
-BACKBONES.add("vit_small", _vit("vit_small_patch16_224", "ViT-Small 384/12/6 (timm keys); options: image_size, patch_size."))
-BACKBONES.add("vit_base", _vit("vit_base_patch16_224", "ViT-Base 768/12/12 (timm keys); options: image_size, patch_size."))
+_VIT_OPTS = "options: image_size, patch_size (default 16, or image_size/8 below 128 px), pos_embed (learn | sincos)."
+BACKBONES.add("vit_tiny", _vit("vit_tiny_patch16_224", f"ViT-Tiny 192/12/3 (timm keys); {_VIT_OPTS}"))
+BACKBONES.add("vit_small", _vit("vit_small_patch16_224", f"ViT-Small 384/12/6 (timm keys); {_VIT_OPTS}"))
+BACKBONES.add("vit_base", _vit("vit_base_patch16_224", f"ViT-Base 768/12/12 (timm keys); {_VIT_OPTS}"))
+
+
+def _illama(size: str):
+    def build(**options):
+        from visrep.models.illama import build_illama
+
+        options["patch_size"] = default_patch_size(options.get("image_size", 224), options.get("patch_size"))
+        return build_illama(size, **options)
+
+    dim, depth, heads = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}[size]
+    build.__doc__ = (f"iLLaMA-{size.capitalize()} {dim}/{depth}/{heads} (Wang et al. 2024, causal LLaMA blocks); "
+                     "options: image_size, patch_size, rope (1d | 2d), soft_mask (none | constant | linear), "
+                     "soft_mask_ratio, soft_mask_epochs.")
+    return build
+
+
+for _size in ("tiny", "small", "base"):
+    BACKBONES.add(f"illama_{_size}", _illama(_size))
 
 
 def build_backbone(name: str, **options) -> nn.Module:

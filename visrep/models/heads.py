@@ -89,6 +89,25 @@ class SwAVHead(nn.Module):
         return z @ F.normalize(self.prototypes.weight, dim=-1).t()
 
 
+@HEADS.register("linear")
+class LinearHead(nn.Module):
+    """Linear classifier (softmax cross-entropy head of supervised training); out_dim defaults to the
+    dataset's number of classes."""
+
+    def __init__(self, in_dim: int, *, out_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        if out_dim is None or out_dim < 1:
+            raise ConfigError(f"linear head needs out_dim >= 1 (the number of classes), got {out_dim}")
+        self.fc = nn.Linear(in_dim, out_dim, bias=bias)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)  # timm's classifier init
+        if bias:
+            nn.init.zeros_(self.fc.bias)
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return self.fc(x)
+
+
 def check_head_spec(spec: dict | None, where: str = "head"):
     """Validate a head's config dict; returns (class, options) or None for no head."""
     if spec is None:
@@ -107,12 +126,17 @@ def check_head_spec(spec: dict | None, where: str = "head"):
     return cls, spec
 
 
-def build_head(spec: dict | None, in_dim: int) -> nn.Module | None:
-    """Build a head from its config dict; None or {"type": "none"} gives no head."""
+def build_head(spec: dict | None, in_dim: int, num_classes: int | None = None) -> nn.Module | None:
+    """Build a head from its config dict; None or {"type": "none"} gives no head.
+
+    A classifier head without `out_dim` gets `num_classes` (the training dataset's).
+    """
     checked = check_head_spec(spec)
     if checked is None:
         return None
     cls, options = checked
+    if cls is LinearHead and options.get("out_dim") is None:
+        options["out_dim"] = num_classes
     try:
         return cls(in_dim, **options)
     except (TypeError, ValueError) as e:

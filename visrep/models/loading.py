@@ -34,8 +34,7 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
         cfg = config_from_json(json.dumps(meta["config"]))
         size = meta.get("image_size") or image_size or 32
         opts = dict(cfg.backbone.options)
-        if cfg.backbone.name.startswith("vit"):
-            opts["image_size"] = size
+        opts["image_size"] = size  # ViT/iLLaMA need it; CNNs ignore it
         model = build_backbone(cfg.backbone.name, **opts)
         prefix = "model.backbone." if branch == "student" else "model.teacher_backbone."
         state = strip_prefix(tensors, prefix)
@@ -48,7 +47,7 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
     else:
         name = source[5:] if source.startswith("timm:") else source
         opts = dict(options or {})
-        if image_size and name.startswith("vit"):
+        if image_size and not pretrained:
             opts.setdefault("image_size", image_size)
         if pretrained:
             import timm

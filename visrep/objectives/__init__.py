@@ -9,6 +9,10 @@ Every objective is an `nn.Module` with keyword-only constructor params and
   it (the method's target mode does) except where the algorithm itself needs it (SwAV
   codes, DINO center, MoCo queue).
 
+Objectives that need more than the two lists (the mask of masked image modelling, the labels of
+supervised training) name them in a class attribute `inputs`, e.g. `inputs = ("mask",)`; the loop
+passes exactly those as keyword arguments, so it has no per-method branch.
+
 Losses that need batch statistics gather over the process group by default
 (`gather_distributed=True`); the mean over ranks of the per-rank losses then equals the loss
 of the full batch in one process. All math runs in float32, even under autocast.
@@ -24,6 +28,8 @@ from visrep.objectives.barlow_twins import BarlowTwinsLoss
 from visrep.objectives.byol import BYOLLoss, SimSiamLoss
 from visrep.objectives.contrastive import InfoNCELoss, MoCoQueueLoss, NTXentLoss
 from visrep.objectives.dino import DINOLoss
+from visrep.objectives.reconstruction import HPMLoss, ReconstructionLoss, relative_loss
+from visrep.objectives.supervised import CrossEntropyLoss
 from visrep.objectives.swav import SwAVLoss, sinkhorn_knopp
 from visrep.objectives.vicreg import VICRegLoss
 
@@ -39,6 +45,9 @@ for _name, _cls in (
     ("vicreg", VICRegLoss),
     ("dino", DINOLoss),
     ("swav", SwAVLoss),
+    ("reconstruction", ReconstructionLoss),
+    ("hpm", HPMLoss),
+    ("cross_entropy", CrossEntropyLoss),
 ):
     OBJECTIVES.add(_name, _cls)
 
@@ -82,4 +91,8 @@ __all__ = [
     "VICRegLoss",
     "DINOLoss",
     "SwAVLoss",
+    "ReconstructionLoss",
+    "HPMLoss",
+    "CrossEntropyLoss",
+    "relative_loss",
 ]

@@ -127,12 +127,16 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                          **cfg.views.options).to(device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    model = build_template(cfg, image_size).to(device)
+    model = build_template(cfg, image_size, num_classes).to(device)
     objective = build_objective(cfg.objective.name, **cfg.objective.params).to(device)
     for name in cfg.objective.schedules:
         if not hasattr(objective, name):
             raise ConfigError(f"objective.schedules.{name}: objective '{cfg.objective.name}' has no attribute "
                               f"'{name}' to schedule")
+    # Parts whose behaviour follows training progress (iLLaMA's soft mask, HPM's α_t) expose
+    # `set_progress(step, total_steps, steps_per_epoch)`; the loop calls it before every step.
+    progress_hooks = [m for m in (*model.modules(), *objective.modules()) if hasattr(m, "set_progress")]
+    objective_inputs = tuple(getattr(objective, "inputs", ()))
     feat_dim = int(getattr(model.backbone, "num_features"))
     probe = nn.Linear(feat_dim, num_classes).to(device)
 
@@ -177,6 +181,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     metrics_path = out_dir / "metrics.jsonl"
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and metrics_path.exists():  # leftovers of a run that never wrote a checkpoint
+            metrics_path.unlink()
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -233,12 +239,16 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                     g["weight_decay"] = float(sched.wd[step]) * g.get("wd_scale", 1.0)
                 for name, values in sched.objective.items():
                     setattr(objective, name, float(values[step]))
+                for m in progress_hooks:
+                    m.set_progress(step, total_steps, steps_per_epoch)
 
                 in_step = True
-                views = policy(x, seed=view_seed(cfg.seed, step, dist_info.rank))
+                vseed = view_seed(cfg.seed, step, dist_info.rank)
+                views = policy(x, seed=vseed)
                 with _autocast(device, tc.precision):
-                    out = ddp_model(views, n_global)
-                    loss = objective(out.student, out.teacher)
+                    out = ddp_model(views, n_global, seed=vseed + 1)  # seed: the step's masks, if any
+                    available = {"labels": y, **out.extras}
+                    loss = objective(out.student, out.teacher, **{k: available[k] for k in objective_inputs})
                 # Every process must agree to stop, or the others would wait forever in the next collective.
                 if any_rank(not bool(torch.isfinite(loss)), dist_info):
                     raise TrainingError(
@@ -277,7 +287,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                     ips = seen / max(time.time() - t_seen, 1e-9)
                     rec = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
                            "lr": float(sched.lr[step - 1]), "momentum": float(sched.momentum[step - 1]),
-                           "probe_acc": probe_acc, "images_per_s": ips}
+                           "probe_acc": probe_acc, "images_per_s": ips,
+                           **getattr(objective, "last_terms", {})}  # e.g. HPM's two loss terms
                     _log_line(metrics_path, rec)
                     bar.set_postfix(loss=f"{last_loss:.3f}", ips=f"{ips:.0f}")
                     if writer:

@@ -64,7 +64,9 @@ def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_nor
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if exclude_bias_norm and (p.ndim <= 1 or name.endswith(".bias")):
+            # Tokens and position embeddings are not decayed either (timm, MAE, DeiT).
+            if exclude_bias_norm and (p.ndim <= 1 or name.endswith(".bias") or name.endswith("token")
+                                      or "pos_embed" in name or name.startswith("params.")):
                 no_decay.append(p)
             else:
                 decay.append(p)
