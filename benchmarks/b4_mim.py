@@ -52,24 +52,10 @@ def base_config(args, method: str, out_dir: str) -> dict:
     return cfg
 
 
-def measure_step_s(args, method: str, work: Path) -> float:
-    """Median seconds per step over steps 3..N of a short run (the first steps warm up allocators)."""
-    import visrep
-
-    out = work / f"calib_{method}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = base_config(args, method, str(out))
-    cfg["train"].update(max_steps=args.calib_steps, steps=1000)
-    visrep.pretrain(visrep.resolve(cfg), quiet=True)
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
-    times = [args.batch_size / r["images_per_s"] for r in recs[2:]]
-    return common.median(times)
-
-
 def run(args, method: str, work: Path) -> dict:
     import visrep
 
-    step_s = measure_step_s(args, method, work)
+    step_s = common.calibrate_step_s(base_config(args, method, ""), work / f"calib_{method}", args.calib_steps)
     horizon = max(10, int(args.budget_s / step_s))
     out = work / method
     shutil.rmtree(out, ignore_errors=True)

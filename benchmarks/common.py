@@ -232,3 +232,22 @@ class UInt8ImageDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
+def calibrate_step_s(cfg: dict, out_dir: Path, steps: int = 6) -> float:
+    """Median seconds per training step of `visrep.pretrain(cfg)` over steps 3..`steps` (the first steps warm
+    up allocators), measured by the loop's own per-step log. Used to set a schedule horizon that fits a budget."""
+    import copy
+    import json
+    import shutil
+
+    import visrep
+
+    cfg = copy.deepcopy(cfg)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg["out_dir"] = str(out_dir)
+    cfg["train"].update(max_steps=steps, steps=1000, log_every=1)
+    visrep.pretrain(visrep.resolve(cfg), quiet=True)
+    recs = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    batch = cfg["train"]["batch_size"]
+    return median([batch / r["images_per_s"] for r in recs[2:]])

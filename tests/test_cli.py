@@ -19,9 +19,10 @@ def test_list_shows_every_kind(capsys):
         assert f"  {m}" in out
     assert run(["list"]) == 0
     out = capsys.readouterr().out
-    for kind in ("methods:", "views:", "backbones:", "datasets:", "objectives:", "heads:"):
+    for kind in ("methods:", "views:", "masks:", "backbones:", "datasets:", "objectives:", "heads:", "decoders:"):
         assert kind in out
-    for name in ("digits", "cifar10", "cifar100", "imagefolder", "synthetic", "multicrop", "vit_tiny", "resnet50"):
+    for name in ("digits", "cifar10", "cifar100", "imagefolder", "synthetic", "multicrop", "vit_tiny", "resnet50",
+                 "illama_tiny", "illama_base", "hard_patches", "block", "mae", "hpm", "simmim", "supervised"):
         assert name in out
 
 

@@ -223,6 +223,8 @@ def test_mim_config_mistakes_fail_at_config_time(tmp_path):
         visrep.resolve(_mim_overrides(tmp_path, "mae", decoder=None))
     with pytest.raises(ConfigError, match="unknown option 'width' for decoder 'mae'"):
         visrep.resolve(_mim_overrides(tmp_path, "mae", decoder={"type": "mae", "width": 3}))
+    with pytest.raises(ConfigError, match="needs every patch token"):
+        visrep.resolve(_mim_overrides(tmp_path, "mae", decoder={"type": "linear"}))
     over = _mim_overrides(tmp_path, "mae")
     over["backbone"] = {"name": "resnet18", "options": {"cifar_stem": True, "width": 8}}
     with pytest.raises(ConfigError, match="needs a ViT-style backbone"):

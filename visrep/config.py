@@ -341,6 +341,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
     if masking is not None and cfg.decoder is None:
         raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
+    if masking is not None and masking.mode == "drop" and (cfg.decoder or {}).get("type") == "linear":
+        raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
     if masking is not None and masking.needs_scores and (cfg.loss_predictor is None or cfg.target.branch != "ema"):
         raise ConfigError(f"masking '{cfg.masking['name']}' needs a loss_predictor section and target.branch=ema")
     valid = objective_params(cfg.objective.name)

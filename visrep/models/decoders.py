@@ -38,6 +38,9 @@ class MAEDecoder(nn.Module):
         super().__init__()
         from timm.models.vision_transformer import Block
 
+        if min(dim, heads, out_dim) < 1 or depth < 0:
+            raise ConfigError(f"decoder needs dim, heads, out_dim >= 1 and depth >= 0, got dim={dim}, heads={heads}, "
+                              f"out_dim={out_dim}, depth={depth}")
         if dim % heads:
             raise ConfigError(f"decoder dim {dim} is not divisible by {heads} heads")
         self.embed = nn.Linear(in_dim, dim)

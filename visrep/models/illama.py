@@ -3,8 +3,8 @@
     image ─► 16x16 patches ─► [x_1 … x_L, cls] ─► N × Block ─► RMSNorm ─► cls (last position)
 
     Block(x):  h = x + Attn(RMSNorm(x));  out = h + SwiGLU(RMSNorm(h))
-    RMSNorm:   y = x / sqrt(mean(x²) + ε) · g                         (Zhang & Sennrich 2019)
-    SwiGLU:    y = W2 (SiLU(W1 x) ⊙ W3 x), no biases, hidden = 8d/3   (Shazeer 2020; LLaMA)
+    RMSNorm:   y = x / sqrt(mean(x²) + ε) · g                         (Zhang & Sennrich 2019; torch's)
+    SwiGLU:    y = W2 (SiLU(W1 x) ⊙ W3 x), no biases, hidden = 8d/3   (Shazeer 2020; LLaMA; timm's layer)
     Attn:      softmax(q kᵀ/√d_h + M) v with RoPE on q and k, no biases, causal mask M
     RoPE:      rotate each pair (x_{2i}, x_{2i+1}) of q and k by angle m·θ_i, θ_i = base^(−2i/d_h)
                (Su et al. 2021), so q_mᵀ k_n depends only on m − n. 1-D over the raster order as in the
@@ -43,30 +43,17 @@ SOFT_MASKS = ("none", "constant", "linear")
 ROPES = ("1d", "2d")
 
 
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich 2019), computed in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+def RMSNorm(dim: int) -> nn.Module:
+    """y = x / sqrt(mean(x²) + ε) · g (Zhang & Sennrich 2019): torch's nn.RMSNorm, ε = 1e-6 as in LLaMA."""
+    return nn.RMSNorm(dim, eps=1e-6)
 
 
-class SwiGLU(nn.Module):
-    """W2 (SiLU(W1 x) ⊙ W3 x), no biases (Shazeer 2020, as in LLaMA)."""
+def SwiGLU(dim: int, hidden: int) -> nn.Module:
+    """W2 (SiLU(W1 x) ⊙ W3 x) without biases (Shazeer 2020, as in LLaMA): timm's SwiGLU layer
+    (fc1_g = W1, fc1_x = W3, fc2 = W2)."""
+    from timm.layers import SwiGLU as _SwiGLU
 
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    return _SwiGLU(dim, hidden, bias=False)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
