@@ -15,6 +15,7 @@ teacher forward on all 64 patches for its masks, a second decoder), so it gets f
 time: that is the comparison the budget asks for.
 
     python benchmarks/b4_mim.py                       # 3 x 600 s + evaluation (~50 min on 2 cores)
+    python benchmarks/b4_mim.py --fixed-steps 136 --only mae,hpm_loss_pred_only   # equal steps, merged
     python benchmarks/b4_mim.py --budget-s 20 --train-subset 2048 --eval-train 2000 --eval-test 500 \\
         --out /tmp/b4_smoke.json                      # end-to-end sanity check
 """
@@ -55,14 +56,18 @@ def base_config(args, method: str, out_dir: str) -> dict:
 def run(args, method: str, work: Path) -> dict:
     import visrep
 
-    step_s = common.calibrate_step_s(base_config(args, method, ""), work / f"calib_{method}", args.calib_steps)
-    horizon = max(10, int(args.budget_s / step_s))
+    if args.fixed_steps:  # equal steps instead of equal time: no calibration, no time budget
+        step_s, horizon = None, int(args.fixed_steps)
+    else:
+        step_s = common.calibrate_step_s(base_config(args, method, ""), work / f"calib_{method}", args.calib_steps)
+        horizon = max(10, int(args.budget_s / step_s))
     out = work / method
     shutil.rmtree(out, ignore_errors=True)
     cfg = base_config(args, method, str(out))
     n_train = args.train_subset or 50000
     spe = n_train // args.batch_size
-    cfg["train"].update(steps=horizon, epochs=max(1, -(-horizon // spe)), time_budget_s=float(args.budget_s))
+    cfg["train"].update(steps=horizon, epochs=max(1, -(-horizon // spe)),
+                        time_budget_s=None if args.fixed_steps else float(args.budget_s))
     cfg["optim"] = {"warmup_epochs": 0.05 * horizon / spe}
     rc = visrep.resolve(cfg)
     started = common.now_iso()
@@ -115,6 +120,9 @@ def main() -> None:
     ap.add_argument("--eval-test", type=int, default=None)
     ap.add_argument("--probe-epochs", type=int, default=50)
     ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(RUNS))
+    ap.add_argument("--fixed-steps", type=int, default=None,
+                    help="train every run for exactly N steps (no time budget) and MERGE the results into the "
+                         "existing JSON under runs_fixed_steps; separates 'fewer steps' from 'worse per step'")
     ap.add_argument("--out", default=str(common.result_path("b4_mim")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,12 +132,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="visrep_b4_"))
     results = {}
     for method in runs:
-        print(f"b4: pretraining {method} for {args.budget_s:.0f} s", flush=True)
+        print(f"b4: pretraining {method} for " + (f"{args.fixed_steps} steps" if args.fixed_steps else
+                                                   f"{args.budget_s:.0f} s"), flush=True)
         rec = run(args, method, work)
         print(f"b4: {method}: {rec['steps']} steps, evaluating", flush=True)
         rec.update(evaluate(args, rec["run_dir"]))
         results[method] = rec
         print(f"b4: {method}: kNN {rec['knn_top1']:.3f}  linear {rec['linear_top1']:.3f}", flush=True)
+    if args.fixed_steps:
+        shutil.rmtree(work, ignore_errors=True)
+        prev = common.read_json(args.out) or {}
+        prev.setdefault("runs_fixed_steps", {})[str(args.fixed_steps)] = {
+            "machine": common.machine_info(), "load_at_start": load, "runs": results,
+            "note": "same recipe as `runs` but every method trains exactly this many steps (its schedule horizon), "
+                    "with no time budget"}
+        common.write_json(args.out, prev)
+        print(json.dumps({m: {k: r.get(k) for k in ("steps", "knn_top1", "linear_top1")} for m, r in
+                          results.items()}, indent=1))
+        return
     print("b4: random init", flush=True)
     results["random_init"] = evaluate(args, "vit_tiny", {"patch_size": 4, "pos_embed": "sincos"})
     shutil.rmtree(work, ignore_errors=True)

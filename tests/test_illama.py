@@ -69,7 +69,7 @@ def test_rope_preserves_norms_and_depends_only_on_relative_position():
     q, k = torch.randn(d), torch.randn(d)
     def rot(x, pos, axes=1):
         ang = il.rope_angles(torch.tensor([pos] if axes == 1 else [pos]).view(1, axes), d)
-        return il.apply_rope(x.view(1, d), ang).view(d)
+        return il.apply_rope(x.view(1, d), il.rope_cos_sin(ang)).view(d)
     for pos in (0, 3, 17):
         assert torch.allclose(rot(q, pos).norm(), q.norm(), atol=1e-5)
     # q_m · k_n depends only on m − n
@@ -77,13 +77,18 @@ def test_rope_preserves_norms_and_depends_only_on_relative_position():
     assert not torch.allclose(rot(q, 5) @ rot(k, 2), rot(q, 5) @ rot(k, 4), atol=1e-3)
     assert torch.allclose(rot(q, 0), q)
     # 2-D axial: depends only on (Δrow, Δcol)
-    r2 = lambda x, p: il.apply_rope(x.view(1, d), il.rope_angles(torch.tensor([p]), d)).view(d)
+    r2 = lambda x, p: il.apply_rope(x.view(1, d), il.rope_cos_sin(il.rope_angles(torch.tensor([p]), d))).view(d)
     assert torch.allclose(r2(q, (3, 1)) @ r2(k, (1, 4)), r2(q, (7, 2)) @ r2(k, (5, 5)), atol=1e-4)
     assert torch.allclose(r2(q, (3, 1)).norm(), q.norm(), atol=1e-5)
-    # pairs rotate by m·θ_i with θ_i = 10000^(−2i/d): pair 0 at position 1 by exactly 1 radian
+    # pairs (i, i + d/2) rotate by m·θ_i with θ_i = 10000^(−2i/d): pair 0 at position 1 by exactly 1 radian,
+    # pair 1 by 10000^(−2/16) radians
     e = torch.zeros(d); e[0] = 1.0
     out = rot(e, 1)
-    assert out[0].item() == pytest.approx(math.cos(1.0), abs=1e-6) and out[1].item() == pytest.approx(math.sin(1.0), abs=1e-6)
+    assert out[0].item() == pytest.approx(math.cos(1.0), abs=1e-6)
+    assert out[d // 2].item() == pytest.approx(math.sin(1.0), abs=1e-6)
+    assert out.abs().sum().item() == pytest.approx(abs(math.cos(1.0)) + abs(math.sin(1.0)), abs=1e-6)
+    e1 = torch.zeros(d); e1[1] = 1.0
+    assert rot(e1, 1)[d // 2 + 1].item() == pytest.approx(math.sin(10000 ** (-2 / 16)), abs=1e-6)
 
 
 @pytest.mark.parametrize("size, paper_millions", [("tiny", 5.7), ("small", 21.9), ("base", 86.3)])
@@ -146,3 +151,36 @@ def test_illama_trains_with_joint_embedding_and_supervised_presets(tmp_path, met
         over["predictor"] = {"hidden_dim": 32, "out_dim": 16}
     s = visrep.pretrain(visrep.resolve(over), quiet=True)
     assert s["steps"] == 4 and math.isfinite(s["final_loss"])
+
+
+ALL_PRESETS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav",
+               "mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised"]
+
+
+@pytest.mark.parametrize("backbone", ["illama_tiny", "vit_tiny"])
+@pytest.mark.parametrize("method", ALL_PRESETS)
+def test_every_preset_runs_with_vit_and_illama(tmp_path, method, backbone):
+    """One step of every method with a 1-block ViT / iLLaMA (the preset's heads shrunk), then a kNN eval."""
+    from test_train import _small_heads
+
+    over = tiny_overrides(tmp_path, method=method)
+    over["backbone"] = {"name": backbone, "options": {"depth": 1}}
+    over["train"].update(epochs=1, max_steps=1)
+    over["monitor"]["knn_every"] = 0
+    if method in ("mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised"):
+        over.pop("projector")
+        dec = {"type": "mae", "dim": 16, "depth": 1, "heads": 2}
+        if method != "simmim" and method != "supervised":
+            over["decoder"] = dec
+        if method.startswith("hpm"):
+            over["loss_predictor"] = dec
+    else:
+        heads = _small_heads(method)
+        over.update({k: v for k, v in heads.items() if k != "objective"})
+        if "objective" in heads:
+            over["objective"] = heads["objective"]
+    s = visrep.pretrain(visrep.resolve(over), quiet=True)
+    assert s["steps"] == 1 and math.isfinite(s["final_loss"])
+    res = visrep.evaluate_knn(s["out_dir"], dataset="synthetic", dataset_options={"n": 64, "num_classes": 4},
+                              image_size=16, progress=False, cache_dir=False)
+    assert 0.0 <= res["top1"] <= 1.0

@@ -6,7 +6,7 @@
     RMSNorm:   y = x / sqrt(mean(x²) + ε) · g                         (Zhang & Sennrich 2019; torch's)
     SwiGLU:    y = W2 (SiLU(W1 x) ⊙ W3 x), no biases, hidden = 8d/3   (Shazeer 2020; LLaMA; timm's layer)
     Attn:      softmax(q kᵀ/√d_h + M) v with RoPE on q and k, no biases, causal mask M
-    RoPE:      rotate each pair (x_{2i}, x_{2i+1}) of q and k by angle m·θ_i, θ_i = base^(−2i/d_h)
+    RoPE:      rotate each pair (x_i, x_{i+d_h/2}) of q and k by angle m·θ_i, θ_i = base^(−2i/d_h)
                (Su et al. 2021), so q_mᵀ k_n depends only on m − n. 1-D over the raster order as in the
                paper (the class token takes position L); `rope: 2d` rotates half the pairs by the row
                and half by the column index (axial; the class token is not rotated).
@@ -69,14 +69,24 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -
     return ang.flatten(-2)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x_{2i}, x_{2i+1}) of the last dim by `angles` (broadcast over heads).
+def rope_cos_sin(angles: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of [..., d_h/2] angles, each repeated to [..., d_h]: computed once per forward."""
+    full = torch.cat([angles, angles], dim=-1)
+    return full.cos().to(dtype), full.sin().to(dtype)
 
-    [x_{2i}, x_{2i+1}] -> [x_{2i} cos − x_{2i+1} sin, x_{2i} sin + x_{2i+1} cos]   (Su et al. 2021, eq. 13)
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the pairs (x_i, x_{i+d/2}) of the last dim by angle_i (broadcast over heads):
+
+        [x_i, x_{i+d/2}] -> [x_i cos − x_{i+d/2} sin, x_i sin + x_{i+d/2} cos]   (Su et al. 2021, eq. 13)
+
+    the half-split pairing of GPT-NeoX / Hugging Face LLaMA (the paper's pairs (2i, 2i+1) up to a fixed
+    permutation of the channels, which the learned q/k projections absorb): x·cos + rotate_half(x)·sin.
     """
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def soft_causal_mask(n: int, ratio: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -95,10 +105,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, angles, attn_mask, is_causal):
+    def forward(self, x, rope, attn_mask, is_causal):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
@@ -111,8 +121,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, hidden)
 
-    def forward(self, x, angles, attn_mask=None, is_causal=True):
-        x = x + self.attn(self.norm1(x), angles, attn_mask, is_causal)
+    def forward(self, x, rope, attn_mask=None, is_causal=True):
+        x = x + self.attn(self.norm1(x), rope, attn_mask, is_causal)
         return x + self.mlp(self.norm2(x))
 
 
@@ -209,8 +219,9 @@ class ILLaMA(nn.Module):
             angles = torch.cat([patch_angles, angles[-1:].unsqueeze(0).expand(B, -1, -1)], dim=1).unsqueeze(1)
         t = torch.cat([t, self.cls_token.to(t.dtype).expand(B, -1, -1)], dim=1)
         attn_mask, is_causal = self._attention_mode(t.shape[1], t.device, t.dtype)
+        rope = rope_cos_sin(angles, t.dtype)  # once per forward, shared by every block
         for blk in self.blocks:
-            t = blk(t, angles, attn_mask, is_causal)
+            t = blk(t, rope, attn_mask, is_causal)
         t = self.norm(t)
         return t[:, :-1], t[:, -1]
 
