@@ -231,21 +231,16 @@ def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | Non
     source: a checkpoint file or run directory written by `visrep pretrain` with a classifier head
     (method `supervised`). The logits go through the same eval transform and cache as kNN features.
     """
-    import json as _json
-
     from torch import nn
 
-    from visrep.config import config_from_json
     from visrep.methods import build_template
-    from visrep.train.checkpoint import load_checkpoint, strip_prefix, weights_fingerprint
+    from visrep.models.loading import load_run
+    from visrep.train.checkpoint import strip_prefix, weights_fingerprint
 
     t0 = time.perf_counter()
     if not Path(str(source)).expanduser().exists():
         raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    tensors, meta = load_checkpoint(str(Path(str(source)).expanduser()))
-    if "config" not in meta:
-        raise VisrepError(f"'{source}' is not a visrep checkpoint (no config in its metadata)")
-    cfg = config_from_json(_json.dumps(meta["config"]))
+    tensors, meta, cfg = load_run(str(Path(str(source)).expanduser()))
     if not (isinstance(cfg.projector, dict) and cfg.projector.get("type") == "linear"):
         raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
                           "eval linear for self-supervised checkpoints")

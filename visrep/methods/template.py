@@ -46,7 +46,7 @@ class Template(nn.Module):
         self.predictor = predictor
         self.target = target
         self.masking, self.decoder, self.loss_predictor = masking, decoder, loss_predictor
-        self.mask_token = None
+        self.mask_embedding = None
         if masking is not None:
             from visrep.models.masked import embed_dim_of, patch_size_of
 
@@ -54,8 +54,7 @@ class Template(nn.Module):
                 raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
             self.patch_size = patch_size_of(backbone)
             if masking.mode == "token":  # SimMIM's learned mask token, in the encoder's input space
-                self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim_of(backbone)))
-                nn.init.trunc_normal_(self.mask_token, std=0.02)
+                self.mask_embedding = MaskToken(embed_dim_of(backbone))
             if masking.needs_scores and (loss_predictor is None or target != "ema"):
                 raise ConfigError("masking 'hard_patches' needs a loss_predictor section and target.branch=ema "
                                   "(its masks come from the EMA teacher's loss predictions)")
@@ -69,9 +68,8 @@ class Template(nn.Module):
                 self.teacher_loss_predictor = copy.deepcopy(loss_predictor).requires_grad_(False)
 
     def student_modules(self):
-        extra = [m for m in (self.decoder, self.loss_predictor) if m is not None]
-        own = [_Params(self.mask_token)] if self.mask_token is not None else []
-        return [m for m in (self.backbone, self.projector, self.predictor) if m is not None] + extra + own
+        parts = (self.backbone, self.projector, self.predictor, self.decoder, self.loss_predictor, self.mask_embedding)
+        return [m for m in parts if m is not None]
 
     def _ema_pairs(self):
         pairs = [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
@@ -106,7 +104,8 @@ class Template(nn.Module):
                 tokens, _ = encode_masked(self.teacher_backbone, x)
                 scores = self.teacher_loss_predictor(tokens, None, grid).squeeze(-1)
         mask = self.masking(x.shape[0], grid, gen, scores)
-        tokens, pooled = encode_masked(self.backbone, x, mask, self.mask_token)
+        token = self.mask_embedding.mask_token if self.mask_embedding is not None else None
+        tokens, pooled = encode_masked(self.backbone, x, mask, token)
         extras = {"mask": mask}
         if self.loss_predictor is not None:
             extras["loss_pred"] = self.loss_predictor(tokens, mask, grid).squeeze(-1)
@@ -130,12 +129,13 @@ class Template(nn.Module):
             torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
-class _Params(nn.Module):
-    """Wraps loose parameters (the mask token) so the optimiser's param groups can list them."""
+class MaskToken(nn.Module):
+    """SimMIM's learned mask token [1, 1, D], in the encoder's input space (not decayed: its name ends in token)."""
 
-    def __init__(self, *params: nn.Parameter):
+    def __init__(self, dim: int):
         super().__init__()
-        self.params = nn.ParameterList(params)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
 
 
 def build_template(cfg, image_size: int, num_classes: int | None = None) -> Template:

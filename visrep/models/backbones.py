@@ -101,7 +101,9 @@ def _illama(size: str):
         options["patch_size"] = default_patch_size(options.get("image_size", 224), options.get("patch_size"))
         return build_illama(size, **options)
 
-    dim, depth, heads = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}[size]
+    from visrep.models.illama import ILLAMA_SIZES
+
+    dim, depth, heads = ILLAMA_SIZES[size]
     build.__doc__ = (f"iLLaMA-{size.capitalize()} {dim}/{depth}/{heads} (Wang et al. 2024, causal LLaMA blocks); "
                      "options: image_size, patch_size, rope (1d | 2d), soft_mask (none | constant | linear), "
                      "soft_mask_ratio, soft_mask_epochs.")

@@ -9,6 +9,19 @@ from visrep.errors import ConfigError, VisrepError
 from visrep.models.backbones import build_backbone
 
 
+def load_run(source) -> tuple[dict, dict, "RunConfig"]:
+    """(tensors, metadata, RunConfig) of a checkpoint file or run directory written by `visrep pretrain`."""
+    import json
+
+    from visrep.config import config_from_json
+    from visrep.train.checkpoint import load_checkpoint
+
+    tensors, meta = load_checkpoint(source)
+    if "config" not in meta:
+        raise VisrepError(f"'{source}' is not a visrep checkpoint (no config in its metadata)")
+    return tensors, meta, config_from_json(json.dumps(meta["config"]))
+
+
 def load_backbone(source: str, *, image_size: int | None = None, branch: str = "student",
                   pretrained: bool = False, options: dict | None = None) -> tuple[nn.Module, dict]:
     """Return `(backbone in eval mode, info)`.
@@ -20,18 +33,12 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
     random-init baseline can match a pretrained run's architecture; ignored for checkpoints.
     info: {"source", "kind", "fingerprint", "image_size", "config"} — fingerprint is a content hash.
     """
-    from visrep.config import config_from_json
-    from visrep.train.checkpoint import load_checkpoint, strip_prefix, weights_fingerprint
+    from visrep.train.checkpoint import strip_prefix, weights_fingerprint
 
     if branch not in ("student", "teacher"):
         raise ConfigError(f"branch must be student or teacher, got {branch!r}")
     if Path(source).exists():
-        import json
-
-        tensors, meta = load_checkpoint(source)
-        if "config" not in meta:
-            raise VisrepError(f"'{source}' is not a visrep checkpoint (no config in its metadata)")
-        cfg = config_from_json(json.dumps(meta["config"]))
+        tensors, meta, cfg = load_run(source)
         size = meta.get("image_size") or image_size or 32
         opts = dict(cfg.backbone.options)
         opts["image_size"] = size  # ViT/iLLaMA need it; CNNs ignore it

@@ -66,7 +66,7 @@ def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_nor
             seen.add(id(p))
             # Tokens and position embeddings are not decayed either (timm, MAE, DeiT).
             if exclude_bias_norm and (p.ndim <= 1 or name.endswith(".bias") or name.endswith("token")
-                                      or "pos_embed" in name or name.startswith("params.")):
+                                      or "pos_embed" in name):
                 no_decay.append(p)
             else:
                 decay.append(p)
