@@ -1,8 +1,10 @@
 """visrep: pretrain, adapt and rank vision backbones with one template for every method."""
 __version__ = "0.1.0"
 
-from visrep.api import evaluate_classifier, evaluate_knn, evaluate_linear, format_listing, list_parts, pretrain, resolve
+from visrep.api import (evaluate_calibration, evaluate_classifier, evaluate_fewshot, evaluate_knn, evaluate_linear,
+                        finetune, format_listing, list_parts, pretrain, resolve)
 from visrep.errors import ConfigError, DataError, TrainingError, VisrepError
 
-__all__ = ["pretrain", "resolve", "evaluate_knn", "evaluate_classifier", "evaluate_linear", "list_parts", "format_listing",
+__all__ = ["pretrain", "finetune", "resolve", "evaluate_knn", "evaluate_classifier", "evaluate_linear",
+           "evaluate_fewshot", "evaluate_calibration", "list_parts", "format_listing",
            "VisrepError", "ConfigError", "DataError", "TrainingError", "__version__"]

@@ -28,6 +28,27 @@ def pretrain(config: RunConfig | str | dict | None = None, *, overrides=None, re
     return _pretrain(cfg, resume=resume, quiet=quiet)
 
 
+def finetune(config: RunConfig | str | dict | None = None, *, overrides=None, resume: bool = False,
+             quiet: bool = False) -> dict:
+    """Fine-tune (full or LoRA) from `finetune.init`, export and evaluate; see `visrep.train.finetune`."""
+    from visrep.train.finetune import finetune as _finetune
+
+    cfg = config if isinstance(config, RunConfig) else resolve(config, overrides)
+    return _finetune(cfg, resume=resume, quiet=quiet)
+
+
+def evaluate_fewshot(source: str, **kwargs) -> dict:
+    from visrep.evaluate.api import evaluate_fewshot as _fewshot
+
+    return _fewshot(source, **kwargs)
+
+
+def evaluate_calibration(source: str, **kwargs) -> dict:
+    from visrep.evaluate.api import evaluate_calibration as _calibration
+
+    return _calibration(source, **kwargs)
+
+
 def evaluate_knn(source: str, **kwargs) -> dict:
     from visrep.evaluate.api import evaluate_knn as _knn
 

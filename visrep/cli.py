@@ -4,6 +4,9 @@
     visrep pretrain --config ... --resume
     visrep eval knn --model runs/simclr --dataset cifar10 --data-dir ~/data
     visrep eval linear --model timm:resnet18 --dataset digits
+    visrep finetune --config configs/finetune_utkface_gender.yaml finetune.init=runs/sup finetune.mode=lora
+    visrep eval fewshot --model runs/simclr --dataset mtfl --dataset-options "{task: pose}" --shots 1 5
+    visrep eval calibration --model runs/ft --dataset utkface --dataset-options "{task: gender}" --out cal.json
     visrep list methods|views|masks|backbones|datasets|objectives|heads|decoders
     visrep demo
 
@@ -33,6 +36,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone-options", default=None,
                    help='options for a random-init/timm --model, as YAML, e.g. "{cifar_stem: true, width: 16}"')
+    p.add_argument("--dataset-options", default=None,
+                   help='dataset options as YAML, e.g. "{task: age}" for utkface or "{task: landmarks}" for mtfl')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset root or archive (sets data.root)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method=byol optim.lr=0.5")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    pf = sub.add_parser("finetune", help="fine-tune a pretrained backbone (full or LoRA), export it and evaluate")
+    pf.add_argument("--config", default=None, help="YAML config (see configs/finetune_*.yaml)")
+    pf.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    pf.add_argument("--data-dir", default=None, help="dataset root or archive (sets data.root)")
+    pf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.init=runs/mae finetune.mode=lora")
+    pf.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     pe = sub.add_parser("eval", help="evaluate a checkpoint or timm model")
     esub = pe.add_subparsers(dest="protocol", required=True)
@@ -62,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--epochs", type=int, default=None)
     lp.add_argument("--lr", type=float, default=None)
     lp.add_argument("--weight-decay", type=float, default=None)
+
+    fs = esub.add_parser("fewshot", help="n-shot episodes on frozen features, mean ± 95%% CI (SimpleShot)")
+    fs.add_argument("--model", required=True, help="checkpoint file, run directory, or timm:NAME")
+    _add_data_args(fs)
+    fs.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    fs.add_argument("--ways", type=int, default=None, help="classes per episode (default: all)")
+    fs.add_argument("--queries", type=int, default=15, help="query images per class and episode")
+    fs.add_argument("--episodes", type=int, default=200)
+    ca = esub.add_parser("calibration", help="expected calibration error and a reliability diagram")
+    ca.add_argument("--model", required=True, help="checkpoint file, run directory, or timm:NAME")
+    _add_data_args(ca)
+    ca.add_argument("--head", default="auto", choices=["auto", "own", "linear"],
+                    help="own: the run's classifier; linear: a linear probe on frozen features")
+    ca.add_argument("--bins", type=int, default=15)
+    ca.add_argument("--plot", default=None, help="reliability diagram PNG (default: <out>.png)")
 
     pl = sub.add_parser("list", help="list registered parts")
     pl.add_argument("kind", nargs="?", default="all",
@@ -90,7 +117,10 @@ def _yaml_mapping(text: str | None, flag: str) -> dict | None:
 
 
 def _print_json(res: dict) -> None:
-    slim = {k: v for k, v in res.items() if k in ("top1", "top5", "protocol", "seconds")}
+    keys = ("protocol", "top1", "top5", "ci95", "mae", "rmse", "nme", "failure_rate", "ece", "plot", "seconds")
+    slim = {k: v for k, v in res.items() if k in keys}
+    if res.get("protocol") == "fewshot":
+        slim["results"] = [{k: r[k] for k in ("shots", "ways", "top1", "ci95", "episodes")} for r in res["results"]]
     print(json.dumps(slim, indent=2))
 
 
@@ -98,7 +128,7 @@ def run(argv: list[str] | None = None) -> int:
     from visrep import api
 
     args = build_parser().parse_args(argv)
-    if args.command == "pretrain":
+    if args.command in ("pretrain", "finetune"):
         overrides = list(args.overrides) + ([f"data.root={args.data_dir}"] if args.data_dir else [])
         cfg = api.resolve(args.config, overrides)
         if args.print_config:
@@ -106,6 +136,18 @@ def run(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+    if args.command == "finetune":
+        summary = api.finetune(cfg, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        ev = summary.get("eval", {})
+        metric = ", ".join(f"{k} {ev[k]:.4f}" for k in ("top1", "mae", "nme") if k in ev)
+        print(f"done: {summary['steps']}/{summary['total_steps']} steps ({summary['stop_reason']}), mode "
+              f"{summary['mode']}, trainable parameters {summary['trainable_parameters']:,} of "
+              f"{summary['total_parameters']:,}" + (f"; test {metric}" if metric else "")
+              + (f"; exported {summary['export']}" if "export" in summary else ""))
+        return 0
+    if args.command == "pretrain":
         summary = api.pretrain(cfg, resume=args.resume)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
             return 0
@@ -120,9 +162,15 @@ def run(argv: list[str] | None = None) -> int:
                       test_split=args.test_split, image_size=args.image_size, branch=args.branch,
                       batch_size=args.batch_size, device=args.device, train_subset=args.train_subset,
                       test_subset=args.test_subset, seed=args.seed, out=args.out,
-                      backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"))
+                      backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"),
+                      dataset_options=_yaml_mapping(args.dataset_options, "--dataset-options"))
         if args.protocol == "knn":
             res = api.evaluate_knn(args.model, k=args.k, temperature=args.temperature, **common)
+        elif args.protocol == "fewshot":
+            res = api.evaluate_fewshot(args.model, shots=args.shots, ways=args.ways, queries=args.queries,
+                                       episodes=args.episodes, **common)
+        elif args.protocol == "calibration":
+            res = api.evaluate_calibration(args.model, head=args.head, n_bins=args.bins, plot=args.plot, **common)
         elif args.protocol == "classifier":
             drop = ("train_split", "train_subset", "branch", "backbone_options")
             res = api.evaluate_classifier(args.model, **{k: v for k, v in common.items() if k not in drop})
@@ -143,9 +191,17 @@ def run(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # Reports such as "skipped 5 malformed records" read as one line, without a source excerpt.
+    return f"visrep: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
+    import warnings
+
     from visrep.errors import VisrepError
 
+    warnings.formatwarning = _one_line_warning
     try:
         code = run(argv)
     except VisrepError as e:

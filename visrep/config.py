@@ -31,6 +31,7 @@ class DataConfig:
     test_split: str = "test"           # split used by the kNN monitor and evaluation
     image_size: Optional[int] = None   # resize on load (None: the dataset's native size)
     subset: Optional[int] = None       # use a seeded subset of N training images (None: all)
+    label_fraction: Optional[float] = None  # low-label training: a seeded class-balanced fraction (0.01, 0.1)
     download: bool = True              # fetch cifar10/cifar100 when not found (needs internet)
     options: dict = field(default_factory=dict)  # extra source options (e.g. synthetic n, num_classes)
 
@@ -84,6 +85,11 @@ class OptimConfig:
     lars_clip_lr: bool = True          # cap LARS's local rate at the global lr (solo-learn's CIFAR recipes)
     exclude_bias_norm: bool = True     # no weight decay / LARS adaptation for biases and norm layers
     clip_grad: Optional[float] = None  # max global grad norm (None: no clipping)
+    # Riemannian SGD for parameters on a manifold (the GCR head's class subspaces); it follows the same
+    # warm-up + cosine shape as the main lr, from `manifold_lr` (None: the main optimiser's lr).
+    manifold_lr: Optional[float] = None
+    manifold_momentum: float = 0.9
+    manifold_qr_every: int = 10        # re-orthonormalise the bases with QR every N steps
 
 
 @dataclass
@@ -115,6 +121,17 @@ class MonitorConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init: Optional[str] = None         # checkpoint / run directory whose backbone starts training (None: scratch)
+    branch: str = "student"            # student | teacher: which backbone of `init` (DINO/BYOL: teacher is common)
+    mode: str = "full"                 # full (every weight) | lora (HF peft adapters; the backbone stays frozen)
+    layer_decay: Optional[float] = None  # layer-wise lr decay for `full` (BEiT/MAE: 0.65-0.75); None: off
+    # LoRA (Hu et al. 2022) via peft: r, alpha, dropout, target_modules (default: the attention and MLP
+    # linears of ViT and iLLaMA blocks, see visrep/models/lora.py).
+    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0})
+
+
+@dataclass
 class RunConfig:
     method: str = "simclr"             # a name from `visrep list methods`; fills the sections below
     seed: int = 0
@@ -128,6 +145,9 @@ class RunConfig:
     masking: Optional[dict] = None     # e.g. {name: random, ratio: 0.75, mode: drop}
     decoder: Optional[dict] = None     # e.g. {type: mae, dim: 512, depth: 8, heads: 16}
     loss_predictor: Optional[dict] = None  # HPM's loss-prediction branch, e.g. {type: mae, dim: 512, depth: 8}
+    # Mixup / CutMix on the batch and its labels (timm's Mixup), e.g. {mixup_alpha: 0.8, cutmix_alpha: 1.0}
+    mixing: Optional[dict] = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -143,6 +163,8 @@ CHOICES = {
     "optim.name": ("sgd", "lars", "adamw"),
     "optim.lr_scaling": ("linear", "none"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "finetune.mode": ("full", "lora"),
+    "finetune.branch": ("student", "teacher"),
 }
 
 
@@ -345,6 +367,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
     if masking is not None and masking.needs_scores and (cfg.loss_predictor is None or cfg.target.branch != "ema"):
         raise ConfigError(f"masking '{cfg.masking['name']}' needs a loss_predictor section and target.branch=ema")
+    from visrep.data.mixing import build_mixing
+    from visrep.models.lora import check_lora_spec
+
+    build_mixing(cfg.mixing, num_classes=2)
+    ft = cfg.finetune
+    check_lora_spec(ft.lora)
+    if ft.layer_decay is not None and not 0 < ft.layer_decay <= 1:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
+    if ft.layer_decay is not None and ft.mode == "lora":
+        raise ConfigError("finetune.layer_decay applies to mode 'full' only (LoRA trains adapters, not layers)")
+    if ft.mode == "lora" and not ft.init:
+        raise ConfigError("finetune.mode=lora needs finetune.init (a pretrained checkpoint to adapt)")
+    if cfg.data.label_fraction is not None and not 0 < cfg.data.label_fraction <= 1:
+        raise ConfigError(f"data.label_fraction must be in (0, 1], got {cfg.data.label_fraction}")
+    if cfg.optim.manifold_qr_every < 1:
+        raise ConfigError(f"optim.manifold_qr_every must be at least 1, got {cfg.optim.manifold_qr_every}")
     valid = objective_params(cfg.objective.name)
     bad = [k for k in cfg.objective.params if k not in valid]
     if bad:

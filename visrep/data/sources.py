@@ -71,6 +71,8 @@ class ImageDataset:
 
     images: uint8 [N, 3, H, W] contiguous; labels: int64 [N]; classes: names, index = label;
     name: e.g. "cifar10/train"; meta: provenance (source, split, n_skipped, fingerprint...).
+    targets: optional float [N, T] regression targets (UTKFace age, MTFL landmarks); `labels` then hold a
+    grouping of the samples (e.g. age groups) used for class-balanced subsets and monitors.
     """
 
     images: torch.Tensor
@@ -78,6 +80,7 @@ class ImageDataset:
     classes: list[str]
     name: str
     meta: dict = field(default_factory=dict)
+    targets: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -87,6 +90,11 @@ class ImageDataset:
         if len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         self.classes = [str(c) for c in self.classes]
+        if self.targets is not None:
+            self.targets = torch.as_tensor(self.targets, dtype=torch.float32)
+            self.targets = self.targets.reshape(len(self.targets), -1)
+            if len(self.targets) != len(self.images):
+                raise ValueError(f"{len(self.images)} images but {len(self.targets)} targets")
         self.meta = dict(self.meta)
         if "fingerprint" not in self.meta:
             self.meta["fingerprint"] = fingerprint(self.images, self.labels, self.classes)
@@ -129,7 +137,26 @@ class ImageDataset:
         chosen = perm[torch.argsort(key)[: int(n)]].sort().values
         meta = {k: v for k, v in self.meta.items() if k != "fingerprint"}
         meta.update(subset_of=self.meta.get("fingerprint"), subset_n=int(n), subset_seed=int(seed))
-        return ImageDataset(self.images[chosen], self.labels[chosen], list(self.classes), f"{self.name}[{int(n)}]", meta)
+        return self.select(chosen, f"{self.name}[{int(n)}]", meta)
+
+    def select(self, index: torch.Tensor, name: str, meta: dict | None = None) -> "ImageDataset":
+        """The samples at `index` (images, labels and targets), as a new dataset called `name`."""
+        if meta is None:
+            meta = {k: v for k, v in self.meta.items() if k != "fingerprint"}
+        targets = None if self.targets is None else self.targets[index]
+        return ImageDataset(self.images[index], self.labels[index], list(self.classes), name, meta, targets)
+
+    def fraction(self, fraction: float, seed: int = 0) -> "ImageDataset":
+        """A seeded, class-balanced subset holding `fraction` of the samples (low-label protocols: 0.01, 0.1),
+        at least one per class."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError(f"label fraction must be in (0, 1], got {fraction!r}")
+        if fraction == 1:
+            return self
+        n = max(int(round(len(self) * float(fraction))), len(torch.unique(self.labels)))
+        out = self.subset(n, seed)
+        out.meta["label_fraction"] = float(fraction)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Evaluation of frozen backbones: cached feature extraction, weighted kNN, offline linear probe."""
-from visrep.evaluate.api import evaluate_knn, evaluate_linear, resolve_device
+"""Evaluation: cached feature extraction, weighted kNN, offline linear probe, a run's own head, few-shot
+episodes and calibration."""
+from visrep.evaluate.api import (evaluate_calibration, evaluate_classifier, evaluate_fewshot, evaluate_knn,
+                                 evaluate_linear, resolve_device)
 from visrep.evaluate.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -14,6 +16,7 @@ from visrep.evaluate.linear import linear_probe
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "TRANSFORM_VERSION", "default_cache_dir", "evaluate_knn", "evaluate_linear",
+    "evaluate_classifier", "evaluate_fewshot", "evaluate_calibration",
     "extract_features", "extract_features_with_info", "feature_cache_key", "knn_classify", "knn_scores",
     "linear_probe", "resolve_device",
 ]

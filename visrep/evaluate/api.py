@@ -221,48 +221,181 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
     return _finish(record, {"protocol": "linear", **res}, t0, out)
 
 
+def _classifier_head_names() -> list[str]:
+    from visrep.models.heads import CLASSIFIER_HEADS, HEADS
+
+    return [n for n in HEADS.names() if HEADS.get(n) in CLASSIFIER_HEADS]
+
+
+def _has_classifier_head(source: str) -> bool:
+    from visrep.models.loading import load_run
+
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        return False
+    cfg = load_run(str(path))[2]
+    return isinstance(cfg.projector, dict) and cfg.projector.get("type") in _classifier_head_names()
+
+
+def _load_head(source: str, image_size: int | None):
+    """(backbone + trained head as one nn.Module in eval mode, RunConfig, meta, tensors) of a supervised or
+    fine-tuned run; raises ConfigError for runs without a classifier/regression head."""
+    from torch import nn
+
+    from visrep.methods import build_template
+    from visrep.models.loading import load_run
+    from visrep.train.checkpoint import strip_prefix
+
+    if not Path(str(source)).expanduser().exists():
+        raise ConfigError(f"no checkpoint or run directory at '{source}'")
+    tensors, meta, cfg = load_run(str(Path(str(source)).expanduser()))
+    kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
+    if kind not in _classifier_head_names():
+        raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
+                          "eval linear for self-supervised checkpoints")
+    size = int(meta.get("image_size") or image_size or 32)
+    outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
+    template = build_template(cfg, size, outputs, load_init=False)
+    template.load_state_dict(strip_prefix(tensors, "model."))
+    return nn.Sequential(template.backbone, template.projector).eval(), cfg, meta, tensors, size
+
+
+def _head_outputs(source, *, dataset, root, test_split, image_size, batch_size, device, cache_dir, test_subset,
+                  seed, progress, download, dataset_options):
+    from visrep.train.checkpoint import weights_fingerprint
+
+    model, cfg, meta, tensors, size = _load_head(source, image_size)
+    test = _load_split(dataset, test_split, root, download, dict(dataset_options or {}), test_subset, seed)
+    dev = resolve_device(device)
+    fp = weights_fingerprint(model.state_dict())
+    outputs, labels, info = extract_features_with_info(
+        model, test, image_size=size, batch_size=batch_size, device=dev, cache_dir=cache_dir,
+        model_fingerprint=fp, mean=IMAGENET_MEAN, std=IMAGENET_STD, progress=progress)
+    record = {"source": str(source),
+              "model": {"kind": "checkpoint", "fingerprint": fp, "method": cfg.method, "backbone": cfg.backbone.name,
+                        "head": cfg.projector.get("type"), "finetune_mode": cfg.finetune.mode,
+                        "epoch": meta.get("epoch")},
+              "dataset": {"name": dataset, "test_split": test_split, "test_size": int(len(labels)),
+                          "test_subset": test_subset, "test_fingerprint": test.meta.get("fingerprint"),
+                          "options": dict(dataset_options or {}), "task": test.meta.get("task")},
+              "image_size": size, "cache": {"test": info["cache"]}, "device": str(dev), "seed": int(seed)}
+    return outputs, labels, test, cfg, meta, tensors, record
+
+
 def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | None = None, test_split: str = "test",
                         image_size: int | None = None, batch_size: int = 256, device: str = "cpu",
                         cache_dir: str | None = None, test_subset: int | None = None, seed: int = 0,
                         out: str | None = None, progress: bool = True, download: bool = True,
                         dataset_options: dict | None = None) -> dict:
-    """Top-1/top-5 of a supervised run's own classifier (backbone + the trained linear head) on a test split.
+    """Test metrics of a supervised or fine-tuned run's own head (backbone + linear/cosine/GCR classifier,
+    or a regression head).
 
-    source: a checkpoint file or run directory written by `visrep pretrain` with a classifier head
-    (method `supervised`). The logits go through the same eval transform and cache as kNN features.
+    source: a checkpoint file or run directory written by `visrep pretrain` / `visrep finetune` with a
+    classifier head. The outputs go through the same eval transform and cache as kNN features.
+    Classification: "top1", "top5". Regression (objective `regression`): "mae", "rmse" in the target's
+    units; landmarks (mtfl task=landmarks) add "nme" and "failure_rate" (see visrep.evaluate.regression).
     """
-    from torch import nn
-
-    from visrep.methods import build_template
-    from visrep.models.loading import load_run
-    from visrep.train.checkpoint import strip_prefix, weights_fingerprint
+    from visrep.evaluate.regression import landmark_nme, regression_metrics
 
     t0 = time.perf_counter()
-    if not Path(str(source)).expanduser().exists():
-        raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    tensors, meta, cfg = load_run(str(Path(str(source)).expanduser()))
-    if not (isinstance(cfg.projector, dict) and cfg.projector.get("type") == "linear"):
-        raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
-                          "eval linear for self-supervised checkpoints")
-    size = int(image_size or meta.get("image_size") or 32)
-    template = build_template(cfg, size, int(meta.get("num_classes") or 0) or None)
-    template.load_state_dict(strip_prefix(tensors, "model."))
-    classifier = nn.Sequential(template.backbone, template.projector).eval()
-    test = _load_split(dataset, test_split, root, download, dict(dataset_options or {}), test_subset, seed)
+    outputs, labels, test, cfg, meta, tensors, record = _head_outputs(
+        source, dataset=dataset, root=root, test_split=test_split, image_size=image_size, batch_size=batch_size,
+        device=device, cache_dir=cache_dir, test_subset=test_subset, seed=seed, progress=progress,
+        download=download, dataset_options=dataset_options)
+    if cfg.objective.name == "regression":
+        if test.targets is None:
+            raise DataError(f"'{source}' is a regression run, and dataset '{dataset}' has no regression targets "
+                            "with these options (e.g. utkface task=age, mtfl task=landmarks)")
+        if outputs.shape[1] != test.targets.shape[1]:
+            raise DataError(f"'{source}' predicts {outputs.shape[1]} targets, the dataset has {test.targets.shape[1]}")
+        mean, std = tensors.get("objective.target_mean"), tensors.get("objective.target_std")
+        pred = outputs * std + mean if mean is not None and mean.numel() else outputs
+        res = {"protocol": "regression", **regression_metrics(pred, test.targets, test.meta.get("target_names"))}
+        if test.meta.get("task_type") == "landmarks":
+            res.update(protocol="landmarks", **landmark_nme(pred, test.targets))
+        return _finish(record, res, t0, out)
     if meta.get("classes") and list(meta["classes"]) != list(test.classes):
         raise DataError(f"the classes of '{dataset}' ({len(test.classes)}) differ from the ones the classifier "
                         f"was trained on ({len(meta['classes'])})")
-    dev = resolve_device(device)
-    fp = weights_fingerprint(classifier.state_dict())
-    logits, labels, info = extract_features_with_info(
-        classifier, test, image_size=size, batch_size=batch_size, device=dev, cache_dir=cache_dir,
-        model_fingerprint=fp, mean=IMAGENET_MEAN, std=IMAGENET_STD, progress=progress)
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    record = {"protocol": "classifier", "top1": float((top5[:, 0] == labels).float().mean()),
-              "top5": float((top5 == labels.unsqueeze(1)).any(1).float().mean()),
-              "source": str(source), "model": {"kind": "checkpoint", "fingerprint": fp, "method": cfg.method,
-                                               "backbone": cfg.backbone.name, "epoch": meta.get("epoch")},
-              "dataset": {"name": dataset, "test_split": test_split, "test_size": int(len(labels)),
-                          "test_subset": test_subset, "test_fingerprint": test.meta.get("fingerprint")},
-              "image_size": size, "cache": {"test": info["cache"]}, "device": str(dev), "seed": int(seed)}
-    return _finish(record, {}, t0, out)
+    top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+    res = {"protocol": "classifier", "top1": float((top5[:, 0] == labels).float().mean()),
+           "top5": float((top5 == labels.unsqueeze(1)).any(1).float().mean())}
+    return _finish(record, res, t0, out)
+
+
+def evaluate_fewshot(source: str, *, dataset: str = "digits", root: str | None = None, train_split: str = "train",
+                     test_split: str = "test", image_size: int | None = None, shots: Sequence[int] = (1, 5),
+                     ways: int | None = None, queries: int = 15, episodes: int = 200, branch: str = "student",
+                     batch_size: int = 256, device: str = "cpu", cache_dir: str | None = None,
+                     train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
+                     out: str | None = None, progress: bool = True, download: bool = True,
+                     dataset_options: dict | None = None, backbone_options: dict | None = None) -> dict:
+    """n-shot accuracy (mean ± 95 % CI over seeded episodes) of frozen features; see visrep.evaluate.fewshot.
+
+    Supports come from `train_split`, queries from `test_split`; one result per entry of `shots`, under
+    "results" (and "top1"/"ci95" of the first). ways=None: every class.
+    """
+    from visrep.evaluate.fewshot import fewshot_eval
+
+    shots = [shots] if isinstance(shots, int) else list(shots)
+    if not shots:
+        raise ConfigError("few-shot needs at least one value of shots")
+    (ftr, ltr, fte, lte, c), record, t0 = _prepare(
+        source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
+        image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
+        train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
+        download=download, dataset_options=dataset_options, backbone_options=backbone_options)
+    results = [fewshot_eval(ftr, ltr, fte, lte, shots=int(n), ways=ways, queries=queries, episodes=episodes,
+                            seed=seed) for n in shots]
+    res = {"protocol": "fewshot", "top1": results[0]["top1"], "ci95": results[0]["ci95"], "results": results}
+    return _finish(record, res, t0, out)
+
+
+def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | None = None,
+                         train_split: str = "train", test_split: str = "test", image_size: int | None = None,
+                         n_bins: int = 15, head: str = "auto", plot: str | None = None, epochs: int = 100,
+                         lr: float = 0.1, weight_decay: float = 0.0, branch: str = "student", batch_size: int = 256,
+                         device: str = "cpu", cache_dir: str | None = None, train_subset: int | None = None,
+                         test_subset: int | None = None, seed: int = 0, out: str | None = None,
+                         progress: bool = True, download: bool = True, dataset_options: dict | None = None,
+                         backbone_options: dict | None = None) -> dict:
+    """Expected calibration error (15 equal-width bins, Guo et al. 2017) and a reliability diagram.
+
+    head: "own" (a supervised / fine-tuned run's classifier), "linear" (a linear probe on frozen features,
+    the `eval linear` protocol) or "auto" (own when the run has a classifier head, else linear).
+    plot: PNG path for the reliability diagram (default: next to `out` as <out>.png, else none).
+    """
+    from visrep.evaluate.calibration import expected_calibration_error, reliability_diagram
+
+    if head not in ("auto", "own", "linear"):
+        raise ConfigError(f"calibration head must be auto, own or linear, got {head!r}")
+    if head == "auto":
+        head = "own" if _has_classifier_head(source) else "linear"
+    t0 = time.perf_counter()
+    if head == "own":
+        logits, labels, test, cfg, _, _, record = _head_outputs(
+            source, dataset=dataset, root=root, test_split=test_split, image_size=image_size,
+            batch_size=batch_size, device=device, cache_dir=cache_dir, test_subset=test_subset, seed=seed,
+            progress=progress, download=download, dataset_options=dataset_options)
+        if cfg.objective.name == "regression":
+            raise ConfigError("calibration needs a classifier; this run is a regression run")
+        extra = {"head": "own classifier"}
+    else:
+        from visrep.evaluate.linear import linear_probe
+
+        (ftr, ltr, fte, labels, c), record, t0 = _prepare(
+            source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
+            image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
+            train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
+            download=download, dataset_options=dataset_options, backbone_options=backbone_options)
+        probe = linear_probe(ftr, ltr, fte, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
+                             num_classes=c, return_logits=True)
+        logits = probe.pop("test_logits")
+        extra = {"head": "linear probe", "probe": {k: probe[k] for k in ("epochs", "lr", "weight_decay", "top1")}}
+    res = expected_calibration_error(torch.softmax(logits.double(), 1), labels, n_bins=n_bins)
+    if plot is None and out is not None:
+        plot = str(Path(out).expanduser().with_suffix(".png"))
+    if plot:
+        res["plot"] = str(reliability_diagram(res, plot, title=f"{Path(str(source)).name} on {dataset}: "
+                                              f"ECE {100 * res['ece']:.2f} %"))
+    return _finish(record, {"protocol": "calibration", **extra, **res}, t0, out)

@@ -36,14 +36,15 @@ def _topk_hits(logits: torch.Tensor, labels: torch.Tensor, m: int) -> torch.Tens
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, *, epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0,
                  batch_size: int = 256, momentum: float = 0.9, seed: int = 0, standardize: bool = True,
-                 num_classes: int | None = None) -> dict:
+                 num_classes: int | None = None, return_logits: bool = False) -> dict:
     """Train a linear classifier on frozen training features and report its test accuracy.
 
     See the module docstring for the protocol. Returns {"top1", "top5"} as fractions in [0, 1], "top5_k"
     (= min(5, C); with fewer than 5 classes "top5" is top-C accuracy), "train_top1", "train_loss" (mean
     cross-entropy over the last epoch) and every hyper-parameter: "epochs", "lr", "weight_decay",
     "batch_size", "momentum", "nesterov", "optimizer", "schedule", "init", "standardize", "seed",
-    "steps", plus "num_classes", "n_train", "n_test", "feature_dim".
+    "steps", plus "num_classes", "n_train", "n_test", "feature_dim"; with return_logits the test logits
+    [N, C] under "test_logits" (calibration).
     """
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise VisrepError("linear probe needs 2-D train/test feature matrices of the same width")
@@ -105,9 +106,12 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
     m = min(5, num_classes)
     with torch.no_grad():
-        hits = _topk_hits(head(x_test), y_test, m)
+        test_logits = head(x_test)
+        hits = _topk_hits(test_logits, y_test, m)
         train_top1 = int((head(x_train).argmax(1) == y_train).sum()) / n
+    extra = {"test_logits": test_logits} if return_logits else {}
     return {
+        **extra,
         "top1": int(hits[:, 0].sum()) / hits.shape[0],
         "top5": int(hits.any(dim=1).sum()) / hits.shape[0],
         "top5_k": m,

@@ -138,8 +138,14 @@ class MaskToken(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
 
-def build_template(cfg, image_size: int, num_classes: int | None = None) -> Template:
-    """Backbone + heads + masking + target branch from a RunConfig."""
+def build_template(cfg, image_size: int, num_classes: int | None = None, load_init: bool = True) -> Template:
+    """Backbone + heads + masking + target branch from a RunConfig.
+
+    num_classes: out_dim of a classifier head left without one (classes, or regression targets).
+    Fine-tuning (`cfg.finetune`): with `load_init` the backbone starts from `finetune.init`'s weights; with
+    mode `lora` it is wrapped in peft LoRA adapters (also when rebuilding a saved LoRA run, so its state
+    dict loads as saved).
+    """
     from visrep.data.masking import build_mask_generator
     from visrep.models.decoders import build_decoder
     from visrep.models.masked import embed_dim_of, patch_size_of
@@ -148,6 +154,13 @@ def build_template(cfg, image_size: int, num_classes: int | None = None) -> Temp
     opts.setdefault("image_size", image_size)
     backbone = build_backbone(cfg.backbone.name, **opts)
     dim = feature_dim(backbone)
+    ft = cfg.finetune
+    if ft.init and load_init:
+        load_init_weights(backbone, ft.init, ft.branch)
+    if ft.mode == "lora":
+        from visrep.models.lora import apply_lora
+
+        backbone = apply_lora(backbone, ft.lora)
     projector = build_head(cfg.projector, dim, num_classes)
     out_dim = getattr(projector, "out_dim", dim)
     predictor = build_head(cfg.predictor, out_dim, num_classes)
@@ -160,3 +173,25 @@ def build_template(cfg, image_size: int, num_classes: int | None = None) -> Temp
     elif cfg.decoder is not None or cfg.loss_predictor is not None:
         raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
     return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)
+
+
+def load_init_weights(backbone: nn.Module, source: str, branch: str = "student") -> None:
+    """Copy the `branch` backbone of a visrep checkpoint / run directory into `backbone` (fine-tuning)."""
+    from pathlib import Path
+
+    from visrep.errors import VisrepError
+    from visrep.models.loading import load_run
+    from visrep.train.checkpoint import strip_prefix
+
+    if not Path(source).expanduser().exists():
+        raise ConfigError(f"finetune.init: no checkpoint or run directory at '{source}'")
+    tensors, _, _ = load_run(str(Path(source).expanduser()))
+    state = strip_prefix(tensors, "model.backbone." if branch == "student" else "model.teacher_backbone.")
+    if not state:
+        raise VisrepError(f"finetune.init '{source}' has no {branch} backbone weights")
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"finetune.init '{source}' does not fit backbone {type(backbone).__name__} "
+                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                          "use the backbone and image size it was trained with") from None

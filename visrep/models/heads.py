@@ -1,10 +1,15 @@
-"""Heads that sit on the backbone's pooled features: projectors, predictors, DINO and SwAV heads.
+"""Heads that sit on the backbone's pooled features: projectors, predictors, DINO and SwAV heads, and the
+classifier heads of supervised training and fine-tuning (linear softmax, cosine, GCR Grassmann).
 
 A head is built from a small dict (the `projector:` / `predictor:` sections of a config):
 
     {"type": "mlp", "hidden_dim": 2048, "out_dim": 128, "num_layers": 2, "bn": True, "last_bn": False}
     {"type": "dino", "hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "num_layers": 3}
     {"type": "swav", "hidden_dim": 2048, "out_dim": 128, "num_prototypes": 3000}
+    {"type": "linear"} | {"type": "cosine", "scale": 16} | {"type": "gcr", "k": 8, "gamma": 25}
+
+Classifier heads (`CLASSIFIER_HEADS`) take `out_dim` = the number of classes (or regression targets)
+from the dataset when the config leaves it out.
 """
 from __future__ import annotations
 
@@ -91,8 +96,7 @@ class SwAVHead(nn.Module):
 
 @HEADS.register("linear")
 class LinearHead(nn.Module):
-    """Linear classifier (softmax cross-entropy head of supervised training); out_dim defaults to the
-    dataset's number of classes."""
+    """Linear softmax classifier (or regression head); out_dim defaults to the data's classes / targets."""
 
     def __init__(self, in_dim: int, *, out_dim: int | None = None, bias: bool = True):
         super().__init__()
@@ -106,6 +110,81 @@ class LinearHead(nn.Module):
 
     def forward(self, x):
         return self.fc(x)
+
+
+@HEADS.register("cosine")
+class CosineHead(nn.Module):
+    """Cosine classifier: logit = s·cos(w_c, x) (NormFace, Wang et al. 2017; CosFace without margin).
+
+        logit_c = s · cos(w_c, x) = s · (w_c / ‖w_c‖)ᵀ (x / ‖x‖)
+
+    Example:
+        >>> h = CosineHead(2, out_dim=2, scale=10.0); h.weight.data = torch.eye(2)
+        >>> h(torch.tensor([[3.0, 0.0]])).tolist()
+        [[10.0, 0.0]]
+    """
+
+    def __init__(self, in_dim: int, *, out_dim: int | None = None, scale: float = 16.0):
+        super().__init__()
+        if out_dim is None or out_dim < 1:
+            raise ConfigError(f"cosine head needs out_dim >= 1 (the number of classes), got {out_dim}")
+        if not scale > 0:
+            raise ConfigError(f"cosine head needs scale > 0, got {scale}")
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        self.scale, self.out_dim = float(scale), out_dim
+
+    def forward(self, x):
+        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).t()
+
+
+@HEADS.register("gcr")
+class GrassmannHead(nn.Module):
+    """GCR Grassmann class subspaces: logit = γ‖S_cᵀx̂‖, bases trained by Riemannian SGD (Zhang et al. 2023).
+
+    Grassmann Class Representation, Zhang et al., ICCV 2023, "Get the Best of Both Worlds: Improving
+    Accuracy and Transferability by Grassmann Class Representation".
+
+    Class c is a k-dimensional subspace of the feature space with an orthonormal basis S_c ∈ R^{d×k}
+    (a point on the Grassmann manifold); the logit is the scaled norm of the normalised feature's
+    projection onto it:
+
+        logit_c = γ · ‖S_cᵀ x̂‖,   x̂ = x / ‖x‖,   S_cᵀ S_c = I_k          (defaults γ = 25, k = 8)
+
+    k = 1 gives γ·|s_cᵀx̂|, a cosine classifier that ignores the sign. The bases are *not* trained by the
+    Euclidean optimiser: `manifold_parameters` names them, and `visrep.train.riemannian.RiemannianSGD`
+    (run beside AdamW/SGD by the training loop, without weight decay) keeps them orthonormal.
+
+    Example:
+        >>> h = GrassmannHead(3, out_dim=2, k=1, gamma=25.0)
+        >>> h.bases.data = torch.tensor([[[1.0], [0.0], [0.0]], [[0.0], [1.0], [0.0]]])
+        >>> h(torch.tensor([[0.0, -2.0, 0.0]])).tolist()
+        [[0.0, 25.0]]
+    """
+
+    manifold_parameters = ("bases",)  # trained by Riemannian SGD on the Grassmann manifold
+
+    def __init__(self, in_dim: int, *, out_dim: int | None = None, k: int = 8, gamma: float = 25.0):
+        super().__init__()
+        if out_dim is None or out_dim < 1:
+            raise ConfigError(f"gcr head needs out_dim >= 1 (the number of classes), got {out_dim}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= in_dim:
+            raise ConfigError(f"gcr head needs an integer k in [1, {in_dim}] (the feature size), got {k!r}")
+        if not gamma > 0:
+            raise ConfigError(f"gcr head needs gamma > 0, got {gamma}")
+        # Random orthonormal bases: QR of a Gaussian matrix (uniform on the Grassmannian).
+        q, _ = torch.linalg.qr(torch.randn(out_dim, in_dim, k))
+        self.bases = nn.Parameter(q.contiguous())            # [C, d, k]
+        self.k, self.gamma, self.out_dim = k, float(gamma), out_dim
+
+    def forward(self, x):
+        x = F.normalize(x, dim=-1)
+        proj = torch.einsum("bd,cdk->bck", x, self.bases.to(x.dtype))   # S_cᵀ x̂ for every class
+        return self.gamma * torch.linalg.vector_norm(proj, dim=-1)
+
+
+# Heads whose out_dim defaults to the number of classes (or regression targets) of the training data.
+CLASSIFIER_HEADS = (LinearHead, CosineHead, GrassmannHead)
 
 
 def check_head_spec(spec: dict | None, where: str = "head"):
@@ -135,7 +214,7 @@ def build_head(spec: dict | None, in_dim: int, num_classes: int | None = None) -
     if checked is None:
         return None
     cls, options = checked
-    if cls is LinearHead and options.get("out_dim") is None:
+    if cls in CLASSIFIER_HEADS and options.get("out_dim") is None:
         options["out_dim"] = num_classes
     try:
         return cls(in_dim, **options)

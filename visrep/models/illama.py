@@ -168,6 +168,13 @@ class ILLaMA(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    # timm's hooks for layer-wise lr decay (`timm.optim.param_groups_layer_decay`) and weight decay.
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def no_weight_decay(self) -> set:
+        return {"cls_token"}
+
     # -------------------------------------------------------------- soft-mask schedule
     def ratio_at(self, epoch: float) -> float:
         """r at a (fractional) epoch under this backbone's schedule."""

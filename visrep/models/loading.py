@@ -40,6 +40,8 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
     if Path(source).exists():
         tensors, meta, cfg = load_run(source)
         size = meta.get("image_size") or image_size or 32
+        if cfg.finetune.mode == "lora":  # a LoRA fine-tuning run: rebuild it, then merge the adapters
+            return _merged_lora_backbone(source, tensors, meta, cfg, size, branch)
         opts = dict(cfg.backbone.options)
         opts["image_size"] = size  # ViT/iLLaMA need it; CNNs ignore it
         model = build_backbone(cfg.backbone.name, **opts)
@@ -69,4 +71,25 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
         info = {"source": source, "kind": "timm" if pretrained else "random-init", "branch": "student",
                 "image_size": image_size, "fingerprint": weights_fingerprint(model.state_dict()),
                 "backbone": name}
+    return model.eval(), info
+
+
+def _merged_lora_backbone(source, tensors, meta, cfg, size, branch) -> tuple[nn.Module, dict]:
+    import torch
+
+    from visrep.methods import build_template
+    from visrep.models.lora import merge_lora
+    from visrep.train.checkpoint import strip_prefix, weights_fingerprint
+
+    if branch != "student":
+        raise ConfigError("a LoRA fine-tuning run has no teacher backbone; use branch=student")
+    outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
+    template = build_template(cfg, size, outputs, load_init=False)
+    template.load_state_dict(strip_prefix(tensors, "model."))
+    with torch.no_grad():
+        model = merge_lora(template.backbone)
+    state = model.state_dict()
+    info = {"source": str(source), "kind": "checkpoint", "branch": branch, "image_size": size,
+            "fingerprint": weights_fingerprint(state), "epoch": meta.get("epoch"), "method": cfg.method,
+            "backbone": cfg.backbone.name, "lora_merged": True}
     return model.eval(), info

@@ -29,7 +29,7 @@ from visrep.objectives.byol import BYOLLoss, SimSiamLoss
 from visrep.objectives.contrastive import InfoNCELoss, MoCoQueueLoss, NTXentLoss
 from visrep.objectives.dino import DINOLoss
 from visrep.objectives.reconstruction import HPMLoss, ReconstructionLoss, relative_loss
-from visrep.objectives.supervised import CrossEntropyLoss
+from visrep.objectives.supervised import CrossEntropyLoss, RegressionLoss
 from visrep.objectives.swav import SwAVLoss, sinkhorn_knopp
 from visrep.objectives.vicreg import VICRegLoss
 
@@ -48,6 +48,7 @@ for _name, _cls in (
     ("reconstruction", ReconstructionLoss),
     ("hpm", HPMLoss),
     ("cross_entropy", CrossEntropyLoss),
+    ("regression", RegressionLoss),
 ):
     OBJECTIVES.add(_name, _cls)
 

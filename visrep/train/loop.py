@@ -26,7 +26,7 @@ from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
 from visrep.train.checkpoint import (add_prefix, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                                      save_checkpoint, strip_prefix)
 from visrep.train.distributed import any_rank, resolve_device, setup_distributed, teardown_distributed
-from visrep.train.optim import build_optimizer, param_groups
+from visrep.train.optim import build_optimizer, build_param_groups
 from visrep.train.schedules import linear_warmup_constant, momentum_schedule, warmup_cosine
 
 def view_seed(seed: int, step: int, rank: int) -> int:
@@ -45,7 +45,11 @@ class Schedules:
         total = total_steps_of(cfg, steps_per_epoch)
         o = cfg.optim
         scale = cfg.train.batch_size / 256 if o.lr_scaling == "linear" else 1.0
-        self.lr = warmup_cosine(o.lr * scale, o.min_lr * scale, total, round(o.warmup_epochs * steps_per_epoch))
+        warmup = round(o.warmup_epochs * steps_per_epoch)
+        self.lr = warmup_cosine(o.lr * scale, o.min_lr * scale, total, warmup)
+        # Riemannian SGD (GCR bases): the same shape, from its own base lr (not batch-scaled).
+        m_lr = o.lr * scale if o.manifold_lr is None else o.manifold_lr
+        self.manifold_lr = warmup_cosine(m_lr, m_lr * (o.min_lr / o.lr if o.lr else 0.0), total, warmup)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         self.wd = warmup_cosine(o.weight_decay, wd_end, total, 0)
         self.momentum = momentum_schedule(cfg.target.momentum, cfg.target.momentum_end, total)
@@ -113,6 +117,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     d = cfg.data
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
     train = train.subset(d.subset, cfg.seed)
+    if d.label_fraction is not None:  # low-label protocols (1 %, 10 % of the labels)
+        train = train.fraction(d.label_fraction, cfg.seed)
     image_size = int(train.images.shape[-1])
     num_classes = len(train.classes)
     batch = tc.batch_size
@@ -127,8 +133,23 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                          **cfg.views.options).to(device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    model = build_template(cfg, image_size, num_classes).to(device)
-    objective = build_objective(cfg.objective.name, **cfg.objective.params).to(device)
+    objective = build_objective(cfg.objective.name, **cfg.objective.params)
+    objective_inputs = tuple(getattr(objective, "inputs", ()))
+    num_outputs = num_classes  # out_dim of a classifier head: classes, or regression targets
+    if "targets" in objective_inputs:
+        if train.targets is None:
+            raise ConfigError(f"objective '{cfg.objective.name}' needs regression targets, and dataset "
+                              f"'{d.dataset}' has none with these options (e.g. utkface task=age, mtfl task=landmarks)")
+        num_outputs = int(train.targets.shape[1])
+        objective.set_target_stats(train.targets)
+    model = build_template(cfg, image_size, num_outputs).to(device)
+    objective = objective.to(device)
+    from visrep.data.mixing import build_mixing
+
+    mixing = build_mixing(cfg.mixing, num_classes)
+    if mixing is not None and policy.n_views != 1:
+        raise ConfigError(f"mixing needs a one-view policy (e.g. views.policy=crop), '{cfg.views.policy}' makes "
+                          f"{policy.n_views} views")
     for name in cfg.objective.schedules:
         if not hasattr(objective, name):
             raise ConfigError(f"objective.schedules.{name}: objective '{cfg.objective.name}' has no attribute "
@@ -136,7 +157,6 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     # Parts whose behaviour follows training progress (iLLaMA's soft mask, HPM's α_t) expose
     # `set_progress(step, total_steps, steps_per_epoch)`; the loop calls it before every step.
     progress_hooks = [m for m in (*model.modules(), *objective.modules()) if hasattr(m, "set_progress")]
-    objective_inputs = tuple(getattr(objective, "inputs", ()))
     feat_dim = int(getattr(model.backbone, "num_features"))
     probe = nn.Linear(feat_dim, num_classes).to(device)
 
@@ -150,8 +170,16 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         ddp_model = DDP(model, device_ids=ids)
         ddp_probe = DDP(probe, device_ids=ids)
 
-    groups = param_groups(model.student_modules(), cfg.optim.weight_decay, cfg.optim.exclude_bias_norm)
+    groups, manifold = build_param_groups(model, cfg)
     optimizer = build_optimizer(cfg.optim, groups)
+    # GCR's class subspaces: Riemannian SGD beside the Euclidean optimiser (no weight decay on them).
+    manifold_opt = None
+    if manifold:
+        from visrep.train.riemannian import RiemannianSGD
+
+        manifold_opt = RiemannianSGD(manifold, lr=float(cfg.optim.manifold_lr or cfg.optim.lr),
+                                     momentum=cfg.optim.manifold_momentum, qr_every=cfg.optim.manifold_qr_every)
+    optimizers = [optimizer] + ([manifold_opt] if manifold_opt is not None else [])
     probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg.monitor.probe_lr, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
     sched = Schedules(cfg, steps_per_epoch)
@@ -166,6 +194,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         objective.load_state_dict(strip_prefix(tensors, "objective."))
         probe.load_state_dict(strip_prefix(tensors, "probe."))
         optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+        if manifold_opt is not None:
+            optimizer_from_tensors(manifold_opt, strip_prefix(tensors, "manifold_"), meta["manifold_optimizer"])
         optimizer_from_tensors(probe_opt, strip_prefix(tensors, "probe_"), meta["probe_optimizer"])
         if "scaler" in meta:
             scaler.load_state_dict(meta["scaler"])
@@ -196,13 +226,17 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
             return
         opt_t, opt_meta = optimizer_to_tensors(optimizer)
         popt_t, popt_meta = optimizer_to_tensors(probe_opt)
+        mopt_t, mopt_meta = optimizer_to_tensors(manifold_opt) if manifold_opt is not None else ({}, None)
         tensors = {**add_prefix(model.state_dict(), "model."), **add_prefix(objective.state_dict(), "objective."),
                    **add_prefix(probe.state_dict(), "probe."), **opt_t, **add_prefix(popt_t, "probe_"),
+                   **add_prefix(mopt_t, "manifold_"),
                    **_rng_tensors()}
         meta = {"config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "image_size": image_size,
-                "num_classes": num_classes, "classes": train.classes, "optimizer": opt_meta,
+                "num_classes": num_classes, "num_outputs": num_outputs, "classes": train.classes, "optimizer": opt_meta,
                 "probe_optimizer": popt_meta, "history": history, "reason": reason}
+        if mopt_meta is not None:
+            meta["manifold_optimizer"] = mopt_meta
         if scaler.is_enabled():
             meta["scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_path, tensors, meta)
@@ -213,7 +247,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         _log_line(metrics_path, {"epoch": 0, **history[-1]})
 
     # ---------------------------------------------------------------- the loop
-    images, labels = train.images, train.labels
+    images, labels, targets = train.images, train.labels, train.targets
     n_global = policy.n_global
     step = start_step
     stop_reason = "completed"
@@ -234,9 +268,13 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 idx = perm[i * batch + dist_info.rank * local_batch: i * batch + (dist_info.rank + 1) * local_batch]
                 x = images[idx].to(device, non_blocking=True)
                 y = labels[idx].to(device, non_blocking=True)
+                t = targets[idx].to(device, non_blocking=True) if targets is not None else None
                 for g in optimizer.param_groups:
-                    g["lr"] = float(sched.lr[step])
+                    g["lr"] = float(sched.lr[step]) * g.get("lr_scale", 1.0)  # lr_scale: layer-wise decay
                     g["weight_decay"] = float(sched.wd[step]) * g.get("wd_scale", 1.0)
+                if manifold_opt is not None:
+                    for g in manifold_opt.param_groups:
+                        g["lr"] = float(sched.manifold_lr[step])
                 for name, values in sched.objective.items():
                     setattr(objective, name, float(values[step]))
                 for m in progress_hooks:
@@ -245,9 +283,12 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 in_step = True
                 vseed = view_seed(cfg.seed, step, dist_info.rank)
                 views = policy(x, seed=vseed)
+                y_obj = y
+                if mixing is not None:  # Mixup/CutMix: mixed images, soft targets for the objective
+                    views[0], y_obj = mixing(views[0], y, seed=vseed + 2)
                 with _autocast(device, tc.precision):
                     out = ddp_model(views, n_global, seed=vseed + 1)  # seed: the step's masks, if any
-                    available = {"labels": y, **out.extras}
+                    available = {"labels": y_obj, "targets": t, **out.extras}
                     loss = objective(out.student, out.teacher, **{k: available[k] for k in objective_inputs})
                 # Every process must agree to stop, or the others would wait forever in the next collective.
                 if any_rank(not bool(torch.isfinite(loss)), dist_info):
@@ -255,18 +296,21 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                         f"the loss became {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
                         f"is kept at {ckpt_path if ckpt_path.exists() else 'none yet'}; lower optim.lr, set "
                         "optim.clip_grad or use train.precision=fp32")
-                optimizer.zero_grad(set_to_none=True)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.optim.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                    for opt in optimizers:
+                        scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
                                                    cfg.optim.clip_grad)
-                scaler.step(optimizer)
+                for opt in optimizers:
+                    scaler.step(opt)
                 scaler.update()
                 model.update_teacher(float(sched.momentum[step]))
 
                 probe_acc = float("nan")
-                if cfg.monitor.online_probe:
+                if cfg.monitor.online_probe and num_classes > 1:
                     feats = out.features.float()
                     yy = y.repeat(n_global)
                     logits = ddp_probe(feats)

@@ -55,10 +55,12 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_norm: bool) -> list[dict]:
-    """Two groups: regular weights, and biases/norm parameters (no decay, no LARS adaptation)."""
+def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_norm: bool,
+                 exclude: set | None = None) -> list[dict]:
+    """Two groups: regular weights, and biases/norm parameters (no decay, no LARS adaptation).
+    `exclude`: ids of parameters another optimiser owns (the GCR bases)."""
     decay, no_decay = [], []
-    seen = set()
+    seen = set(exclude or ())
     for module in modules:
         for name, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
@@ -87,3 +89,40 @@ def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
         return torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     raise ConfigError(f"optim.name must be one of sgd, lars, adamw, got {cfg.name!r}")
+
+
+def build_param_groups(model: nn.Module, cfg) -> tuple[list[dict], list[nn.Parameter]]:
+    """(groups for the Euclidean optimiser, parameters for Riemannian SGD) of a Template under RunConfig `cfg`.
+
+    Manifold parameters (modules' `manifold_parameters`, e.g. GCR bases) go to Riemannian SGD only, so
+    they get no weight decay. With `finetune.layer_decay` d the backbone's layers come from timm's
+    `param_groups_layer_decay` (its `group_matcher`: stem, one layer per block, the final norm with the
+    last block) and every scale is multiplied by d once more, because the head sits outside the backbone
+    and is the top layer. For L blocks this is BEiT's rule (Bao et al. 2022; MAE fine-tuning):
+
+        head: lr,   block i (0-based): lr · d^(L − i),   stem (patch embed, tokens, positions): lr · d^(L + 1)
+
+    Each group carries its `lr_scale`; the loop multiplies the scheduled lr by it.
+    """
+    from visrep.train.riemannian import manifold_parameters
+
+    o, ft = cfg.optim, cfg.finetune
+    modules = model.student_modules()
+    manifold = manifold_parameters(modules)
+    skip = {id(p) for p in manifold}
+    if ft.layer_decay is None or ft.mode != "full":
+        return param_groups(modules, o.weight_decay, o.exclude_bias_norm, skip), manifold
+    import timm.optim
+
+    backbone = model.backbone
+    no_wd = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    timm_groups = timm.optim.param_groups_layer_decay(backbone, weight_decay=o.weight_decay,
+                                                      no_weight_decay_list=no_wd, layer_decay=ft.layer_decay)
+    groups = []
+    for g in timm_groups:
+        decays = g["weight_decay"] > 0
+        groups.append({"params": g["params"], "weight_decay": g["weight_decay"], "lars_exclude": not decays,
+                       "wd_scale": 1.0 if decays else 0.0,
+                       "lr_scale": float(g.get("lr_scale", 1.0)) * ft.layer_decay})
+    rest = param_groups([m for m in modules if m is not backbone], o.weight_decay, o.exclude_bias_norm, skip)
+    return groups + rest, manifold

@@ -1,0 +1,237 @@
+"""GCR heads and Riemannian SGD, cosine head, Mixup/CutMix and the regression objective, on hand-made cases."""
+import math
+
+import pytest
+import torch
+
+from visrep.errors import ConfigError
+from visrep.models.heads import CosineHead, GrassmannHead, build_head
+from visrep.train.riemannian import RiemannianSGD, geodesic_step, orthonormalize, tangent_projection
+
+from conftest import tiny_overrides as _tiny
+
+
+def tiny_overrides(tmp_path, projector=None, **extra):
+    """conftest's tiny run, with the projector section replaced (not merged into the MLP's options)."""
+    over = _tiny(tmp_path, **extra)
+    if projector is not None:
+        over["projector"] = projector
+    return over
+
+
+# ----------------------------------------------------------------------------------------------- GCR head
+def test_gcr_logit_with_k1_is_gamma_abs_cosine():
+    torch.manual_seed(0)
+    head = GrassmannHead(16, out_dim=5, k=1, gamma=25.0)
+    x = torch.randn(7, 16)
+    s = head.bases[:, :, 0]                                   # [C, d], unit columns
+    expected = 25.0 * (torch.nn.functional.normalize(x, dim=1) @ s.t()).abs()
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gcr_logit_is_norm_of_projection_and_scale_invariant():
+    torch.manual_seed(1)
+    head = GrassmannHead(8, out_dim=3, k=4, gamma=2.0)
+    S = head.bases.detach()
+    assert torch.allclose(S.transpose(1, 2) @ S, torch.eye(4).expand(3, 4, 4), atol=1e-5)  # orthonormal at init
+    x = torch.randn(2, 8)
+    xn = x / x.norm(dim=1, keepdim=True)
+    by_hand = torch.stack([2.0 * (S[c].t() @ xn.t()).norm(dim=0) for c in range(3)], dim=1)
+    torch.testing.assert_close(head(x), by_hand)
+    torch.testing.assert_close(head(10 * x), by_hand)
+    # logits <= gamma: a projection never lengthens a unit vector
+    assert float(head(torch.randn(50, 8)).detach().max()) <= 2.0 + 1e-5
+
+
+def test_gcr_head_options_are_checked():
+    with pytest.raises(ConfigError, match="k in"):
+        GrassmannHead(4, out_dim=2, k=5)
+    with pytest.raises(ConfigError, match="gamma"):
+        GrassmannHead(4, out_dim=2, k=1, gamma=0)
+    head = build_head({"type": "gcr", "k": 2}, 8, num_classes=6)
+    assert tuple(head.bases.shape) == (6, 8, 2) and head.gamma == 25.0
+
+
+def test_cosine_head_by_hand():
+    head = CosineHead(2, out_dim=2, scale=10.0)
+    head.weight.data = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    out = head(torch.tensor([[2.0, 0.0]]))
+    torch.testing.assert_close(out, torch.tensor([[10.0, 10.0 / math.sqrt(2)]]))
+
+
+# ----------------------------------------------------------------------------------------- Riemannian SGD
+def test_one_geodesic_step_by_hand_d2_k1():
+    """S = e1, D = (0.3, 0.4): G = (0, 0.4); with lr 0.5 the basis rotates by −0.2 rad."""
+    S = torch.nn.Parameter(torch.tensor([[1.0], [0.0]]))
+    opt = RiemannianSGD([S], lr=0.5, momentum=0.0)
+    S.grad = torch.tensor([[0.3], [0.4]])
+    opt.step()
+    torch.testing.assert_close(S.data, torch.tensor([[math.cos(0.2)], [-math.sin(0.2)]]))
+
+
+def test_one_geodesic_step_by_hand_d3_k2():
+    """S = [e1 e2], D has only a third row (a, b): G = D, H = −D = U Σ Vᵀ with σ = ‖(a, b)‖, v = (a, b)/σ.
+    The geodesic gives S(1) = [I + (cos σ − 1) v vᵀ ; −sin σ vᵀ]."""
+    a, b = 0.3, 0.4
+    S = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    D = torch.tensor([[0.0, 0.0], [0.0, 0.0], [a, b]], dtype=torch.float64)
+    G = tangent_projection(S, D)
+    torch.testing.assert_close(G, D)
+    out = geodesic_step(S, -G)
+    sigma = 0.5
+    v = torch.tensor([[0.6], [0.8]], dtype=torch.float64)
+    expected = torch.cat([torch.eye(2, dtype=torch.float64) + (math.cos(sigma) - 1) * v @ v.t(),
+                          -math.sin(sigma) * v.t()])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out.t() @ out, torch.eye(2, dtype=torch.float64))
+
+
+def test_tangent_projection_removes_the_normal_part():
+    torch.manual_seed(0)
+    S = orthonormalize(torch.randn(6, 3, dtype=torch.float64))
+    D = torch.randn(6, 3, dtype=torch.float64)
+    G = tangent_projection(S, D)
+    torch.testing.assert_close(S.t() @ G, torch.zeros(3, 3, dtype=torch.float64))
+    torch.testing.assert_close(tangent_projection(S, S @ torch.randn(3, 3, dtype=torch.float64)),
+                               torch.zeros(6, 3, dtype=torch.float64))  # moving inside the subspace: no step
+
+
+def test_momentum_is_transported_to_the_new_tangent_space():
+    """Step 1: M1 = (0, 0.4) rotates e1 by −0.2 rad. Step 2 with zero gradient: M2 = μ·proj(M1) has length
+    0.9·0.4·cos(0.2), so the basis turns by another lr·‖M2‖ in the same direction."""
+    S = torch.nn.Parameter(torch.tensor([[1.0], [0.0]]))
+    opt = RiemannianSGD([S], lr=0.5, momentum=0.9)
+    S.grad = torch.tensor([[0.3], [0.4]])
+    opt.step()
+    S.grad = torch.zeros(2, 1)
+    opt.step()
+    angle = -0.2 - 0.5 * 0.9 * 0.4 * math.cos(0.2)
+    torch.testing.assert_close(S.data, torch.tensor([[math.cos(angle)], [math.sin(angle)]]))
+
+
+def test_qr_keeps_the_subspace():
+    torch.manual_seed(0)
+    S = torch.randn(5, 2, dtype=torch.float64)
+    Q = orthonormalize(S)
+    P = lambda A: A @ torch.linalg.pinv(A)  # noqa: E731 - projector onto the column space
+    torch.testing.assert_close(P(Q), P(S))
+    assert bool((torch.diagonal(Q.t() @ S) > 0).all())  # signs fixed: Q stays close to S (diag R > 0)
+
+
+def test_gcr_training_keeps_bases_orthonormal_and_out_of_weight_decay(tmp_path):
+    from visrep import api
+    from visrep.methods import build_template
+    from visrep.models.loading import load_run
+    from visrep.train.optim import build_param_groups
+
+    over = tiny_overrides(tmp_path, method="supervised", projector={"type": "gcr", "k": 3},
+                          optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.5, "manifold_lr": 0.5,
+                                 "manifold_qr_every": 4},
+                          train={"epochs": 3}, monitor={"knn_every": 0})
+    cfg = api.resolve(over)
+    model = build_template(cfg, 16, 4)
+    groups, manifold = build_param_groups(model, cfg)
+    assert [p is model.projector.bases for p in manifold] == [True]
+    assert all(p is not model.projector.bases for g in groups for p in g["params"])
+    before = model.projector.bases.detach().clone()
+    s = api.pretrain(cfg, quiet=True)
+    assert s["steps"] == 6  # 6 steps: the last QR was at step 4, so steps 5-6 are plain geodesic steps
+    tensors, meta, _ = load_run(s["out_dir"])
+    S = tensors["model.projector.bases"].double()
+    err = (S.transpose(1, 2) @ S - torch.eye(3, dtype=torch.float64)).abs().max()
+    assert float(err) < 1e-5
+    assert "manifold_optimizer" in meta
+    assert not torch.allclose(S.float(), before)  # the bases did move
+
+
+def test_gcr_run_resumes_exactly(tmp_path):
+    from visrep import api
+    from visrep.models.loading import load_run
+
+    def cfg(out, **train):
+        return api.resolve(tiny_overrides(tmp_path, out_dir=str(tmp_path / out), method="supervised",
+                                          projector={"type": "gcr", "k": 2}, optim={"manifold_lr": 0.3},
+                                          train={"epochs": 2, **train}, monitor={"knn_every": 0}))
+    api.pretrain(cfg("full"), quiet=True)
+    api.pretrain(cfg("half", max_steps=2), quiet=True)
+    api.pretrain(cfg("half"), resume=True, quiet=True)
+    a, b = load_run(str(tmp_path / "full"))[0], load_run(str(tmp_path / "half"))[0]
+    for k in ("model.projector.bases", "manifold_optim.0.momentum_buffer"):
+        torch.testing.assert_close(a[k], b[k])
+
+
+# ------------------------------------------------------------------------------------------ Mixup/CutMix
+def _const_batch(values):
+    return torch.stack([torch.full((3, 8, 8), float(v)) for v in values])
+
+
+def test_mixup_formula():
+    from visrep.data.mixing import build_mixing
+
+    mix = build_mixing({"mixup_alpha": 0.4, "cutmix_alpha": 0.0}, num_classes=4)
+    x, y = _const_batch([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])
+    xm, t = mix(x, y, seed=3)
+    lam = float(t[0, 0])
+    # x̃_i = λ x_i + (1 − λ) x_(B−1−i);  ỹ_i = λ onehot(y_i) + (1 − λ) onehot(y_(B−1−i))
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x.flip(0))
+    eye = torch.eye(4)
+    torch.testing.assert_close(t, lam * eye[y] + (1 - lam) * eye[y.flip(0)])
+    assert torch.equal(x, _const_batch([0, 1, 2, 3]))  # the input is not changed in place
+    xm2, t2 = mix(x, y, seed=3)
+    assert torch.equal(xm, xm2) and torch.equal(t, t2)  # seeded: a resumed run mixes the same way
+
+
+def test_cutmix_target_weight_is_the_pasted_area():
+    from visrep.data.mixing import build_mixing
+
+    mix = build_mixing({"mixup_alpha": 0.0, "cutmix_alpha": 1.0}, num_classes=2)
+    x, y = _const_batch([0, 1]), torch.tensor([0, 1])
+    for seed in range(5):
+        xm, t = mix(x, y, seed=seed)
+        kept = float((xm[0] == 0).float().mean())  # share of image 0's own pixels
+        assert abs(float(t[0, 0]) - kept) < 1e-6
+
+
+def test_mixing_config_errors():
+    from visrep import api
+
+    with pytest.raises(ConfigError, match="unknown option 'mixing.alpha'"):
+        api.resolve({"method": "supervised", "mixing": {"alpha": 1.0}})
+    with pytest.raises(ConfigError, match="mixup_alpha > 0 or cutmix_alpha > 0"):
+        api.resolve({"method": "supervised", "mixing": {"mixup_alpha": 0, "cutmix_alpha": 0}})
+
+
+def test_supervised_run_with_mixup_cutmix_and_soft_targets(tmp_path):
+    from visrep import api
+
+    over = tiny_overrides(tmp_path, method="supervised", projector={"type": "cosine"},
+                          mixing={"mixup_alpha": 0.8, "cutmix_alpha": 1.0}, monitor={"knn_every": 0})
+    s = api.pretrain(api.resolve(over), quiet=True)
+    assert s["steps"] == 4 and math.isfinite(s["final_loss"])
+    with pytest.raises(ConfigError, match="one-view policy"):
+        api.pretrain(api.resolve(tiny_overrides(tmp_path, out_dir=str(tmp_path / "two"), method="simclr",
+                                                mixing={"mixup_alpha": 0.8})), quiet=True)
+
+
+def test_cross_entropy_with_soft_targets_and_smoothing_by_hand():
+    from visrep.objectives import build_objective
+
+    ce = build_objective("cross_entropy", label_smoothing=0.2)
+    logits = torch.tensor([[2.0, 0.0]])
+    soft = torch.tensor([[0.75, 0.25]])
+    q = 0.8 * soft + 0.2 / 2                                       # smoothing applied to the soft target
+    expected = -(q * torch.log_softmax(logits, 1)).sum()
+    torch.testing.assert_close(ce([logits], [], labels=soft), expected)
+
+
+def test_regression_loss_standardises_targets_by_hand():
+    from visrep.objectives import build_objective
+
+    loss = build_objective("regression", loss="mse")
+    loss.set_target_stats(torch.tensor([[0.0, 10.0], [2.0, 30.0]]))   # μ = (1, 20), σ = (1, 10)
+    pred = torch.tensor([[0.0, 0.0]])
+    value = loss([pred], [], targets=torch.tensor([[3.0, 40.0]]))       # standardised (2, 2)
+    torch.testing.assert_close(value, torch.tensor(4.0))
+    torch.testing.assert_close(loss.denormalize(torch.tensor([[2.0, 2.0]])), torch.tensor([[3.0, 40.0]]))
+    with pytest.raises(ConfigError, match="regression targets"):
+        loss([pred], [])

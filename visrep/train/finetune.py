@@ -1,0 +1,116 @@
+"""Fine-tuning: the one training loop, started from a pretrained backbone, then exported and evaluated.
+
+    visrep finetune --config configs/finetune_utkface_gender.yaml finetune.init=runs/mae
+    visrep finetune ... finetune.mode=lora finetune.lora.r=8           # peft LoRA adapters
+    visrep finetune ... finetune.layer_decay=0.75                     # layer-wise lr decay (full)
+    visrep finetune ... data.label_fraction=0.01                      # low-label: 1 % of the labels
+
+A fine-tuning run is a `supervised`-style composition (one view, a classifier or regression head, a
+cross-entropy or regression objective) whose backbone starts from `finetune.init`. The backbone's
+architecture and image size are taken from that checkpoint. After training, the run
+
+1. counts trainable and total parameters (LoRA: adapters + head only),
+2. exports the backbone to `out_dir/export/backbone.safetensors` with timm keys (LoRA adapters merged
+   into the weights first: W ← W + (α/r)·BA), loadable by `visrep eval ... --model <that file>`,
+3. evaluates its own head on the test split (`eval.json`: top-1, or MAE / NME for regression).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from visrep.config import RunConfig
+from visrep.errors import ConfigError
+
+
+def prepare_finetune_config(cfg: RunConfig) -> RunConfig:
+    """Take the backbone (name, options) and image size from `finetune.init`; check the head and objective."""
+    from visrep.evaluate.api import _classifier_head_names
+    from visrep.models.loading import load_run
+
+    cfg = copy.deepcopy(cfg)
+    kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
+    if kind not in _classifier_head_names():
+        raise ConfigError(f"finetune needs a classifier head (projector.type one of "
+                          f"{', '.join(_classifier_head_names())}), got {kind!r}")
+    if cfg.predictor is not None or cfg.masking is not None or cfg.target.branch != "none":
+        raise ConfigError("finetune trains backbone + head with one view: use method=supervised (no predictor, "
+                          "masking or target branch)")
+    if cfg.objective.name not in ("cross_entropy", "regression"):
+        raise ConfigError(f"finetune needs objective cross_entropy or regression, got '{cfg.objective.name}'")
+    init = cfg.finetune.init
+    if init:
+        path = Path(init).expanduser()
+        if not path.exists():
+            raise ConfigError(f"finetune.init: no checkpoint or run directory at '{init}'")
+        _, meta, src = load_run(str(path))
+        cfg.backbone = copy.deepcopy(src.backbone)
+        size = meta.get("image_size")
+        if cfg.data.image_size is None and size:
+            cfg.data.image_size = int(size)
+        elif size and int(cfg.data.image_size) != int(size) and cfg.backbone.name.startswith(("vit", "illama")):
+            raise ConfigError(f"data.image_size {cfg.data.image_size} differs from the {size} px that "
+                              f"'{init}' was trained at; its position grid is fixed, leave data.image_size unset")
+    return cfg
+
+
+def export_backbone(out_dir: Path) -> Path:
+    """Write the trained backbone (LoRA merged) as a checkpoint `load_backbone` reads: timm keys under
+    `model.backbone.`, the config with finetune.mode=full and no init."""
+    import torch
+
+    from visrep.methods import build_template
+    from visrep.models.lora import merge_lora
+    from visrep.models.loading import load_run
+    from visrep.train.checkpoint import add_prefix, save_checkpoint, strip_prefix
+
+    tensors, meta, cfg = load_run(str(out_dir / "checkpoints" / "last.safetensors"))
+    outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
+    template = build_template(cfg, int(meta["image_size"]), outputs, load_init=False)
+    template.load_state_dict(strip_prefix(tensors, "model."))
+    with torch.no_grad():
+        backbone = merge_lora(template.backbone)
+    plain = copy.deepcopy(cfg)
+    plain.finetune.mode, plain.finetune.init, plain.finetune.layer_decay = "full", None, None
+    export_meta = {"config": plain.to_dict(), "image_size": meta["image_size"], "step": meta["step"],
+                   "epoch": meta["epoch"], "classes": meta.get("classes"), "exported_from": str(out_dir),
+                   "lora_merged": cfg.finetune.mode == "lora"}
+    path = out_dir / "export" / "backbone.safetensors"
+    save_checkpoint(path, add_prefix({k: v.contiguous() for k, v in backbone.state_dict().items()}, "model.backbone."),
+                    export_meta)
+    return path
+
+
+def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evaluate: bool = True) -> dict:
+    """Train (see the module docstring), export and evaluate; returns the summary (also out_dir/summary.json)."""
+    from visrep.methods import build_template
+    from visrep.models.lora import count_parameters
+    from visrep.train.loop import pretrain
+
+    cfg = prepare_finetune_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    summary = pretrain(cfg, resume=resume, quiet=quiet)
+    # Parameter counts of the trained composition (built without weights: counting needs none).
+    from visrep.models.loading import load_run
+
+    meta = load_run(str(out_dir / "checkpoints" / "last.safetensors"))[1]
+    outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
+    template = build_template(cfg, int(meta["image_size"]), outputs, load_init=False)
+    trainable, total = count_parameters(template)
+    summary.update(mode=cfg.finetune.mode, init=cfg.finetune.init, layer_decay=cfg.finetune.layer_decay,
+                   label_fraction=cfg.data.label_fraction, trainable_parameters=trainable, total_parameters=total,
+                   trainable_fraction=trainable / total)
+    if summary["stop_reason"] == "completed":
+        summary["export"] = str(export_backbone(out_dir))
+        if evaluate:
+            from visrep.evaluate.api import evaluate_classifier
+
+            d = cfg.data
+            res = evaluate_classifier(str(out_dir), dataset=d.dataset, root=d.root, test_split=d.test_split,
+                                      download=d.download, dataset_options=d.options, progress=not quiet,
+                                      device=cfg.train.device, out=str(out_dir / "eval.json"))
+            summary["eval"] = {k: v for k, v in res.items()
+                               if k in ("protocol", "top1", "top5", "mae", "rmse", "nme", "failure_rate")}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
