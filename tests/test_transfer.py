@@ -245,3 +245,26 @@ def test_every_bundled_config_resolves():
     assert any("finetune" in c.name for c in configs)
     for c in configs:
         api.resolve(str(c))
+
+
+def test_finetune_resumes_after_a_kill_and_chains_from_a_lora_run(tmp_path):
+    from visrep import api
+    from visrep.models.loading import load_run
+
+    pre = _pretrained(tmp_path)
+    base = {"method": "supervised", "data": {"dataset": "synthetic", "options": {"n": 64, "num_classes": 4}},
+            "train": {"epochs": 2, "batch_size": 16, "progress": False, "deterministic": True},
+            "monitor": {"knn_every": 0}, "finetune": {"init": pre, "mode": "lora"}}
+    whole = api.finetune(api.resolve({**base, "out_dir": str(tmp_path / "whole")}), quiet=True)
+    cut = {**base, "out_dir": str(tmp_path / "cut"), "train": {**base["train"], "max_steps": 3}}
+    assert api.finetune(api.resolve(cut), quiet=True)["stop_reason"] == "max_steps"
+    resumed = api.finetune(api.resolve({**base, "out_dir": str(tmp_path / "cut")}), resume=True, quiet=True)
+    assert resumed["steps"] == whole["steps"] == 8
+    a, b = load_run(str(tmp_path / "whole"))[0], load_run(str(tmp_path / "cut"))[0]
+    for k in a:
+        if k.startswith("model."):
+            torch.testing.assert_close(a[k], b[k])
+    # a LoRA run can itself initialise a new fine-tuning (its adapters are merged first)
+    again = api.finetune(api.resolve({**base, "out_dir": str(tmp_path / "again"),
+                                      "finetune": {"init": str(tmp_path / "whole"), "mode": "full"}}), quiet=True)
+    assert again["stop_reason"] == "completed"

@@ -176,22 +176,19 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, load_in
 
 
 def load_init_weights(backbone: nn.Module, source: str, branch: str = "student") -> None:
-    """Copy the `branch` backbone of a visrep checkpoint / run directory into `backbone` (fine-tuning)."""
+    """Copy the `branch` backbone of a visrep checkpoint, run directory or export into `backbone`
+    (fine-tuning; a LoRA run's adapters are merged first)."""
     from pathlib import Path
 
-    from visrep.errors import VisrepError
-    from visrep.models.loading import load_run
-    from visrep.train.checkpoint import strip_prefix
+    from visrep.models.loading import load_backbone
 
     if not Path(source).expanduser().exists():
         raise ConfigError(f"finetune.init: no checkpoint or run directory at '{source}'")
-    tensors, _, _ = load_run(str(Path(source).expanduser()))
-    state = strip_prefix(tensors, "model.backbone." if branch == "student" else "model.teacher_backbone.")
-    if not state:
-        raise VisrepError(f"finetune.init '{source}' has no {branch} backbone weights")
+    pretrained, _ = load_backbone(str(Path(source).expanduser()), branch=branch)
     try:
-        backbone.load_state_dict(state)
+        backbone.load_state_dict(pretrained.state_dict())
     except RuntimeError as e:
+        lines = str(e).splitlines()
         raise ConfigError(f"finetune.init '{source}' does not fit backbone {type(backbone).__name__} "
-                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
-                          "use the backbone and image size it was trained with") from None
+                          f"({lines[1].strip() if len(lines) > 1 else e}); use the backbone and image size it "
+                          "was trained with") from None

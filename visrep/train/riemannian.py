@@ -1,5 +1,6 @@
 """Riemannian SGD on the Grassmann manifold, for the GCR head's class subspaces (written here: neither torch
-nor timm has one; geoopt has no Grassmann geodesic step).
+nor timm has one, geoopt has no Grassmann manifold, and geotorch parametrises its Grassmannian
+instead of stepping along geodesics).
 
 Zhang et al., ICCV 2023, "Get the Best of Both Worlds: Improving Accuracy and Transferability by Grassmann
 Class Representation", Alg. 1, with the geodesic of Edelman, Arias & Smith 1998 ("The Geometry of
