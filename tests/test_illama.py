@@ -154,7 +154,7 @@ def test_illama_trains_with_joint_embedding_and_supervised_presets(tmp_path, met
 
 
 ALL_PRESETS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav",
-               "mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised"]
+               "mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised", "supervised_gcr"]
 
 
 @pytest.mark.parametrize("backbone", ["illama_tiny", "vit_tiny"])
@@ -167,10 +167,10 @@ def test_every_preset_runs_with_vit_and_illama(tmp_path, method, backbone):
     over["backbone"] = {"name": backbone, "options": {"depth": 1}}
     over["train"].update(epochs=1, max_steps=1)
     over["monitor"]["knn_every"] = 0
-    if method in ("mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised"):
+    if method in ("mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised", "supervised_gcr"):
         over.pop("projector")
         dec = {"type": "mae", "dim": 16, "depth": 1, "heads": 2}
-        if method != "simmim" and method != "supervised":
+        if method not in ("simmim", "supervised", "supervised_gcr"):
             over["decoder"] = dec
         if method.startswith("hpm"):
             over["loss_predictor"] = dec

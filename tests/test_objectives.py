@@ -395,6 +395,8 @@ def _extra_inputs(name):
         return [randn(2, 4, 6, seed=1)], [randn(2, 4, 6, seed=2)], {"mask": mask, "loss_pred": randn(2, 4, seed=3)}
     if name == "cross_entropy":
         return [randn(4, 5, seed=4)], [], {"labels": torch.tensor([0, 3, 4, 1])}
+    if name == "regression":
+        return [randn(4, 2, seed=5)], [], {"targets": randn(4, 2, seed=6) * 10 + 30}
     return None
 
 
@@ -407,6 +409,8 @@ def test_fp32_under_bf16_autocast(name):
     if extra is not None:
         s, t, inputs = extra
     inputs = {k: inputs[k] for k in getattr(fn, "inputs", ())}
+    if hasattr(fn, "set_target_stats"):  # regression standardises by the training targets' statistics
+        fn.set_target_stats(inputs["targets"])
     s16, t16 = [x.bfloat16() for x in s], [x.bfloat16() for x in t]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = fn(s16, t16, **inputs)
@@ -418,7 +422,7 @@ def test_fp32_under_bf16_autocast(name):
 def test_registry_names():
     assert OBJECTIVES.names() == sorted(
         ["ntxent", "moco_queue", "infonce", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav",
-         "reconstruction", "hpm", "cross_entropy"]
+         "reconstruction", "hpm", "cross_entropy", "regression"]
     )
 
 
