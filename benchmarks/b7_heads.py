@@ -15,6 +15,11 @@ transfer better than softmax features.
 
     python benchmarks/b7_heads.py                                  # 5 runs x 500 steps + probes
     python benchmarks/b7_heads.py --steps 5 --train-subset 2048 --test-subset 500 --ks 4 --out /tmp/b7.json
+    python benchmarks/b7_heads.py --cost-only      # per-step cost of each head, interleaved; merged into the JSON
+
+--cost-only times one full training step (views, backbone, head, loss, backward, SGD + Riemannian SGD)
+for every head, round-robin over --cost-rounds rounds of 3 steps, in one process on the same batch, and
+reports medians and ratios to softmax: the side-by-side comparison of the budgets' CPU cost.
 """
 from __future__ import annotations
 
@@ -50,6 +55,47 @@ def config(args, head: dict, out_dir: str) -> dict:
     }
 
 
+def step_cost(args, heads) -> dict:
+    """Median seconds per training step of each head, measured round-robin in this process."""
+    import time
+
+    import visrep
+    from visrep.data.views import build_views
+    from visrep.methods import build_template
+    from visrep.objectives import build_objective
+    from visrep.train.optim import build_optimizer, build_param_groups
+    from visrep.train.riemannian import RiemannianSGD
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (args.batch_size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    setups = {}
+    for name, head in heads:
+        rc = visrep.resolve(config(args, head, "/tmp/unused"))
+        model = build_template(rc, 32, 10)
+        groups, manifold = build_param_groups(model, rc)
+        opts = [build_optimizer(rc.optim, groups)] + ([RiemannianSGD(manifold, lr=0.1)] if manifold else [])
+        setups[name] = (model, opts, build_views(rc.views.policy, 32, **rc.views.options),
+                        build_objective(rc.objective.name, **rc.objective.params))
+    times = {name: [] for name in setups}
+    for r in range(args.cost_rounds):
+        for name, (model, opts, views, objective) in setups.items():
+            for i in range(3):
+                t0 = time.perf_counter()
+                out = model(views(x, seed=i), 1)
+                loss = objective(out.student, out.teacher, labels=y)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in opts:
+                    o.step()
+                if i > 0 or r > 0:  # the very first step of each head warms up
+                    times[name].append(time.perf_counter() - t0)
+    med = {n: common.median(t) for n, t in times.items()}
+    return {"rounds": args.cost_rounds, "steps_per_round": 3, "batch_size": args.batch_size,
+            "median_step_s": med, "ratio_to_softmax": {n: med[n] / med["softmax"] for n in med}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=common.DEFAULT_DATA)
@@ -64,15 +110,25 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=None)
     ap.add_argument("--test-subset", type=int, default=None)
     ap.add_argument("--probe-subset", type=int, default=None, help="face train/test subset (smoke runs)")
+    ap.add_argument("--cost-only", action="store_true", help="only the interleaved per-step cost, merged into --out")
+    ap.add_argument("--cost-rounds", type=int, default=5)
     ap.add_argument("--out", default=str(common.result_path("b7_heads")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import visrep
 
     load = common.load_check("b7")
-    work = Path(tempfile.mkdtemp(prefix="visrep_b7_"))
     heads = [("softmax", {"type": "linear"})] + [(f"gcr_k{k}", {"type": "gcr", "k": k, "gamma": 25.0})
                                                  for k in args.ks]
+    if args.cost_only:
+        cost = step_cost(args, heads)
+        data = common.read_json(args.out) or {"benchmark": "b7_heads"}
+        data["step_cost"] = {**cost, "machine": common.machine_info(), "load_at_start": load,
+                             "measured_utc": common.now_iso()}
+        common.write_json(args.out, data)
+        print(json.dumps(cost, indent=1))
+        return
+    work = Path(tempfile.mkdtemp(prefix="visrep_b7_"))
     results = {}
     for name, head in heads:
         out = work / name
