@@ -13,6 +13,13 @@
 
     python benchmarks/b8_adaptation.py                         # ~25 min on 2 cores
     python benchmarks/b8_adaptation.py --pretrain-steps 3 --steps 3 --subset 1024 --out /tmp/b8.json
+    python benchmarks/b8_adaptation.py --cost-only   # per-step cost of each adaptation, interleaved; merged into the JSON
+
+--cost-only times, round-robin in one process on the same uint8 batch, one LoRA training step, one full
+fine-tuning step (views, backbone, head, loss, backward, AdamW) and one no-grad forward (what the linear
+probe pays per image to extract its features), over --cost-rounds rounds of 3 steps each, and reports
+medians and ratios to the full step: the side-by-side comparison that the runs' own loop times, taken
+one after the other on a shared machine, cannot give.
 """
 from __future__ import annotations
 
@@ -47,21 +54,87 @@ def pretrain_config(args, out_dir: str) -> dict:
     }
 
 
-def finetune_config(args, init: str, out_dir: str, mode: str) -> dict:
+def finetune_config(args, init: str, out_dir: str, mode: str, fraction: float | None = None,
+                    steps: int | None = None) -> dict:
+    steps = steps or args.steps
     n = args.subset or 18962
-    spe = n // args.batch_size
+    if fraction is not None:
+        n = max(2, round(n * fraction))
+    batch = min(args.batch_size, n)  # only smoke runs' 1 % subsets are smaller than a batch
+    spe = max(1, n // batch)
     optim = {"lr": args.lora_lr if mode == "lora" else args.full_lr, "lr_scaling": "none",
-             "warmup_epochs": 0.1 * args.steps / spe}
+             "warmup_epochs": 0.1 * steps / spe}
     return {
         "method": "supervised", "seed": args.seed, "out_dir": out_dir,
-        "data": {"dataset": "utkface", "root": args.faces, "options": TASK, "subset": args.subset},
+        "data": {"dataset": "utkface", "root": args.faces, "options": TASK, "subset": args.subset,
+                 "label_fraction": fraction},
         "finetune": {"init": init, "mode": mode, "layer_decay": 0.75 if mode == "full" else None,
                      "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         "optim": optim,
-        "train": {"batch_size": args.batch_size, "steps": args.steps, "epochs": max(1, -(-args.steps // spe)),
+        "train": {"batch_size": batch, "steps": steps, "epochs": max(1, -(-steps // spe)),
                   "num_threads": args.threads, "device": "cpu", "progress": False, "log_every": 10},
         "monitor": {"online_probe": False, "knn_every": 0},
     }
+
+
+def step_cost(args) -> dict:
+    """Median seconds per step of LoRA, full fine-tuning and a frozen-feature forward, measured round-robin."""
+    import visrep
+    from visrep.data.views import build_views
+    from visrep.methods import build_template
+    from visrep.models.lora import count_parameters
+    from visrep.objectives import build_objective
+    from visrep.train.finetune import prepare_finetune_config
+    from visrep.train.optim import build_optimizer, build_param_groups
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (args.batch_size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 2, (args.batch_size,), generator=g)
+    work = Path(tempfile.mkdtemp(prefix="visrep_b8_cost_"))
+    # A one-step "pretrained" ViT-Tiny: the cost of a step does not depend on how trained the weights are.
+    synthetic = {"dataset": "synthetic", "options": {"n": args.batch_size, "num_classes": 2}}
+    pre = pretrain_config(args, str(work / "pretrained"))
+    pre["data"], pre["train"]["steps"], pre["train"]["epochs"] = synthetic, 1, 1
+    visrep.pretrain(visrep.resolve(pre), quiet=True)
+    setups, params = {}, {}
+    for mode in ("lora", "full"):
+        cfg = finetune_config(args, str(work / "pretrained"), str(work / mode), mode)
+        cfg["data"] = synthetic
+        rc = prepare_finetune_config(visrep.resolve(cfg))
+        model = build_template(rc, 32, 2)
+        groups, _ = build_param_groups(model, rc)
+        setups[mode] = (model, build_optimizer(rc.optim, groups), build_views(rc.views.policy, 32, **rc.views.options),
+                        build_objective(rc.objective.name, **rc.objective.params))
+        params[mode] = count_parameters(model)[0]
+    frozen = setups["full"][0].backbone
+    names = ["lora", "full", "frozen_forward"]
+    times = {name: [] for name in names}
+    per_round = []
+    for r in range(args.cost_rounds):
+        order = names[r % 3:] + names[:r % 3]  # rotate who goes first, so no path always runs after the same one
+        this_round = {}
+        for name in order:
+            for i in range(3):
+                t0 = time.perf_counter()
+                if name == "frozen_forward":
+                    with torch.no_grad():
+                        frozen(x.float() / 255.0)
+                else:
+                    model, opt, views, objective = setups[name]
+                    out = model(views(x, seed=i), 1)
+                    loss = objective(out.student, out.teacher, labels=y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                if i > 0 or r > 0:  # each path's very first step warms up
+                    times[name].append(time.perf_counter() - t0)
+                    this_round.setdefault(name, []).append(times[name][-1])
+        per_round.append({n: common.median(this_round[n]) / common.median(this_round["full"]) for n in names})
+    shutil.rmtree(work, ignore_errors=True)
+    med = {n: common.median(t) for n, t in times.items()}
+    return {"rounds": args.cost_rounds, "steps_per_round": 3, "batch_size": args.batch_size,
+            "trainable_parameters": params, "median_step_s": med,
+            "ratio_to_full": {n: med[n] / med["full"] for n in med}, "per_round_ratio_to_full": per_round}
 
 
 def main() -> None:
@@ -76,13 +149,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subset", type=int, default=None, help="UTKFace train subset (smoke runs)")
+    ap.add_argument("--label-fractions", type=float, nargs="*", default=[0.01, 0.1],
+                    help="low-label protocols run after the full-label ones (none: skip)")
+    ap.add_argument("--low-label-steps", type=int, default=100, help="fine-tuning steps of each low-label run")
     ap.add_argument("--test-subset", type=int, default=None)
+    ap.add_argument("--cost-only", action="store_true", help="only the interleaved per-step cost, merged into --out")
+    ap.add_argument("--cost-rounds", type=int, default=5)
     ap.add_argument("--out", default=str(common.result_path("b8_adaptation")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import visrep
 
     load = common.load_check("b8")
+    if args.cost_only:
+        cost = step_cost(args)
+        data = common.read_json(args.out) or {"benchmark": "b8_adaptation"}
+        data["step_cost"] = {**cost, "machine": common.machine_info(), "load_at_start": load,
+                             "measured_utc": common.now_iso()}
+        common.write_json(args.out, data)
+        print(json.dumps(cost, indent=1))
+        return
     work = Path(tempfile.mkdtemp(prefix="visrep_b8_"))
     pre = work / "pretrained"
     print(f"b8: pretraining ViT-Tiny on CIFAR-10 for {args.pretrain_steps} steps", flush=True)
@@ -93,34 +179,40 @@ def main() -> None:
                        test_subset=args.test_subset)
     results = {}
 
-    t0 = time.perf_counter()
-    lin = visrep.evaluate_linear(str(pre), train_subset=args.subset, weight_decay=1e-4, cache_dir=False,
-                                 **common_eval)
-    lin_s = time.perf_counter() - t0
-    cal = visrep.evaluate_calibration(str(pre), head="linear", train_subset=args.subset, weight_decay=1e-4,
-                                      **common_eval)
-    head_params = lin["feature_dim"] * lin["num_classes"] + lin["num_classes"]
-    results["linear_probe"] = {"top1": lin["top1"], "trainable_parameters": head_params,
-                               "seconds": lin_s, "seconds_what": "feature extraction (train+test) + 100-epoch probe",
-                               "ece": cal["ece"], "recipe": {k: lin[k] for k in ("epochs", "lr", "weight_decay",
-                                                                                 "batch_size", "standardize")}}
-    print(f"b8: linear probe top-1 {lin['top1']:.4f}", flush=True)
+    # Full labels first (the headline comparison), then the low-label protocols on the same backbone.
+    for fraction in [None, *args.label_fractions]:
+        tag = "" if fraction is None else f"@{fraction:g}"
+        steps = args.steps if fraction is None else args.low_label_steps
+        t0 = time.perf_counter()
+        lin = visrep.evaluate_linear(str(pre), train_subset=args.subset, label_fraction=fraction, weight_decay=1e-4,
+                                     cache_dir=False, **common_eval)
+        lin_s = time.perf_counter() - t0
+        cal = visrep.evaluate_calibration(str(pre), head="linear", train_subset=args.subset, label_fraction=fraction,
+                                          weight_decay=1e-4, cache_dir=False, **common_eval)
+        head_params = lin["feature_dim"] * lin["num_classes"] + lin["num_classes"]
+        results["linear_probe" + tag] = {
+            "label_fraction": fraction, "train_images": lin["dataset"]["train_size"], "top1": lin["top1"],
+            "trainable_parameters": head_params, "seconds": lin_s,
+            "seconds_what": "feature extraction (train+test) + 100-epoch probe", "ece": cal["ece"],
+            "recipe": {k: lin[k] for k in ("epochs", "lr", "weight_decay", "batch_size", "standardize")}}
+        print(f"b8: linear probe{tag}: top-1 {lin['top1']:.4f}", flush=True)
 
-    for mode in ("lora", "full"):
-        out = work / mode
-        rc = visrep.resolve(finetune_config(args, str(pre), str(out), mode))
-        print(f"b8: {mode}: {args.steps} steps", flush=True)
-        s = visrep.finetune(rc, quiet=True)
-        ev = visrep.evaluate_classifier(str(out), **common_eval)
-        cal = visrep.evaluate_calibration(str(out), head="own", **common_eval)
-        d = rc.to_dict()
-        results[mode] = {"top1": ev["top1"], "trainable_parameters": s["trainable_parameters"],
-                         "total_parameters": s["total_parameters"], "seconds": s["loop_seconds"],
-                         "seconds_what": "training loop", "steps": s["steps"], "final_loss": s["final_loss"],
-                         "ece": cal["ece"],
-                         "recipe": {k: d[k] for k in ("method", "data", "views", "finetune", "projector", "objective",
-                                                      "optim", "train")}}
-        print(f"b8: {mode}: top-1 {ev['top1']:.4f}, {s['trainable_parameters']:,} trainable", flush=True)
+        for mode in ("lora", "full"):
+            out = work / f"{mode}{tag}"
+            rc = visrep.resolve(finetune_config(args, str(pre), str(out), mode, fraction, steps))
+            print(f"b8: {mode}{tag}: {steps} steps", flush=True)
+            s = visrep.finetune(rc, quiet=True)
+            ev = visrep.evaluate_classifier(str(out), **common_eval)
+            cal = visrep.evaluate_calibration(str(out), head="own", **common_eval)
+            d = rc.to_dict()
+            results[mode + tag] = {
+                "label_fraction": fraction, "train_images": s.get("train_size"), "top1": ev["top1"],
+                "trainable_parameters": s["trainable_parameters"], "total_parameters": s["total_parameters"],
+                "seconds": s["loop_seconds"], "seconds_what": "training loop", "steps": s["steps"],
+                "final_loss": s["final_loss"], "ece": cal["ece"],
+                "recipe": {k: d[k] for k in ("method", "data", "views", "finetune", "projector", "objective",
+                                             "optim", "train")}}
+            print(f"b8: {mode}{tag}: top-1 {ev['top1']:.4f}, {s['trainable_parameters']:,} trainable", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     full = results["full"]
     out = {
@@ -133,7 +225,7 @@ def main() -> None:
         "ratios_vs_full": {m: {"top1": r["top1"] / max(full["top1"], 1e-9),
                                "trainable_parameters": r["trainable_parameters"] / full["trainable_parameters"],
                                "seconds": r["seconds"] / max(full["seconds"], 1e-9)}
-                           for m, r in results.items() if m != "full"},
+                           for m, r in results.items() if "@" not in m and m != "full"},
     }
     common.write_json(args.out, out)
     print(json.dumps({m: {k: r[k] for k in ("top1", "trainable_parameters", "seconds", "ece")}

@@ -138,6 +138,30 @@ def test_label_fraction_is_class_balanced():
         ds.fraction(0.0)
 
 
+def test_low_label_probe_sees_the_same_images_as_low_label_finetuning(monkeypatch):
+    """eval knn/linear/calibration with label_fraction take the subset the training loop takes for
+    data.label_fraction with the same seed, so 1 % probes and 1 % fine-tunings compare on equal labels."""
+    from visrep.data import load_dataset
+    from visrep.evaluate import api as eval_api
+
+    seen = []
+    real = eval_api.extract_features_with_info
+
+    def spy(model, ds, **kw):
+        seen.append(ds)
+        return real(model, ds, **kw)
+
+    monkeypatch.setattr(eval_api, "extract_features_with_info", spy)
+    opts = {"n": 200, "num_classes": 4}
+    res = eval_api.evaluate_knn("resnet18", dataset="synthetic", dataset_options=opts, label_fraction=0.1, seed=3,
+                                backbone_options={"cifar_stem": True, "width": 8}, cache_dir=False, progress=False)
+    loop_subset = load_dataset("synthetic", "train", **opts).fraction(0.1, 3)
+    assert res["dataset"]["train_size"] == 20 and torch.equal(seen[0].images, loop_subset.images)
+    with pytest.raises(ConfigError, match="label fraction"):
+        eval_api.evaluate_linear("resnet18", dataset="synthetic", dataset_options=opts, label_fraction=1.5,
+                                 cache_dir=False, progress=False)
+
+
 # --------------------------------------------------------------------------------------- fine-tuning runs
 def _pretrained(tmp_path):
     """A tiny supervised ViT run to fine-tune from."""
@@ -170,7 +194,7 @@ def test_finetune_full_lora_lowlabel_and_regression(tmp_path):
     assert knn_export["top1"] == knn_run["top1"]
     low = api.finetune(api.resolve({**base, "out_dir": str(tmp_path / "low"), "data": {
         **base["data"], "label_fraction": 0.25}, "finetune": {"init": pre}}), quiet=True)
-    assert low["label_fraction"] == 0.25 and low["steps"] == 1  # 16 of 64 images, batch 16
+    assert low["label_fraction"] == 0.25 and low["train_size"] == 16 and low["steps"] == 1  # 16 of 64 images, batch 16
     with pytest.raises(ConfigError, match="classifier head"):
         api.finetune(api.resolve({**base, "out_dir": str(tmp_path / "bad"), "projector": {"type": "mlp"},
                                   "finetune": {"init": pre}}), quiet=True)
@@ -224,6 +248,13 @@ def test_transfer_commands_from_the_cli(tmp_path, capsys):
                 "{depth: 1, patch_size: 4}", "--out", str(tmp_path / "cal2.json")]) == 0
     assert json.loads((tmp_path / "cal2.json").read_text())["head"] == "linear probe"
     assert run(["eval", "classifier", "--model", str(tmp_path / "ft"), *opts]) == 0
+    # low-label probe: 25 % of the 64 synthetic training labels, class-balanced
+    assert run(["eval", "linear", "--model", pre, *opts, "--label-fraction", "0.25", "--epochs", "2",
+                "--out", str(tmp_path / "lin25.json")]) == 0
+    lin = json.loads((tmp_path / "lin25.json").read_text())
+    assert lin["dataset"]["train_size"] == 16 and lin["dataset"]["label_fraction"] == 0.25
+    with pytest.raises(ConfigError, match="--label-fraction applies to"):
+        run(["eval", "fewshot", "--model", pre, *opts, "--label-fraction", "0.1"])
 
 
 def test_transfer_mistakes_are_one_line_errors(tmp_path):

@@ -28,6 +28,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize images (default: checkpoint's size)")
     p.add_argument("--train-subset", type=int, default=None, help="seeded subset of N training images")
     p.add_argument("--test-subset", type=int, default=None, help="seeded subset of N test images")
+    p.add_argument("--label-fraction", type=float, default=None,
+                   help="low-label probe: a seeded class-balanced fraction of the training labels, e.g. 0.01 "
+                        "(knn, linear, calibration)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--branch", default="student", choices=["student", "teacher"],
@@ -164,6 +167,12 @@ def run(argv: list[str] | None = None) -> int:
                       test_subset=args.test_subset, seed=args.seed, out=args.out,
                       backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"),
                       dataset_options=_yaml_mapping(args.dataset_options, "--dataset-options"))
+        if args.label_fraction is not None:
+            if args.protocol not in ("knn", "linear", "calibration"):
+                from visrep.errors import ConfigError
+
+                raise ConfigError(f"--label-fraction applies to eval knn, linear and calibration, not {args.protocol}")
+            common["label_fraction"] = args.label_fraction
         if args.protocol == "knn":
             res = api.evaluate_knn(args.model, k=args.k, temperature=args.temperature, **common)
         elif args.protocol == "fewshot":

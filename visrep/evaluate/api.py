@@ -94,11 +94,13 @@ def _load_split(dataset: str, split: str, root, download: bool, options: dict, s
 
 def _prepare(source, *, dataset, root, train_split, test_split, image_size, branch, batch_size, device,
              cache_dir, train_subset, test_subset, seed, progress, mean, std, download, dataset_options,
-             backbone_options=None):
+             backbone_options=None, label_fraction=None):
     t0 = time.perf_counter()
     dev = resolve_device(device)
     options = dict(dataset_options or {})
     train = _load_split(dataset, train_split, root, download, options, train_subset, seed)
+    if label_fraction is not None:  # low-label probes: the same seeded class-balanced subset as finetune's
+        train = train.fraction(label_fraction, seed)
     test = _load_split(dataset, test_split, root, download, options, test_subset, seed)
     if list(train.classes) != list(test.classes):
         raise DataError(f"splits '{train_split}' and '{test_split}' of '{dataset}' have different classes")
@@ -129,7 +131,7 @@ def _prepare(source, *, dataset, root, train_split, test_split, image_size, bran
         "dataset": {"name": dataset, "root": None if root is None else str(root),
                     "train_split": train_split, "test_split": test_split,
                     "train_size": int(len(ltr)), "test_size": int(len(lte)),
-                    "train_subset": train_subset, "test_subset": test_subset,
+                    "train_subset": train_subset, "test_subset": test_subset, "label_fraction": label_fraction,
                     "num_classes": len(train.classes), "classes": list(train.classes),
                     "train_fingerprint": train.meta.get("fingerprint"),
                     "test_fingerprint": test.meta.get("fingerprint"), "options": options},
@@ -165,6 +167,7 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
                  test_split: str = "test", image_size: int | None = None, k: int = 20,
                  temperature: float = 0.07, branch: str = "student", batch_size: int = 256,
                  device: str = "cpu", cache_dir: str | None = None, train_subset: int | None = None,
+                 label_fraction: float | None = None,
                  test_subset: int | None = None, seed: int = 0, out: str | None = None, progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  download: bool = True, dataset_options: dict | None = None,
@@ -174,6 +177,8 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
     source: checkpoint file, run directory, or `timm:NAME` / backbone name (random init, seeded by `seed`).
     image_size: None -> the checkpoint's recorded size, else the dataset's native size.
     train_subset / test_subset: seeded subsets (by `seed`) of N images. device: cpu | cuda | auto.
+    label_fraction: low-label protocols (0.01, 0.1): the probe/bank sees only this seeded class-balanced
+    fraction of the training split, the same subset `finetune` draws with data.label_fraction and that seed.
     cache_dir: feature cache (None: `$VISREP_CACHE/features` or `~/.cache/visrep/features`; False: off).
     mean/std: normalisation (None: ImageNet's). out: write the result as JSON there.
     Returns {"protocol": "knn", "top1", "top5" (fractions), "k", "temperature", ..., "source", "model",
@@ -186,7 +191,8 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
-        download=download, dataset_options=dataset_options, backbone_options=backbone_options)
+        download=download, dataset_options=dataset_options, backbone_options=backbone_options,
+        label_fraction=label_fraction)
     res = knn_classify(ftr, ltr, fte, lte, k=k, temperature=temperature, num_classes=c)
     res.update(similarity="cosine", weighting="exp(s/T)", reference="Wu et al. 2018 / DINO (Caron et al. 2021)")
     return _finish(record, {"protocol": "knn", **res}, t0, out)
@@ -197,6 +203,7 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
                     lr: float = 0.1, weight_decay: float = 0.0, probe_batch_size: int = 256,
                     standardize: bool = True, branch: str = "student", batch_size: int = 256,
                     device: str = "cpu", cache_dir: str | None = None, train_subset: int | None = None,
+                    label_fraction: float | None = None,
                     test_subset: int | None = None, seed: int = 0, out: str | None = None,
                     progress: bool = True, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None, download: bool = True,
@@ -215,7 +222,8 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
-        download=download, dataset_options=dataset_options, backbone_options=backbone_options)
+        download=download, dataset_options=dataset_options, backbone_options=backbone_options,
+        label_fraction=label_fraction)
     res = linear_probe(ftr, ltr, fte, lte, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        batch_size=probe_batch_size, seed=seed, standardize=standardize, num_classes=c)
     return _finish(record, {"protocol": "linear", **res}, t0, out)
@@ -356,6 +364,7 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
                          n_bins: int = 15, head: str = "auto", plot: str | None = None, epochs: int = 100,
                          lr: float = 0.1, weight_decay: float = 0.0, branch: str = "student", batch_size: int = 256,
                          device: str = "cpu", cache_dir: str | None = None, train_subset: int | None = None,
+                         label_fraction: float | None = None,
                          test_subset: int | None = None, seed: int = 0, out: str | None = None,
                          progress: bool = True, download: bool = True, dataset_options: dict | None = None,
                          backbone_options: dict | None = None) -> dict:
@@ -387,7 +396,8 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
             source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
             image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
             train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
-            download=download, dataset_options=dataset_options, backbone_options=backbone_options)
+            download=download, dataset_options=dataset_options, backbone_options=backbone_options,
+        label_fraction=label_fraction)
         probe = linear_probe(ftr, ltr, fte, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                              num_classes=c, return_logits=True)
         logits = probe.pop("test_logits")

@@ -366,7 +366,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         teardown_distributed(dist_info)
 
     summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": step,
-               "total_steps": total_steps, "epochs_done": step / steps_per_epoch, "stop_reason": stop_reason,
+               "total_steps": total_steps, "train_size": len(train), "epochs_done": step / steps_per_epoch,
+               "stop_reason": stop_reason,
                "final_loss": last_loss, "seconds": time.time() - t_start, "loop_seconds": time.time() - t_loop,
                "history": history,
                "checkpoint": str(ckpt_path)}
