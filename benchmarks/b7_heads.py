@@ -122,10 +122,7 @@ def main() -> None:
                                                  for k in args.ks]
     if args.cost_only:
         cost = step_cost(args, heads)
-        data = common.read_json(args.out) or {"benchmark": "b7_heads"}
-        data["step_cost"] = {**cost, "machine": common.machine_info(), "load_at_start": load,
-                             "measured_utc": common.now_iso()}
-        common.write_json(args.out, data)
+        common.merge_step_cost(args.out, "b7_heads", cost, load)
         print(json.dumps(cost, indent=1))
         return
     work = Path(tempfile.mkdtemp(prefix="visrep_b7_"))

@@ -163,10 +163,7 @@ def main() -> None:
     load = common.load_check("b8")
     if args.cost_only:
         cost = step_cost(args)
-        data = common.read_json(args.out) or {"benchmark": "b8_adaptation"}
-        data["step_cost"] = {**cost, "machine": common.machine_info(), "load_at_start": load,
-                             "measured_utc": common.now_iso()}
-        common.write_json(args.out, data)
+        common.merge_step_cost(args.out, "b8_adaptation", cost, load)
         print(json.dumps(cost, indent=1))
         return
     work = Path(tempfile.mkdtemp(prefix="visrep_b8_"))

@@ -115,6 +115,14 @@ def load_check(label: str) -> dict:
     return {"loadavg_1min_at_start": load, "cores": cores, "busy": busy}
 
 
+def merge_step_cost(path: str | Path, benchmark: str, cost: dict, load: dict) -> None:
+    """Add an interleaved per-step cost measurement (`--cost-only`) to a benchmark's existing results JSON,
+    with its own machine description: it is usually measured at another time than the runs."""
+    data = read_json(path) or {"benchmark": benchmark}
+    data["step_cost"] = {**cost, "machine": machine_info(), "load_at_start": load, "measured_utc": now_iso()}
+    write_json(path, data)
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
