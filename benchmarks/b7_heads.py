@@ -18,8 +18,8 @@ transfer better than softmax features.
     python benchmarks/b7_heads.py --cost-only      # per-step cost of each head, interleaved; merged into the JSON
 
 --cost-only times one full training step (views, backbone, head, loss, backward, SGD + Riemannian SGD)
-for every head, round-robin over --cost-rounds rounds of 3 steps, in one process on the same batch, and
-reports medians and ratios to softmax: the side-by-side comparison of the budgets' CPU cost.
+for every head, round-robin over --cost-rounds rounds of 3 steps (the order rotating each round), in one
+process on the same batch, and reports medians and ratios to softmax: the side-by-side comparison of the budgets' CPU cost.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def config(args, head: dict, out_dir: str) -> dict:
 
 def step_cost(args, heads) -> dict:
     """Median seconds per training step of each head, measured round-robin in this process."""
-    import time
+    from functools import partial
 
     import visrep
     from visrep.data.views import build_views
@@ -77,23 +77,9 @@ def step_cost(args, heads) -> dict:
         opts = [build_optimizer(rc.optim, groups)] + ([RiemannianSGD(manifold, lr=0.1)] if manifold else [])
         setups[name] = (model, opts, build_views(rc.views.policy, 32, **rc.views.options),
                         build_objective(rc.objective.name, **rc.objective.params))
-    times = {name: [] for name in setups}
-    for r in range(args.cost_rounds):
-        for name, (model, opts, views, objective) in setups.items():
-            for i in range(3):
-                t0 = time.perf_counter()
-                out = model(views(x, seed=i), 1)
-                loss = objective(out.student, out.teacher, labels=y)
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                for o in opts:
-                    o.step()
-                if i > 0 or r > 0:  # the very first step of each head warms up
-                    times[name].append(time.perf_counter() - t0)
-    med = {n: common.median(t) for n, t in times.items()}
-    return {"rounds": args.cost_rounds, "steps_per_round": 3, "batch_size": args.batch_size,
-            "median_step_s": med, "ratio_to_softmax": {n: med[n] / med["softmax"] for n in med}}
+    paths = {name: partial(common.train_step, model, opts, views, objective, x, y)
+             for name, (model, opts, views, objective) in setups.items()}
+    return {**common.interleaved_step_cost(paths, args.cost_rounds, "softmax"), "batch_size": args.batch_size}
 
 
 def main() -> None:

@@ -1,25 +1,29 @@
-"""B8: adapting one pretrained backbone to a face task: linear probe vs LoRA vs full fine-tuning.
+"""B8: adapting one pretrained backbone to a face task: linear probe vs LoRA vs full fine-tuning, with all
+labels and in the low-label protocols (1 % and 10 % of the labels).
 
 1. Pretrain: ViT-Tiny (patch 4, 32 px) with the `supervised` preset on CIFAR-10 for --pretrain-steps steps
-   (batch --batch-size, AdamW). This is the one backbone all three adaptations start from.
+   (batch --batch-size, AdamW). This is the one backbone every adaptation starts from.
 2. Target: UTKFace gender (seeded 80/20 split, 18,962 train / 4,740 test images) at 32 px.
    - linear probe: `visrep.evaluate_linear` on frozen features (standardised, 100 epochs SGD, wd 1e-4);
    - LoRA: `visrep.finetune` mode lora (peft; r 8, α 16 on every block's qkv, proj, fc1, fc2), a new linear
      head, AdamW lr --lora-lr, --steps steps;
    - full: `visrep.finetune` mode full with layer-wise lr decay 0.75, AdamW lr --full-lr, --steps steps.
    Both fine-tunings use the preset's crop+flip view and label smoothing 0.1, warm-up 10 % of the steps.
-3. Report: test top-1, trainable parameters, seconds (probe: feature extraction + probe; fine-tunings:
-   training loop), and the expected calibration error of each (15 bins).
+   Then all three again for each of --label-fractions (the same seeded class-balanced subset for the probe
+   and the fine-tunings), with --low-label-steps fine-tuning steps.
+3. Report: test top-1 on the whole test split, trainable parameters, seconds (probe: feature extraction +
+   probe; fine-tunings: training loop), and the expected calibration error of each (15 bins).
 
-    python benchmarks/b8_adaptation.py                         # ~25 min on 2 cores
-    python benchmarks/b8_adaptation.py --pretrain-steps 3 --steps 3 --subset 1024 --out /tmp/b8.json
+    python benchmarks/b8_adaptation.py                         # ~65 min on 2 cores
+    python benchmarks/b8_adaptation.py --pretrain-steps 3 --steps 3 --low-label-steps 2 --subset 1024 \
+        --test-subset 300 --out /tmp/b8.json                   # smoke run (~4 min, mostly reading UTKFace)
     python benchmarks/b8_adaptation.py --cost-only   # per-step cost of each adaptation, interleaved; merged into the JSON
 
 --cost-only times, round-robin in one process on the same uint8 batch, one LoRA training step, one full
 fine-tuning step (views, backbone, head, loss, backward, AdamW) and one no-grad forward (what the linear
-probe pays per image to extract its features), over --cost-rounds rounds of 3 steps each, and reports
-medians and ratios to the full step: the side-by-side comparison that the runs' own loop times, taken
-one after the other on a shared machine, cannot give.
+probe pays per image to extract its features), over --cost-rounds rounds of 3 steps each (the order
+rotating each round), and reports medians and ratios to the full step: the side-by-side comparison that
+the runs' own loop times, taken one after the other on a shared machine, cannot give.
 """
 from __future__ import annotations
 
@@ -79,6 +83,8 @@ def finetune_config(args, init: str, out_dir: str, mode: str, fraction: float | 
 
 def step_cost(args) -> dict:
     """Median seconds per step of LoRA, full fine-tuning and a frozen-feature forward, measured round-robin."""
+    from functools import partial
+
     import visrep
     from visrep.data.views import build_views
     from visrep.methods import build_template
@@ -107,34 +113,16 @@ def step_cost(args) -> dict:
                         build_objective(rc.objective.name, **rc.objective.params))
         params[mode] = count_parameters(model)[0]
     frozen = setups["full"][0].backbone
-    names = ["lora", "full", "frozen_forward"]
-    times = {name: [] for name in names}
-    per_round = []
-    for r in range(args.cost_rounds):
-        order = names[r % 3:] + names[:r % 3]  # rotate who goes first, so no path always runs after the same one
-        this_round = {}
-        for name in order:
-            for i in range(3):
-                t0 = time.perf_counter()
-                if name == "frozen_forward":
-                    with torch.no_grad():
-                        frozen(x.float() / 255.0)
-                else:
-                    model, opt, views, objective = setups[name]
-                    out = model(views(x, seed=i), 1)
-                    loss = objective(out.student, out.teacher, labels=y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                if i > 0 or r > 0:  # each path's very first step warms up
-                    times[name].append(time.perf_counter() - t0)
-                    this_round.setdefault(name, []).append(times[name][-1])
-        per_round.append({n: common.median(this_round[n]) / common.median(this_round["full"]) for n in names})
+
+    def frozen_forward(i):  # what the probe pays per batch to extract its features
+        with torch.no_grad():
+            frozen(x.float() / 255.0)
+
+    paths = {mode: partial(common.train_step, model, [opt], views, objective, x, y)
+             for mode, (model, opt, views, objective) in setups.items()}
+    cost = common.interleaved_step_cost({**paths, "frozen_forward": frozen_forward}, args.cost_rounds, "full")
     shutil.rmtree(work, ignore_errors=True)
-    med = {n: common.median(t) for n, t in times.items()}
-    return {"rounds": args.cost_rounds, "steps_per_round": 3, "batch_size": args.batch_size,
-            "trainable_parameters": params, "median_step_s": med,
-            "ratio_to_full": {n: med[n] / med["full"] for n in med}, "per_round_ratio_to_full": per_round}
+    return {**cost, "batch_size": args.batch_size, "trainable_parameters": params}
 
 
 def main() -> None:

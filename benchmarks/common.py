@@ -115,6 +115,44 @@ def load_check(label: str) -> dict:
     return {"loadavg_1min_at_start": load, "cores": cores, "busy": busy}
 
 
+def train_step(model, optimizers, views, objective, x, y, seed: int) -> None:
+    """One supervised training step of a Template, as the loop takes it: views, forward, loss, backward, step."""
+    out = model(views(x, seed=seed), 1)
+    loss = objective(out.student, out.teacher, labels=y)
+    for o in optimizers:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in optimizers:
+        o.step()
+
+
+def interleaved_step_cost(paths: dict, rounds: int, baseline: str, steps_per_round: int = 3) -> dict:
+    """Median seconds per call of each `paths[name](i)`, measured round-robin in this process: every round
+    runs each path `steps_per_round` times, the order rotating by one each round, so no path always follows
+    the same one. The very first call of each path warms up and is not counted. Returns medians, their
+    ratios to `baseline`, and the per-round ratios (their spread is the machine's noise)."""
+    import time
+
+    names = list(paths)
+    times = {n: [] for n in names}
+    per_round = []
+    for r in range(rounds):
+        this_round = {n: [] for n in names}
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for i in range(steps_per_round):
+                t0 = time.perf_counter()
+                paths[name](i)
+                if i > 0 or r > 0:
+                    this_round[name].append(time.perf_counter() - t0)
+            times[name] += this_round[name]
+        if all(this_round.values()):
+            per_round.append({n: median(this_round[n]) / median(this_round[baseline]) for n in names})
+    med = {n: median(t) for n, t in times.items()}
+    return {"rounds": rounds, "steps_per_round": steps_per_round, "order": "rotating", "median_step_s": med,
+            f"ratio_to_{baseline}": {n: med[n] / med[baseline] for n in med},
+            f"per_round_ratio_to_{baseline}": per_round}
+
+
 def merge_step_cost(path: str | Path, benchmark: str, cost: dict, load: dict) -> None:
     """Add an interleaved per-step cost measurement (`--cost-only`) to a benchmark's existing results JSON,
     with its own machine description: it is usually measured at another time than the runs."""

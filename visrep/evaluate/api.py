@@ -397,7 +397,7 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
             image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
             train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
             download=download, dataset_options=dataset_options, backbone_options=backbone_options,
-        label_fraction=label_fraction)
+            label_fraction=label_fraction)
         probe = linear_probe(ftr, ltr, fte, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                              num_classes=c, return_logits=True)
         logits = probe.pop("test_logits")
