@@ -164,8 +164,8 @@ def test_imagefolder_without_split_folders(tmp_path):
     flat = tree / "x"  # x/<class>/... -> pointing at x: class folders, whole tree is the split
     ds = load_dataset("imagefolder", "train", flat)
     assert len(ds) == 9 and ds.meta["layout"] == "class-folders"
-    with pytest.warns(UserWarning, match="no split folders"):
-        assert len(load_dataset("imagefolder", "test", flat)) == 9
+    with pytest.raises(DataError, match="no split folders.*test_fraction"):  # never the training images
+        load_dataset("imagefolder", "test", flat)
 
 
 def test_imagefolder_corrupt_files_skipped_with_one_warning(tmp_path):

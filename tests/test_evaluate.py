@@ -151,7 +151,7 @@ def test_feature_cache_hit_and_miss(tmp_path):
     assert model.training  # the caller's mode is restored
     assert f1.dtype == torch.float32 and f1.shape == (24, 6) and not f1.is_inference()
     assert torch.equal(l1, ds.labels)
-    files = list(tmp_path.iterdir())
+    files = [p for p in tmp_path.iterdir() if p.suffix != ".lock"]  # each entry has a lock file beside it
     assert len(files) == 1 and files[0].suffix == ".safetensors"  # no temporary file left behind
 
     f2, l2, i2 = extract_features_with_info(model, ds, model_fingerprint="weights-A", **kw)
@@ -164,7 +164,7 @@ def test_feature_cache_hit_and_miss(tmp_path):
     assert i4["cache"] == "miss"
     _, _, i5 = extract_features_with_info(model, ds, model_fingerprint="weights-A", mean=(0.5,) * 3, **kw)
     assert i5["cache"] == "miss"
-    assert len(list(tmp_path.iterdir())) == 4
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
 
     # No fingerprint: nothing cached.
     calls = model.calls

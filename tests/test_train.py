@@ -141,7 +141,7 @@ def test_checkpoint_is_safetensors_and_backbone_loads_into_timm(tmp_path):
     header_len = int.from_bytes(raw[:8], "little")
     assert raw[8:9] == b"{" and json.loads(raw[8:8 + header_len])["__metadata__"]["visrep"]
     tensors, meta = load_checkpoint(path)
-    assert meta["format"] == "visrep-checkpoint-v1" and meta["config"]["method"] == "simclr"
+    assert meta["format"] == "visrep-checkpoint-v2" and meta["config"]["method"] == "simclr"
     assert "rng.torch" in tensors and any(k.startswith("optim.") for k in tensors)
     timm_model = timm.create_model("resnet18", num_classes=0, channels=(8, 16, 32, 64), stem_width=8)
     from visrep.models.backbones import apply_cifar_stem

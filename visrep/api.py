@@ -19,22 +19,48 @@ def resolve(config: str | dict | None = None, overrides: list[str] | dict | None
     return resolve_config(config, overrides, base=base)
 
 
+def resume_config(run_dir: str, overrides: list[str] | dict | None = None, *, config: str | None = None) -> RunConfig:
+    """The config to resume the run in `run_dir` with: the run's own (from its checkpoint), or `config` if given,
+    plus `overrides` (e.g. a larger train.max_steps); out_dir is `run_dir` however it is spelled or wherever
+    the run was moved."""
+    from pathlib import Path
+
+    from visrep.config import deep_merge, from_dict, parse_overrides, validate
+    from visrep.train.checkpoint import read_checkpoint_meta
+
+    path = Path(run_dir).expanduser()
+    ckpt = path / "checkpoints" / "last.safetensors"
+    if not ckpt.is_file():
+        raise ConfigError(f"nothing to resume: '{run_dir}' is not a run directory (no checkpoints/last.safetensors)")
+    over = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    over = deep_merge(over, {"out_dir": str(path)})
+    if config is not None:
+        return resolve(config, over)
+    # Only the header is needed here; pretrain verifies the whole file (hash, step) before it loads it.
+    saved = read_checkpoint_meta(ckpt).get("config")
+    if saved is None:
+        raise ConfigError(f"the checkpoint in '{run_dir}' records no config; resume with --config instead")
+    cfg = from_dict(RunConfig, deep_merge(saved, over))
+    validate(cfg)
+    return cfg
+
+
 def pretrain(config: RunConfig | str | dict | None = None, *, overrides=None, resume: bool = False,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, force: bool = False) -> dict:
     """Pretrain with a method preset; see `visrep.train.loop.pretrain`."""
     from visrep.train.loop import pretrain as _pretrain
 
     cfg = config if isinstance(config, RunConfig) else resolve(config, overrides)
-    return _pretrain(cfg, resume=resume, quiet=quiet)
+    return _pretrain(cfg, resume=resume, quiet=quiet, force=force)
 
 
 def finetune(config: RunConfig | str | dict | None = None, *, overrides=None, resume: bool = False,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, force: bool = False) -> dict:
     """Fine-tune (full or LoRA) from `finetune.init`, export and evaluate; see `visrep.train.finetune`."""
     from visrep.train.finetune import finetune as _finetune
 
     cfg = config if isinstance(config, RunConfig) else resolve(config, overrides)
-    return _finetune(cfg, resume=resume, quiet=quiet)
+    return _finetune(cfg, resume=resume, quiet=quiet, force=force)
 
 
 def evaluate_fewshot(source: str, **kwargs) -> dict:

@@ -2,6 +2,7 @@
 
     visrep pretrain --config configs/simclr_cifar10.yaml train.epochs=1 optim.lr=0.5
     visrep pretrain --config ... --resume
+    visrep pretrain --resume runs/simclr            # the config comes from the run itself
     visrep eval knn --model runs/simclr --dataset cifar10 --data-dir ~/data
     visrep eval linear --model timm:resnet18 --dataset digits
     visrep finetune --config configs/finetune_utkface_gender.yaml finetune.init=runs/sup finetune.mode=lora
@@ -41,6 +42,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help='options for a random-init/timm --model, as YAML, e.g. "{cifar_stem: true, width: 16}"')
     p.add_argument("--dataset-options", default=None,
                    help='dataset options as YAML, e.g. "{task: age}" for utkface or "{task: landmarks}" for mtfl')
+    p.add_argument("--force", action="store_true", help="load a checkpoint that fails its integrity check")
+
+
+_RESUME_HELP = ("continue a run from its last checkpoint: the run in out_dir, or RUN_DIR (its config then comes "
+                "from the run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,14 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a backbone with a method preset")
     p.add_argument("--config", default=None, help="YAML config (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR", help=_RESUME_HELP)
+    p.add_argument("--force", action="store_true",
+                    help="resume from a checkpoint that fails its integrity check (it is then overwritten)")
     p.add_argument("--data-dir", default=None, help="dataset root or archive (sets data.root)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method=byol optim.lr=0.5")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     pf = sub.add_parser("finetune", help="fine-tune a pretrained backbone (full or LoRA), export it and evaluate")
     pf.add_argument("--config", default=None, help="YAML config (see configs/finetune_*.yaml)")
-    pf.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    pf.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR", help=_RESUME_HELP)
+    pf.add_argument("--force", action="store_true",
+                    help="resume from a checkpoint that fails its integrity check (it is then overwritten)")
     pf.add_argument("--data-dir", default=None, help="dataset root or archive (sets data.root)")
     pf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.init=runs/mae finetune.mode=lora")
     pf.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -110,13 +120,21 @@ def _yaml_mapping(text: str | None, flag: str) -> dict | None:
 
     if text is None:
         return None
+    from visrep.config import yaml_error_where
+
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{flag} is not valid YAML at {yaml_error_where(e)}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{flag} must be a YAML mapping such as '{{cifar_stem: true}}', got {text!r}")
     return value
+
+
+def _finished_line(summary: dict) -> str:
+    why = "reached train.max_steps" if summary["already_finished"] == "max_steps" else "already finished"
+    return (f"nothing to do: the run in {summary['out_dir']} {why} at step {summary['steps']}/"
+            f"{summary['total_steps']}; nothing was changed")
 
 
 def _print_json(res: dict) -> None:
@@ -127,21 +145,48 @@ def _print_json(res: dict) -> None:
     print(json.dumps(slim, indent=2))
 
 
+def _parse(argv: list[str] | None):
+    """argparse, but dotted overrides (`key.sub=value`) may stand anywhere on the line, also after options."""
+    from visrep.errors import ConfigError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")]
+    rest = [x for x in extra if x not in overrides]
+    if rest:
+        raise ConfigError(f"unrecognized argument{'s' if len(rest) > 1 else ''} {' '.join(rest)}; see visrep "
+                          f"{args.command} --help")
+    if overrides and args.command not in ("pretrain", "finetune"):
+        raise ConfigError(f"visrep {args.command} takes no key=value overrides, got {overrides[0]!r}")
+    if args.command in ("pretrain", "finetune"):
+        args.overrides = list(args.overrides) + overrides
+        if isinstance(args.resume, str) and "=" in args.resume:  # `--resume key=value`: an override, not a folder
+            args.overrides.append(args.resume)
+            args.resume = True
+    return args
+
+
 def run(argv: list[str] | None = None) -> int:
     from visrep import api
 
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     if args.command in ("pretrain", "finetune"):
         overrides = list(args.overrides) + ([f"data.root={args.data_dir}"] if args.data_dir else [])
-        cfg = api.resolve(args.config, overrides)
+        if isinstance(args.resume, str):  # --resume RUN_DIR
+            cfg = api.resume_config(args.resume, overrides, config=args.config)
+        else:
+            cfg = api.resolve(args.config, overrides)
         if args.print_config:
             import yaml
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
     if args.command == "finetune":
-        summary = api.finetune(cfg, resume=args.resume)
+        summary = api.finetune(cfg, resume=bool(args.resume), force=args.force)
         if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        if summary.get("already_finished"):
+            print(_finished_line(summary))
             return 0
         ev = summary.get("eval", {})
         metric = ", ".join(f"{k} {ev[k]:.4f}" for k in ("top1", "mae", "nme") if k in ev)
@@ -151,8 +196,11 @@ def run(argv: list[str] | None = None) -> int:
               + (f"; exported {summary['export']}" if "export" in summary else ""))
         return 0
     if args.command == "pretrain":
-        summary = api.pretrain(cfg, resume=args.resume)
+        summary = api.pretrain(cfg, resume=bool(args.resume), force=args.force)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+            return 0
+        if summary.get("already_finished"):
+            print(_finished_line(summary))
             return 0
         last = summary["history"][-1] if summary["history"] else {}
         print(f"done: {summary['steps']}/{summary['total_steps']} steps ({summary['stop_reason']}), "
@@ -164,7 +212,7 @@ def run(argv: list[str] | None = None) -> int:
         common = dict(dataset=args.dataset, root=args.data_dir, train_split=args.train_split,
                       test_split=args.test_split, image_size=args.image_size, branch=args.branch,
                       batch_size=args.batch_size, device=args.device, train_subset=args.train_subset,
-                      test_subset=args.test_subset, seed=args.seed, out=args.out,
+                      test_subset=args.test_subset, seed=args.seed, out=args.out, force=args.force,
                       backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"),
                       dataset_options=_yaml_mapping(args.dataset_options, "--dataset-options"))
         if args.label_fraction is not None:

@@ -183,6 +183,15 @@ _Loader.add_implicit_resolver(
 def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
+
+def yaml_error_where(e: yaml.YAMLError) -> str:
+    """'line 3, column 7: mapping values are not allowed here' from a PyYAML error (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
 def deep_merge(base: dict, update: dict) -> dict:
     """Recursive dict merge; dict values merge, anything else replaces."""
     out = copy.deepcopy(base)
@@ -222,7 +231,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML at {yaml_error_where(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data
@@ -345,6 +354,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.steps must be at least 1, got {cfg.train.steps}")
     if cfg.train.batch_size < 2:
         raise ConfigError(f"train.batch_size must be at least 2, got {cfg.train.batch_size}")
+    _check_ranges(cfg)
     # Cheap parts are built here so a bad option fails before any data is decoded (and in --print-config).
     from visrep.data.views import build_views
     from visrep.models.heads import check_head_spec
@@ -392,6 +402,39 @@ def validate(cfg: RunConfig) -> None:
         if not isinstance(spec, dict):
             raise ConfigError(f"objective.schedules.{name} must be a mapping with start, end, warmup_epochs")
         from_dict(ScheduleSpec, spec, f"objective.schedules.{name}")
+
+
+# (key, lowest, highest, lowest allowed?, highest allowed?); None: unbounded. Checked when the value is set.
+_RANGES = (
+    ("optim.lr", 0, None, True, True), ("optim.min_lr", 0, None, True, True),
+    ("optim.weight_decay", 0, None, True, True), ("optim.weight_decay_end", 0, None, True, True),
+    ("optim.warmup_epochs", 0, None, True, True), ("optim.momentum", 0, 1, True, False),
+    ("optim.lars_eta", 0, None, True, True), ("optim.clip_grad", 0, None, False, True),
+    ("optim.manifold_lr", 0, None, True, True), ("optim.manifold_momentum", 0, 1, True, False),
+    ("train.max_steps", 1, None, True, True), ("train.time_budget_s", 0, None, True, True),
+    ("target.momentum", 0, 1, True, True), ("target.momentum_end", 0, 1, True, True),
+    ("monitor.probe_lr", 0, None, False, True), ("monitor.knn_every", 0, None, True, True),
+    ("monitor.knn_k", 1, None, True, True), ("monitor.knn_temperature", 0, None, False, True),
+)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Values that type-check but make no sense (a negative lr, momentum 1, max_steps 0): one sentence each."""
+    for key, lo, hi, lo_ok, hi_ok in _RANGES:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v is None:
+            continue
+        bad = (lo is not None and (v < lo or (v == lo and not lo_ok))) or \
+              (hi is not None and (v > hi or (v == hi and not hi_ok)))
+        if bad:
+            lo_s = "-inf" if lo is None else lo
+            hi_s = "inf" if hi is None else hi
+            interval = f"{'[' if lo_ok else '('}{lo_s}, {hi_s}{']' if hi_ok and hi is not None else ')'}"
+            raise ConfigError(f"{key} must be in {interval}, got {v}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(betas)}")
 
 
 def config_from_json(text: str) -> RunConfig:

@@ -6,7 +6,13 @@ registered in ``SOURCES`` (``visrep list datasets``).
 
 Image folders and archives are decoded once and kept in an on-disk cache of decoded arrays
 (``$VISREP_CACHE/datasets/<key>.npz``, default ``~/.cache/visrep/datasets``), plain numpy
-arrays, no pickle; the key changes when the source file(s), split or image_size change.
+arrays, no pickle; the key changes when the source file(s), split, image_size or split options
+change. Entries are written atomically and built under a per-entry file lock, so concurrent
+processes build each entry once (``meta["cache"]``: "hit", "build" or "off").
+
+Nothing in a user's files is executed: CIFAR batches go through a pickle reader that only rebuilds
+numpy arrays (``visrep.data.safe_pickle``), images are decoded by libjpeg-turbo or by PIL limited to
+the formats in IMAGE_EXTENSIONS, archives are read in place (never extracted), caches without pickle.
 """
 from __future__ import annotations
 
@@ -16,15 +22,18 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visrep.cache import atomic_write, entry_lock
+from visrep.data.cifar import CIFAR, download as _download_cifar, missing_files, read_split, verify_files
+from visrep.data.walk import list_tree
 from visrep.errors import ConfigError, DataError
 from visrep.registry import Registry
 
@@ -41,10 +50,13 @@ SOURCES = Registry("dataset")
 
 TRAIN_TEST = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+# PIL's decoders for those extensions (JPEG also opens cameras' multi-picture files). PIL picks the
+# decoder from the content, so without this list a file renamed .png holding EPS would run Ghostscript.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 # folder names that mark a "split" level in an image-folder tree
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "eval", "dev", "holdout"})
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: class-folder trees no longer serve split "test" as the whole tree
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +220,8 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
                  image_size: int | None = None, download: bool = True, **options) -> ImageDataset:
     """Load dataset ``name`` (see ``SOURCES.names()``) split ``split`` into memory.
 
-    root: data directory (or, for imagefolder, the folder/archive itself); default $VISREP_DATA.
+    root: data directory (or, for imagefolder, the folder/archive itself); default $VISREP_DATA. Sources
+        that need no files (digits, synthetic) warn when it is passed explicitly, and ignore it.
     image_size: resize to this square size (default: the source's own size; digits/synthetic 32).
     download: let torchvision download CIFAR when it is not under root.
     options: source-specific, see each source's signature; unknown ones raise ConfigError.
@@ -225,6 +238,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
         raise ConfigError(f"image_size must be a positive integer or None, got {image_size!r}")
     if not isinstance(split, str) or not split:
         raise ConfigError(f"split must be a non-empty string, got {split!r}")
+    _warn_ignored_root(name, source, root)
     ds = source(split=split, root=resolve_root(root), image_size=None if image_size is None else int(image_size),
                 download=bool(download), **options)
     ds.meta.setdefault("dataset", name)
@@ -232,10 +246,27 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     return ds
 
 
+def _without_files(origin: str):
+    """Mark a source whose images are `origin` (bundled, generated): it reads no data directory."""
+    def mark(fn):
+        fn.origin = origin
+        return fn
+    return mark
+
+
+def _warn_ignored_root(name: str, source, root) -> None:
+    """An explicit root for a source that reads no files is likely a mistake (the user expected their
+    data); $VISREP_DATA is a general default, so it is ignored silently."""
+    origin = getattr(source, "origin", None)
+    if origin and root is not None and str(root) != "":
+        warnings.warn(f"dataset '{name}' is {origin}, so the data directory {root} is ignored", stacklevel=3)
+
+
 # ----------------------------------------------------------------------------------------------
 # digits (scikit-learn, bundled)
 # ----------------------------------------------------------------------------------------------
 @SOURCES.register("digits")
+@_without_files("bundled with scikit-learn")
 def digits(*, split: str, root: Path | None, image_size: int | None, download: bool) -> ImageDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline; 80/20 split."""
     _check_split("digits", split)
@@ -259,6 +290,7 @@ def digits(*, split: str, root: Path | None, image_size: int | None, download: b
 # synthetic (tests)
 # ----------------------------------------------------------------------------------------------
 @SOURCES.register("synthetic")
+@_without_files("generated")
 def synthetic(*, split: str, root: Path | None, image_size: int | None, download: bool, n: int = 512,
               num_classes: int = 4, seed: int = 0, noise: float = 0.15) -> ImageDataset:
     """Seeded class-structured random images (a colour + oriented grating per class, plus noise), for tests."""
@@ -292,65 +324,46 @@ def synthetic(*, split: str, root: Path | None, image_size: int | None, download
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 (torchvision layout)
 # ----------------------------------------------------------------------------------------------
-_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-
-
 def _cifar(kind: str, split: str, root: Path | None, image_size: int | None, download: bool, verify: bool) -> ImageDataset:
+    """Read the extracted python batches under `root` with visrep's own reader (never torchvision's
+    unpickling); download them first when they are missing and `download` is on."""
     _check_split(kind, split)
-    folder = _CIFAR_FOLDERS[kind]
+    fmt = CIFAR[kind]
     if root is None:
         raise DataError(
             f"{kind} needs a data directory: pass --data-dir DIR or set VISREP_DATA to the folder that holds "
-            f"(or should receive) {folder}/"
+            f"(or should receive) {fmt.folder}/"
         )
-    if root.name == folder:  # pointed at the batches folder itself
+    if root.name == fmt.folder:  # pointed at the batches folder itself
         root = root.parent
-    import torchvision.datasets as tvd
-
-    base_cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
-
-    if verify:
-        cls = base_cls
-    else:
-        # torchvision's layout and loader, but only check that the files exist (not their md5);
-        # a corrupt file still fails when it is unpickled, and downloads are md5-checked.
-        cls = type(f"_{base_cls.__name__}", (base_cls,), {
-            "train_list": [[f, None] for f, _ in base_cls.train_list],
-            "test_list": [[f, None] for f, _ in base_cls.test_list],
-            "meta": {**base_cls.meta, "md5": None},
-        })
-    present = all((root / folder / f).is_file() for f, _ in base_cls.train_list + base_cls.test_list + [[base_cls.meta["filename"], None]])
-    where = root / folder
+    where = root / fmt.folder
     fix = f"put the extracted python batches there and point --data-dir / VISREP_DATA at {root}"
-    if not present and not download:
-        raise DataError(f"{kind} not found: looked for {where}/; {fix}, or enable download")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tv = cls(str(root), train=(split == "train"), download=download and not present)
-    except Exception as exc:  # noqa: BLE001 -- network, disk, unpickling: all user-fixable
-        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-        if not present:
-            raise DataError(f"{kind} not found in {where}/ and the download failed ({reason}); {fix}, or retry with network access") from exc
-        raise DataError(f"{kind} files in {where}/ could not be read ({reason}); delete that folder and download again, or point --data-dir / VISREP_DATA at a good copy") from exc
-    data = np.ascontiguousarray(np.asarray(tv.data, dtype=np.uint8))  # [N, 32, 32, 3]
-    images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    if missing_files(fmt, where):
+        if not download:
+            raise DataError(f"{kind} not found: looked for {where}/; {fix}, or enable download")
+        _download_cifar(fmt, root, fix)
+    if verify:
+        verify_files(fmt, where, split)
+    images, labels, classes = read_split(fmt, where, split)
     if image_size is not None:
         images = _resize_uint8(images, image_size)
-    labels = torch.as_tensor(np.asarray(tv.targets, dtype=np.int64))
-    meta = {"source": str((root / folder).resolve()), "split": split, "n_skipped": 0}
-    return ImageDataset(images, labels, list(tv.classes), f"{kind}/{split}", meta)
+    meta = {"source": str(where.resolve()), "split": split, "n_skipped": 0}
+    return ImageDataset(images, labels, classes, f"{kind}/{split}", meta)
 
 
 @SOURCES.register("cifar10")
 def cifar10(*, split: str, root: Path | None, image_size: int | None, download: bool, verify: bool = False) -> ImageDataset:
-    """CIFAR-10 (60k 32x32, 10 classes) from torchvision's cifar-10-batches-py under the data dir; downloads if allowed."""
+    """CIFAR-10 (60k 32x32, 10 classes) from the python batches (cifar-10-batches-py/) under the data dir; downloads if allowed.
+
+    verify: also check each file's md5 against torchvision's list (reading never runs code either way)."""
     return _cifar("cifar10", split, root, image_size, download, verify)
 
 
 @SOURCES.register("cifar100")
 def cifar100(*, split: str, root: Path | None, image_size: int | None, download: bool, verify: bool = False) -> ImageDataset:
-    """CIFAR-100 (60k 32x32, 100 classes) from torchvision's cifar-100-python under the data dir; downloads if allowed."""
+    """CIFAR-100 (60k 32x32, 100 fine classes) from the python batches (cifar-100-python/) under the data dir; downloads if allowed.
+
+    verify: also check each file's md5 against torchvision's list (reading never runs code either way)."""
     return _cifar("cifar100", split, root, image_size, download, verify)
 
 
@@ -375,7 +388,7 @@ def _layout(paths: list[tuple[str, ...]], split: str, where: str):
     Wrapper folders (one top-level directory holding everything, not itself a split name) are
     stripped. If the top level then holds split folders (train/, test/, val/..., or a folder
     named ``split``) whose files sit at <split>/<class>/..., ``split`` must be one of them;
-    otherwise the tree is <class>/... and the whole tree is the split."""
+    otherwise the tree is <class>/... and every file is a candidate (``_select_split`` decides)."""
     prefix: tuple[str, ...] = ()
     rel = [p for p in paths]
     while rel and all(len(p) >= 3 for p in rel) and len({p[0] for p in rel}) == 1 and rel[0][0] not in SPLIT_NAMES and rel[0][0] != split:
@@ -410,7 +423,7 @@ def _decode(data: bytes, image_size: int | None) -> torch.Tensor | None:
         try:
             from PIL import Image
 
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
                 arr = np.asarray(im.convert("RGB"))
             img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
         except Exception:  # noqa: BLE001 -- any unreadable file is skipped and counted
@@ -422,28 +435,30 @@ def _decode(data: bytes, image_size: int | None) -> torch.Tensor | None:
     return img.contiguous()
 
 
-def _list_directory(root: Path) -> list[tuple[str, ...]]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-        rel = Path(dirpath).relative_to(root).parts
-        for f in sorted(filenames):
-            if _is_image(f) and not f.startswith("."):
-                out.append(rel + (f,))
-    return out
+def _list_directory(root: Path) -> tuple[list[tuple[str, ...]], list[str]]:
+    """(image paths as parts relative to `root`, skipped directory links): every real folder once,
+    labelled by the path the user laid out (see visrep.data.walk)."""
+    return list_tree(root, keep_file=lambda n: _is_image(n) and not n.startswith("."),
+                     keep_dir=lambda n: not _hidden((n,)))
 
 
-def _directory_key(root: Path, paths: list[tuple[str, ...]], split: str, image_size: int | None) -> str:
-    h = hashlib.sha1(json.dumps([_CACHE_FORMAT, "dir", str(root.resolve()), split, image_size]).encode())
+def _key_options(split: str, image_size: int | None, split_options: dict) -> list:
+    return [_CACHE_FORMAT, split, image_size, sorted(split_options.items())]
+
+
+def _directory_key(root: Path, paths: list[tuple[str, ...]], split: str, image_size: int | None,
+                   split_options: dict) -> str:
+    h = hashlib.sha1(json.dumps(["dir", str(root.resolve()), *_key_options(split, image_size, split_options)]).encode())
     for p in paths:
         st = (root.joinpath(*p)).stat()
         h.update(f"{'/'.join(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def _archive_key(path: Path, split: str, image_size: int | None) -> str:
+def _archive_key(path: Path, split: str, image_size: int | None, split_options: dict) -> str:
     st = path.stat()
-    return hashlib.sha1(json.dumps([_CACHE_FORMAT, "tar", str(path.resolve()), st.st_size, st.st_mtime_ns, split, image_size]).encode()).hexdigest()
+    desc = ["tar", str(path.resolve()), st.st_size, st.st_mtime_ns, *_key_options(split, image_size, split_options)]
+    return hashlib.sha1(json.dumps(desc).encode()).hexdigest()
 
 
 def _member_parts(name: str) -> tuple[str, ...]:
@@ -503,20 +518,34 @@ def _cache_load(key: str):
 
 def _cache_save(key: str, arrays: dict) -> Path | None:
     path = _cache_file(key)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
         return path
     except OSError as exc:
         warnings.warn(f"could not write dataset cache {path} ({exc}); continuing without it", stacklevel=3)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
         return None
+
+
+def _cached(key: str, build: Callable[[], dict], cache: bool) -> tuple[dict, str]:
+    """(arrays, "hit" | "build" | "off") of cache entry `key`; a missing entry is built once under its
+    lock, so a concurrent process building the same entry is waited for, then read."""
+    if not cache:
+        return build(), "off"
+    arrays = _cache_load(key)  # entries are replaced atomically, so reading without the lock is safe
+    if arrays is not None:
+        return arrays, "hit"
+    with entry_lock(_cache_file(key)):
+        arrays = _cache_load(key)  # built by another process while this one waited
+        if arrays is not None:
+            return arrays, "hit"
+        arrays = build()
+        _cache_save(key, arrays)
+        return arrays, "build"
 
 
 def _decode_all(items: list[tuple[str, tuple[str, ...], bytes]], image_size: int | None, workers: int):
@@ -543,10 +572,133 @@ def _decode_items(items, work, workers):
     return decoded
 
 
+def _split_options(test_fraction, split_seed) -> dict:
+    """The effective split options of a class-folder tree ({} without test_fraction), validated."""
+    if test_fraction is not None and (isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float))
+                                      or not 0 < test_fraction < 1):
+        raise ConfigError(f"imagefolder option 'test_fraction' must be a number in (0, 1) such as 0.2, got {test_fraction!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)):
+        raise ConfigError(f"imagefolder option 'split_seed' must be an integer, got {split_seed!r}")
+    return {} if test_fraction is None else {"test_fraction": float(test_fraction), "split_seed": int(split_seed)}
+
+
+def _stratified_split(selected: list, split: str, test_fraction: float, split_seed: int) -> list:
+    """Split `split` of a class-folder tree: per class (files in sorted order, one permutation seeded by
+    `split_seed`), round(n * test_fraction) files go to test and the rest to train; at least one stays in train."""
+    by_class: dict[str, list] = {}
+    for c, p in sorted(selected, key=lambda cp: (cp[0], "/".join(cp[1]))):
+        by_class.setdefault(c, []).append((c, p))
+    g = torch.Generator().manual_seed(split_seed)
+    out = []
+    for c in sorted(by_class):
+        files = by_class[c]
+        order = torch.randperm(len(files), generator=g).tolist()
+        n_test = min(len(files) - 1, int(len(files) * test_fraction + 0.5))
+        out += [files[i] for i in (order[:n_test] if split == "test" else order[n_test:])]
+    return out
+
+
+def _select_split(selected: list, info: dict, split: str, where: str, split_options: dict) -> list:
+    """The files of `split`: a split folder as laid out; a class-folder tree whole as "train" (pretraining
+    uses it), else split by `test_fraction`. Never the training images as another split."""
+    if info["layout"] == "split-folders":
+        if split_options:
+            raise ConfigError(f"imagefolder option 'test_fraction' splits a tree of class folders, but {where} already has "
+                              f"split folders ({', '.join(info['available_splits'])}); remove the option")
+        return selected
+    if split_options:
+        _check_split("imagefolder", split)
+        return _stratified_split(selected, split, **split_options)
+    if split == "train":
+        return selected
+    raise DataError(f"imagefolder: {where} has no split folders, so split '{split}' would be the training images; "
+                    f"lay it out as <split>/<class>/ folders (train/, test/) or set the dataset option test_fraction "
+                    f"(such as 0.2, with split_seed) for a seeded per-class split")
+
+
+def _read_items(src: Path, archive: bool, selected: list, blobs: dict | None) -> list:
+    """(class, parts, bytes) of each selected file; b"" where it cannot be read (then skipped as unreadable)."""
+    if archive:
+        missing = {p for _, p in selected if p not in blobs}
+        if missing:
+            blobs.update(_fetch_from_archive(src, missing))
+        return [(c, p, blobs.get(p, b"")) for c, p in selected]
+    items = []
+    for c, p in selected:
+        try:
+            data = src.joinpath(*p).read_bytes()
+        except OSError:
+            data = b""
+        items.append((c, p, data))
+    return items
+
+
+def _build_imagefolder(src: Path, archive: bool, paths: list | None, split: str, image_size: int | None,
+                       workers: int, split_options: dict) -> dict:
+    """Select and decode `split`'s images: the arrays of one dataset cache entry."""
+    where = str(src)
+    blobs = None
+    if archive:
+        paths, blobs = _read_archive(src, split)
+    if not paths:
+        raise DataError(f"imagefolder: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {where}")
+    selected, info = _layout(paths, split, where)
+    empty = f"imagefolder: no images found for split '{split}' in {where} (expected <class>/<image> under {info['split_dir']})"
+    if not selected:
+        raise DataError(empty)
+    classes = sorted({c for c, _ in selected})  # before a test_fraction split, so both splits share the labels
+    selected = _select_split(selected, info, split, where, split_options)
+    if not selected:
+        raise DataError(empty)
+    info.update(split_options)
+    selected.sort(key=lambda cp: (cp[0], "/".join(cp[1])))
+    cidx = {c: i for i, c in enumerate(classes)}
+    items = _read_items(src, archive, selected, blobs)
+    blobs = None  # the bytes live on in `items` only
+    decoded = _decode_all(items, image_size, workers)
+    keep = [i for i, img in enumerate(decoded) if img is not None]
+    skipped = ["/".join(items[i][1]) for i, img in enumerate(decoded) if img is None]
+    if not keep:
+        raise DataError(f"imagefolder: none of the {len(items)} image files for split '{split}' in {where} could be decoded")
+    sizes = {tuple(decoded[i].shape[1:]) for i in keep}
+    if len(sizes) > 1:
+        ex = sorted(sizes)[:2]
+        raise DataError(
+            f"imagefolder: images in {where} have different sizes (e.g. {ex[0][1]}x{ex[0][0]} and {ex[1][1]}x{ex[1][0]}); "
+            f"set image_size to resize them to one size"
+        )
+    images = torch.stack([decoded[i] for i in keep]).contiguous()
+    # classes whose images were all unreadable keep their index (labels stay stable)
+    labels = torch.tensor([cidx[items[i][0]] for i in keep], dtype=torch.int64)
+    del decoded, items  # the stacked copy is all that is needed now
+    return {
+        "images": images.numpy(),
+        "labels": labels.numpy(),
+        "classes": np.array(classes, dtype=np.str_),
+        "skipped": np.array(skipped, dtype=np.str_) if skipped else np.zeros((0,), dtype="<U1"),
+        "info": np.array(json.dumps(info), dtype=np.str_),
+    }
+
+
+def _archive_stem(src: Path) -> str:
+    stem = src.name
+    for suf in (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar"):
+        if stem.lower().endswith(suf):
+            return stem[: -len(suf)]
+    return stem
+
+
 @SOURCES.register("imagefolder")
 def imagefolder(*, split: str, root: Path | None, image_size: int | None, download: bool, path: str | None = None,
-                cache: bool = True, workers: int = 1) -> ImageDataset:
-    """Class-per-folder images from a directory or a .tar/.tar.gz/.tgz archive (read in place), optional <split>/ level."""
+                cache: bool = True, workers: int = 1, test_fraction: float | None = None,
+                split_seed: int = 0) -> ImageDataset:
+    """Class-per-folder images from a directory or a .tar/.tar.gz/.tgz archive (read in place), optional <split>/ level.
+
+    A tree with split folders (train/, test/, val/...) serves those splits. A tree of class folders only
+    is split "train" as a whole, unless `test_fraction` (e.g. 0.2) makes a seeded (`split_seed`, default 0)
+    per-class train/test split of it; its other splits are an error rather than the training images.
+    Directory links are followed, each real folder once (cycles and repeats are skipped and reported).
+    """
     src = Path(path).expanduser() if path else root
     if src is None:
         raise DataError("imagefolder needs a folder or .tar/.tar.gz archive: pass --data-dir PATH, set VISREP_DATA, or give the 'path' option")
@@ -558,73 +710,25 @@ def imagefolder(*, split: str, root: Path | None, image_size: int | None, downlo
         raise DataError(f"imagefolder: {src} is neither a folder nor a .tar/.tar.gz/.tgz archive")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"imagefolder option 'workers' must be an integer >= 1, got {workers!r}")
+    split_options = _split_options(test_fraction, split_seed)
 
-    blobs = None
-    if archive:
-        key = _archive_key(src, split, image_size)
+    paths, skipped_links = None, []
+    if archive:  # tar members are read in place; link members are not files and are never followed
+        key = _archive_key(src, split, image_size, split_options)
     else:
-        paths = _list_directory(src)
-        key = _directory_key(src, paths, split, image_size)
+        paths, skipped_links = _list_directory(src)
+        key = _directory_key(src, paths, split, image_size, split_options)
+    arrays, status = _cached(
+        key, lambda: _build_imagefolder(src, archive, paths, split, image_size, workers, split_options), cache)
 
-    arrays = _cache_load(key) if cache else None
-    cached = arrays is not None
-    if arrays is None:
-        if archive:
-            paths, blobs = _read_archive(src, split)
-        if not paths:
-            raise DataError(f"imagefolder: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {where}")
-        selected, info = _layout(paths, split, where)
-        if not selected:
-            raise DataError(f"imagefolder: no images found for split '{split}' in {where} (expected <class>/<image> under {info['split_dir']})")
-        if info["layout"] == "class-folders" and split != "train":
-            warnings.warn(f"{where} has no split folders (train/, test/, ...); using the whole tree as split '{split}'", stacklevel=3)
-        selected.sort(key=lambda cp: (cp[0], "/".join(cp[1])))
-        classes = sorted({c for c, _ in selected})
-        cidx = {c: i for i, c in enumerate(classes)}
-        if archive:
-            missing = {p for _, p in selected if p not in blobs}
-            if missing:
-                blobs.update(_fetch_from_archive(src, missing))
-            items = [(c, p, blobs.get(p, b"")) for c, p in selected]
-            blobs = None
-        else:
-            items = []
-            for c, p in selected:
-                try:
-                    data = src.joinpath(*p).read_bytes()
-                except OSError:
-                    data = b""
-                items.append((c, p, data))
-        decoded = _decode_all(items, image_size, workers)
-        keep = [i for i, img in enumerate(decoded) if img is not None]
-        skipped = ["/".join(items[i][1]) for i, img in enumerate(decoded) if img is None]
-        if not keep:
-            raise DataError(f"imagefolder: none of the {len(items)} image files for split '{split}' in {where} could be decoded")
-        sizes = {tuple(decoded[i].shape[1:]) for i in keep}
-        if len(sizes) > 1:
-            ex = sorted(sizes)[:2]
-            raise DataError(
-                f"imagefolder: images in {where} have different sizes (e.g. {ex[0][1]}x{ex[0][0]} and {ex[1][1]}x{ex[1][0]}); "
-                f"set image_size to resize them to one size"
-            )
-        images = torch.stack([decoded[i] for i in keep]).contiguous()
-        labels = torch.tensor([cidx[items[i][0]] for i in keep], dtype=torch.int64)
-        # classes whose images were all unreadable keep their index (labels stay stable)
-        del decoded, items
-        arrays = {
-            "images": images.numpy(),
-            "labels": labels.numpy(),
-            "classes": np.array(classes, dtype=np.str_),
-            "skipped": np.array(skipped, dtype=np.str_) if skipped else np.zeros((0,), dtype="<U1"),
-            "info": np.array(json.dumps(info), dtype=np.str_),
-        }
-        if cache:
-            _cache_save(key, arrays)
     images = torch.from_numpy(np.ascontiguousarray(arrays["images"]))
     labels = torch.from_numpy(np.asarray(arrays["labels"], dtype=np.int64))
     classes = [str(c) for c in arrays["classes"].tolist()]
     skipped = [str(s) for s in arrays["skipped"].tolist()]
     info = json.loads(str(arrays["info"]))
+    if skipped_links:
+        warnings.warn(f"skipped {len(skipped_links)} directory links in {where} that loop or repeat a listed folder "
+                      f"(first: {skipped_links[0]})", stacklevel=3)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable images in {where} (first: {skipped[0]})", stacklevel=3)
     meta = {
@@ -632,14 +736,12 @@ def imagefolder(*, split: str, root: Path | None, image_size: int | None, downlo
         "split": split,
         "n_skipped": len(skipped),
         "skipped": skipped[:20],
+        "n_skipped_links": len(skipped_links),
+        "skipped_links": skipped_links[:20],
         "archive": archive,
         "cache_key": key,
-        "cache_hit": cached,
+        "cache_hit": status == "hit",
+        "cache": status,
         **info,
     }
-    stem = src.name
-    for suf in (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar"):
-        if stem.lower().endswith(suf):
-            stem = stem[: -len(suf)]
-            break
-    return ImageDataset(images, labels, classes, f"{stem}/{split}", meta)
+    return ImageDataset(images, labels, classes, f"{_archive_stem(src)}/{split}", meta)

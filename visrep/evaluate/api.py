@@ -53,7 +53,8 @@ def _looks_like_path(source: str) -> bool:
             or source.startswith("~")) and not source.startswith("timm:")
 
 
-def _load_model(source: str, image_size: int | None, branch: str, seed: int, options: dict | None = None):
+def _load_model(source: str, image_size: int | None, branch: str, seed: int, options: dict | None = None,
+                force: bool = False):
     from visrep.models.loading import load_backbone
 
     if not isinstance(source, (str, os.PathLike)) or not str(source):
@@ -68,7 +69,7 @@ def _load_model(source: str, image_size: int | None, branch: str, seed: int, opt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
-            return load_backbone(source, image_size=image_size, branch=branch, options=options)
+            return load_backbone(source, image_size=image_size, branch=branch, options=options, force=force)
         except VisrepError:
             raise
         except (RuntimeError, KeyError, ValueError, TypeError, OSError) as e:
@@ -76,12 +77,14 @@ def _load_model(source: str, image_size: int | None, branch: str, seed: int, opt
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _load_split(dataset: str, split: str, root, download: bool, options: dict, subset: int | None, seed: int):
+def _load_split(dataset: str, split: str, root, download: bool, options: dict, subset: int | None, seed: int,
+                image_size: int | None = None):
     try:
         from visrep.data.sources import load_dataset
     except ImportError as e:  # pragma: no cover - only while the data package is incomplete
         raise DataError(f"dataset loading is unavailable ({e})") from None
-    ds = load_dataset(dataset, split, root, download=download, **options)
+    # --image-size resizes on load too, so a folder of mixed sizes loads (resize + centre crop, as evaluation does).
+    ds = load_dataset(dataset, split, root, image_size=image_size, download=download, **options)
     if len(ds.labels) == 0:
         raise DataError(f"the {split} split of dataset '{dataset}' is empty")
     if subset is not None:
@@ -92,23 +95,35 @@ def _load_split(dataset: str, split: str, root, download: bool, options: dict, s
     return ds
 
 
+def check_evaluable(train, test, dataset: str, train_split: str, test_split: str) -> None:
+    """Refuse evaluations whose number would mean nothing: one class (every accuracy is 1.000), or a test split
+    that is the training split under another name (a leak)."""
+    n = int(torch.unique(train.labels).numel())
+    if n < 2:
+        raise DataError(f"the {train_split} split of '{dataset}' holds {n} class; classification needs at least two")
+    if train_split != test_split and train.meta.get("fingerprint") == test.meta.get("fingerprint"):
+        raise DataError(f"splits '{train_split}' and '{test_split}' of '{dataset}' hold the same images, so the test "
+                        "would score the training data; give a real test split")
+
+
 def _prepare(source, *, dataset, root, train_split, test_split, image_size, branch, batch_size, device,
              cache_dir, train_subset, test_subset, seed, progress, mean, std, download, dataset_options,
-             backbone_options=None, label_fraction=None):
+             backbone_options=None, label_fraction=None, force=False):
     t0 = time.perf_counter()
     dev = resolve_device(device)
     options = dict(dataset_options or {})
-    train = _load_split(dataset, train_split, root, download, options, train_subset, seed)
+    train = _load_split(dataset, train_split, root, download, options, train_subset, seed, image_size)
     if label_fraction is not None:  # low-label probes: the same seeded class-balanced subset as finetune's
         train = train.fraction(label_fraction, seed)
-    test = _load_split(dataset, test_split, root, download, options, test_subset, seed)
+    test = _load_split(dataset, test_split, root, download, options, test_subset, seed, image_size)
     if list(train.classes) != list(test.classes):
         raise DataError(f"splits '{train_split}' and '{test_split}' of '{dataset}' have different classes")
+    check_evaluable(train, test, dataset, train_split, test_split)
     native = int(train.images.shape[-1])
     is_checkpoint = Path(str(source)).expanduser().exists()
     # Image size: the caller's, else the checkpoint's recorded one, else the dataset's native size.
     model, info = _load_model(source, image_size if (image_size or is_checkpoint) else native, branch, seed,
-                              backbone_options)
+                              backbone_options, force)
     size = int(image_size or info.get("image_size") or native)
     mean = tuple(float(m) for m in (IMAGENET_MEAN if mean is None else mean))
     std = tuple(float(s) for s in (IMAGENET_STD if std is None else std))
@@ -171,7 +186,8 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
                  test_subset: int | None = None, seed: int = 0, out: str | None = None, progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  download: bool = True, dataset_options: dict | None = None,
-                 backbone_options: dict | None = None) -> dict:
+                 backbone_options: dict | None = None,
+                 force: bool = False) -> dict:
     """Weighted kNN accuracy (Wu et al. 2018; k=20, T=0.07 as DINO) of a backbone's frozen features.
 
     source: checkpoint file, run directory, or `timm:NAME` / backbone name (random init, seeded by `seed`).
@@ -192,7 +208,7 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
         download=download, dataset_options=dataset_options, backbone_options=backbone_options,
-        label_fraction=label_fraction)
+        label_fraction=label_fraction, force=force)
     res = knn_classify(ftr, ltr, fte, lte, k=k, temperature=temperature, num_classes=c)
     res.update(similarity="cosine", weighting="exp(s/T)", reference="Wu et al. 2018 / DINO (Caron et al. 2021)")
     return _finish(record, {"protocol": "knn", **res}, t0, out)
@@ -207,7 +223,8 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
                     test_subset: int | None = None, seed: int = 0, out: str | None = None,
                     progress: bool = True, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None, download: bool = True,
-                    dataset_options: dict | None = None, backbone_options: dict | None = None) -> dict:
+                    dataset_options: dict | None = None, backbone_options: dict | None = None,
+                 force: bool = False) -> dict:
     """Linear-probe accuracy of a backbone's frozen (cached) features; see `visrep.evaluate.linear`.
 
     Same data/model arguments as `evaluate_knn`; `batch_size` is the feature-extraction batch, the probe's
@@ -223,7 +240,7 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
         download=download, dataset_options=dataset_options, backbone_options=backbone_options,
-        label_fraction=label_fraction)
+        label_fraction=label_fraction, force=force)
     res = linear_probe(ftr, ltr, fte, lte, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        batch_size=probe_batch_size, seed=seed, standardize=standardize, num_classes=c)
     return _finish(record, {"protocol": "linear", **res}, t0, out)
@@ -235,17 +252,17 @@ def _classifier_head_names() -> list[str]:
     return [n for n in HEADS.names() if HEADS.get(n) in CLASSIFIER_HEADS]
 
 
-def _has_classifier_head(source: str) -> bool:
+def _has_classifier_head(source: str, force: bool = False) -> bool:
     from visrep.models.loading import load_run
 
     path = Path(str(source)).expanduser()
     if not path.exists():
         return False
-    cfg = load_run(str(path))[2]
+    cfg = load_run(str(path), force=force)[2]
     return isinstance(cfg.projector, dict) and cfg.projector.get("type") in _classifier_head_names()
 
 
-def _load_head(source: str, image_size: int | None):
+def _load_head(source: str, image_size: int | None, force: bool = False):
     """(backbone + trained head as one nn.Module in eval mode, RunConfig, meta, tensors) of a supervised or
     fine-tuned run; raises ConfigError for runs without a classifier/regression head."""
     from torch import nn
@@ -256,7 +273,7 @@ def _load_head(source: str, image_size: int | None):
 
     if not Path(str(source)).expanduser().exists():
         raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    tensors, meta, cfg = load_run(str(Path(str(source)).expanduser()))
+    tensors, meta, cfg = load_run(str(Path(str(source)).expanduser()), force=force)
     kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
     if kind not in _classifier_head_names():
         raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
@@ -269,11 +286,12 @@ def _load_head(source: str, image_size: int | None):
 
 
 def _head_outputs(source, *, dataset, root, test_split, image_size, batch_size, device, cache_dir, test_subset,
-                  seed, progress, download, dataset_options):
+                  seed, progress, download, dataset_options, force=False):
     from visrep.train.checkpoint import weights_fingerprint
 
-    model, cfg, meta, tensors, size = _load_head(source, image_size)
-    test = _load_split(dataset, test_split, root, download, dict(dataset_options or {}), test_subset, seed)
+    model, cfg, meta, tensors, size = _load_head(source, image_size, force)
+    test = _load_split(dataset, test_split, root, download, dict(dataset_options or {}), test_subset, seed,
+                       image_size)
     dev = resolve_device(device)
     fp = weights_fingerprint(model.state_dict())
     outputs, labels, info = extract_features_with_info(
@@ -294,7 +312,8 @@ def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | Non
                         image_size: int | None = None, batch_size: int = 256, device: str = "cpu",
                         cache_dir: str | None = None, test_subset: int | None = None, seed: int = 0,
                         out: str | None = None, progress: bool = True, download: bool = True,
-                        dataset_options: dict | None = None) -> dict:
+                        dataset_options: dict | None = None,
+                 force: bool = False) -> dict:
     """Test metrics of a supervised or fine-tuned run's own head (backbone + linear/cosine/GCR classifier,
     or a regression head).
 
@@ -309,7 +328,7 @@ def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | Non
     outputs, labels, test, cfg, meta, tensors, record = _head_outputs(
         source, dataset=dataset, root=root, test_split=test_split, image_size=image_size, batch_size=batch_size,
         device=device, cache_dir=cache_dir, test_subset=test_subset, seed=seed, progress=progress,
-        download=download, dataset_options=dataset_options)
+        download=download, dataset_options=dataset_options, force=force)
     if cfg.objective.name == "regression":
         if test.targets is None:
             raise DataError(f"'{source}' is a regression run, and dataset '{dataset}' has no regression targets "
@@ -337,7 +356,8 @@ def evaluate_fewshot(source: str, *, dataset: str = "digits", root: str | None =
                      batch_size: int = 256, device: str = "cpu", cache_dir: str | None = None,
                      train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
                      out: str | None = None, progress: bool = True, download: bool = True,
-                     dataset_options: dict | None = None, backbone_options: dict | None = None) -> dict:
+                     dataset_options: dict | None = None, backbone_options: dict | None = None,
+                 force: bool = False) -> dict:
     """n-shot accuracy (mean ± 95 % CI over seeded episodes) of frozen features; see visrep.evaluate.fewshot.
 
     Supports come from `train_split`, queries from `test_split`; one result per entry of `shots`, under
@@ -352,7 +372,7 @@ def evaluate_fewshot(source: str, *, dataset: str = "digits", root: str | None =
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
-        download=download, dataset_options=dataset_options, backbone_options=backbone_options)
+        download=download, dataset_options=dataset_options, backbone_options=backbone_options, force=force)
     results = [fewshot_eval(ftr, ltr, fte, lte, shots=int(n), ways=ways, queries=queries, episodes=episodes,
                             seed=seed) for n in shots]
     res = {"protocol": "fewshot", "top1": results[0]["top1"], "ci95": results[0]["ci95"], "results": results}
@@ -367,7 +387,8 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
                          label_fraction: float | None = None,
                          test_subset: int | None = None, seed: int = 0, out: str | None = None,
                          progress: bool = True, download: bool = True, dataset_options: dict | None = None,
-                         backbone_options: dict | None = None) -> dict:
+                         backbone_options: dict | None = None,
+                 force: bool = False) -> dict:
     """Expected calibration error (15 equal-width bins, Guo et al. 2017) and a reliability diagram.
 
     head: "own" (a supervised / fine-tuned run's classifier), "linear" (a linear probe on frozen features,
@@ -379,13 +400,13 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
     if head not in ("auto", "own", "linear"):
         raise ConfigError(f"calibration head must be auto, own or linear, got {head!r}")
     if head == "auto":
-        head = "own" if _has_classifier_head(source) else "linear"
+        head = "own" if _has_classifier_head(source, force) else "linear"
     t0 = time.perf_counter()
     if head == "own":
         logits, labels, test, cfg, _, _, record = _head_outputs(
             source, dataset=dataset, root=root, test_split=test_split, image_size=image_size,
             batch_size=batch_size, device=device, cache_dir=cache_dir, test_subset=test_subset, seed=seed,
-            progress=progress, download=download, dataset_options=dataset_options)
+            progress=progress, download=download, dataset_options=dataset_options, force=force)
         if cfg.objective.name == "regression":
             raise ConfigError("calibration needs a classifier; this run is a regression run")
         extra = {"head": "own classifier"}
@@ -397,7 +418,7 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
             image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
             train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
             download=download, dataset_options=dataset_options, backbone_options=backbone_options,
-            label_fraction=label_fraction)
+            label_fraction=label_fraction, force=force)
         probe = linear_probe(ftr, ltr, fte, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                              num_classes=c, return_logits=True)
         logits = probe.pop("test_logits")

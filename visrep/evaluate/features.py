@@ -8,7 +8,8 @@ in batches. The result is cached as a safetensors file (no pickle) whose name is
 that determines the features: the model's weight fingerprint, the dataset's content fingerprint, name and
 size, the image size, the normalisation and the transform version. Without a model fingerprint nothing
 is cached. The cache directory is, in order: the `cache_dir` argument, `$VISREP_CACHE/features`,
-`~/.cache/visrep/features`.
+`~/.cache/visrep/features`. Entries are written atomically and computed under a per-entry file lock
+(`<entry>.lock`), so processes sharing the cache compute each entry once; the others wait and read it.
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from visrep.cache import atomic_write, entry_lock
 from visrep.errors import VisrepError
 
 # timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD, copied so importing this module does not import timm
@@ -98,16 +99,8 @@ def _load_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 def _save_cache(path: Path, feats: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name so two processes filling the same entry never write the same file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp),
-                  metadata={"visrep": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tensors = {"features": feats.contiguous(), "labels": labels.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"visrep": json.dumps(meta)}))
 
 
 def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device, mean, std,
@@ -147,7 +140,8 @@ def extract_features_with_info(model: nn.Module, dataset, *, image_size: int, ba
                                model_fingerprint: str | None = None,
                                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Like `extract_features`, plus an info dict: {"cache": "hit"|"miss"|"off", "cache_path", "key"}."""
+    """Like `extract_features`, plus an info dict: {"cache": "hit"|"miss"|"off", "cache_path", "key"}
+    ("miss": this call computed the features, and cached them)."""
     if batch_size < 1:
         raise VisrepError(f"batch_size must be >= 1, got {batch_size}")
     if image_size is None or int(image_size) < 1:
@@ -155,26 +149,29 @@ def extract_features_with_info(model: nn.Module, dataset, *, image_size: int, ba
     image_size = int(image_size)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     n = int(len(dataset.labels))
-    path = None
-    key = None
-    if model_fingerprint is not None and cache_dir is not False:
-        root = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_cache_dir()
-        key = feature_cache_key(model_fingerprint, dataset, image_size, mean, std)
-        path = root / f"{key}.safetensors"
-        hit = _load_cache(path, n)
-        if hit is not None:
-            return hit[0], hit[1], {"cache": "hit", "cache_path": str(path), "key": key}
-    feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress)
-    if path is None:
+    if model_fingerprint is None or cache_dir is False:
+        feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress)
         return feats, labels, {"cache": "off", "cache_path": None, "key": None}
-    meta = {"format": CACHE_FORMAT, "model": str(model_fingerprint), "dataset": str(getattr(dataset, "name", "")),
-            "dataset_fingerprint": dataset_fingerprint(dataset), "n": n, "image_size": image_size,
-            "mean": list(mean), "std": list(std), "transform": TRANSFORM_VERSION}
-    try:
-        _save_cache(path, feats, labels, meta)
-    except OSError as e:  # a read-only or full cache directory must not fail the evaluation
-        print(f"visrep: could not write feature cache {path} ({e})", file=sys.stderr)
-    return feats, labels, {"cache": "miss", "cache_path": str(path), "key": key}
+    root = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_cache_dir()
+    key = feature_cache_key(model_fingerprint, dataset, image_size, mean, std)
+    path = root / f"{key}.safetensors"
+    info = {"cache": "hit", "cache_path": str(path), "key": key}
+    hit = _load_cache(path, n)  # entries are replaced atomically, so reading without the lock is safe
+    if hit is not None:
+        return hit[0], hit[1], info
+    with entry_lock(path):
+        hit = _load_cache(path, n)  # computed by another process while this one waited
+        if hit is not None:
+            return hit[0], hit[1], info
+        feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress)
+        meta = {"format": CACHE_FORMAT, "model": str(model_fingerprint), "dataset": str(getattr(dataset, "name", "")),
+                "dataset_fingerprint": dataset_fingerprint(dataset), "n": n, "image_size": image_size,
+                "mean": list(mean), "std": list(std), "transform": TRANSFORM_VERSION}
+        try:
+            _save_cache(path, feats, labels, meta)
+        except OSError as e:  # a read-only or full cache directory must not fail the evaluation
+            print(f"visrep: could not write feature cache {path} ({e})", file=sys.stderr)
+    return feats, labels, {**info, "cache": "miss"}
 
 
 def extract_features(model: nn.Module, dataset, *, image_size: int, batch_size: int = 256,

@@ -9,21 +9,30 @@ from visrep.errors import ConfigError, VisrepError
 from visrep.models.backbones import build_backbone
 
 
-def load_run(source) -> tuple[dict, dict, "RunConfig"]:
-    """(tensors, metadata, RunConfig) of a checkpoint file or run directory written by `visrep pretrain`."""
+def load_run(source, *, force: bool = False) -> tuple[dict, dict, "RunConfig"]:
+    """(tensors, metadata, RunConfig) of a checkpoint file or run directory written by `visrep pretrain`.
+
+    The file is verified (content hash, metadata schema; `force=True` loads a file that fails its hash), and
+    weights holding NaN/Inf are refused: they come from a diverged run and would give meaningless numbers.
+    """
     import json
 
     from visrep.config import config_from_json
-    from visrep.train.checkpoint import load_checkpoint
+    from visrep.train.checkpoint import first_non_finite, load_checkpoint
 
-    tensors, meta = load_checkpoint(source)
+    tensors, meta = load_checkpoint(source, force=force)
     if "config" not in meta:
         raise VisrepError(f"'{source}' is not a visrep checkpoint (no config in its metadata)")
+    bad = first_non_finite({k: v for k, v in tensors.items() if k.startswith("model.")})
+    if bad is not None:
+        raise VisrepError(f"checkpoint '{source}' holds non-finite weights ('{bad}' has NaN/Inf), so it comes from "
+                          "a diverged run; use an earlier checkpoint or retrain with a lower optim.lr")
     return tensors, meta, config_from_json(json.dumps(meta["config"]))
 
 
 def load_backbone(source: str, *, image_size: int | None = None, branch: str = "student",
-                  pretrained: bool = False, options: dict | None = None) -> tuple[nn.Module, dict]:
+                  pretrained: bool = False, options: dict | None = None,
+                  force: bool = False) -> tuple[nn.Module, dict]:
     """Return `(backbone in eval mode, info)`.
 
     source: a checkpoint file / run directory written by `visrep pretrain`, or `timm:NAME` / a registered
@@ -31,6 +40,7 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
     branch: "student" (online backbone) or "teacher" (EMA teacher, the one DINO evaluates).
     options: backbone options for a random-init/timm source (e.g. {"cifar_stem": True, "width": 16}), so a
     random-init baseline can match a pretrained run's architecture; ignored for checkpoints.
+    force: load a checkpoint that fails its integrity check (see `load_run`).
     info: {"source", "kind", "fingerprint", "image_size", "config"} — fingerprint is a content hash.
     """
     from visrep.train.checkpoint import strip_prefix, weights_fingerprint
@@ -38,7 +48,7 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
     if branch not in ("student", "teacher"):
         raise ConfigError(f"branch must be student or teacher, got {branch!r}")
     if Path(source).exists():
-        tensors, meta, cfg = load_run(source)
+        tensors, meta, cfg = load_run(source, force=force)
         size = meta.get("image_size") or image_size or 32
         if cfg.finetune.mode == "lora":  # a LoRA fine-tuning run: rebuild it, then merge the adapters
             return _merged_lora_backbone(source, tensors, meta, cfg, size, branch)

@@ -82,7 +82,8 @@ def export_backbone(out_dir: Path) -> Path:
     return path
 
 
-def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evaluate: bool = True) -> dict:
+def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evaluate: bool = True,
+             force: bool = False) -> dict:
     """Train (see the module docstring), export and evaluate; returns the summary (also out_dir/summary.json)."""
     from visrep.methods import build_template
     from visrep.models.lora import count_parameters
@@ -90,7 +91,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
 
     cfg = prepare_finetune_config(cfg)
     out_dir = Path(cfg.out_dir)
-    summary = pretrain(cfg, resume=resume, quiet=quiet)
+    summary = pretrain(cfg, resume=resume, quiet=quiet, force=force)
+    if summary.get("already_finished"):  # exported and evaluated when it finished: change nothing
+        return summary
     # Parameter counts of the trained composition (built without weights: counting needs none).
     from visrep.models.loading import load_run
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from torch import nn
 from visrep.config import RunConfig
 from visrep.errors import ConfigError, TrainingError, VisrepError
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
-from visrep.train.checkpoint import (add_prefix, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-                                     save_checkpoint, strip_prefix)
+from visrep.train.checkpoint import (add_prefix, check_resume_meta, clean_stale_temps, first_non_finite,
+                                     load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint,
+                                     strip_prefix)
 from visrep.train.distributed import any_rank, resolve_device, setup_distributed, teardown_distributed
 from visrep.train.optim import build_optimizer, build_param_groups
 from visrep.train.schedules import linear_warmup_constant, momentum_schedule, warmup_cosine
@@ -84,12 +86,13 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, force: bool = False) -> dict:
     """Pretrain with the composition `cfg` describes; returns a summary dict (also in out_dir/summary.json).
 
     resume=True continues from `out_dir/checkpoints/last.safetensors` (a run killed at any point can
-    continue). Without it, an out_dir that already holds a checkpoint is refused, so nothing is
-    overwritten by accident.
+    continue); a run that already finished is reported as such (summary["already_finished"]) and nothing
+    is changed. Without it, an out_dir that already holds a checkpoint is refused, so nothing is
+    overwritten by accident. force=True resumes from a checkpoint that fails its integrity check.
     """
     from visrep.data.sources import load_dataset
     from visrep.data.views import build_views
@@ -112,6 +115,16 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         raise ConfigError(f"'{out_dir}' already holds a run; pass --resume to continue it or choose another out_dir")
     if resume and not ckpt_path.exists():
         raise ConfigError(f"nothing to resume: '{ckpt_path}' does not exist")
+    resumed = None
+    if resume:  # verified (hash, schema, step) before anything is built or written
+        resumed = load_checkpoint(ckpt_path, force=force)
+        check_resume_meta(resumed[1], ckpt_path)
+        _check_resumable(resumed[1], cfg)
+        done = _finished(resumed[1], cfg)
+        if done:
+            return _existing_summary(out_dir, resumed[1], done)
+    if int(os.environ.get("RANK", "0")) == 0:
+        clean_stale_temps(ckpt_path.parent)  # leftovers of checkpoint writes that a kill interrupted
 
     # ---------------------------------------------------------------- data and parts of the template
     d = cfg.data
@@ -135,6 +148,16 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
     np.random.seed(cfg.seed % 2**32)
     objective = build_objective(cfg.objective.name, **cfg.objective.params)
     objective_inputs = tuple(getattr(objective, "inputs", ()))
+    n_label_values = int(torch.unique(train.labels).numel())
+    if "labels" in objective_inputs and n_label_values < 2:
+        raise ConfigError(f"objective '{cfg.objective.name}' classifies, but the training set of '{d.dataset}' holds "
+                          f"{n_label_values} class; a classifier needs at least two")
+    monitors_on = n_label_values >= 2  # with one class, probe and kNN accuracy are a meaningless 1.000
+    if not monitors_on and (cfg.monitor.online_probe or cfg.monitor.knn_every):
+        import warnings
+
+        warnings.warn(f"the training set of '{d.dataset}' holds one class, so the online probe and kNN monitor "
+                      "are off", stacklevel=2)
     num_outputs = num_classes  # out_dim of a classifier head: classes, or regression targets
     if "targets" in objective_inputs:
         if train.targets is None:
@@ -187,9 +210,10 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
 
     start_step = 0
     history: list[dict] = []
-    if resume:
-        tensors, meta = load_checkpoint(ckpt_path)
-        _check_resumable(meta, cfg)
+    last_saved = None  # step of the last checkpoint on disk (named in the error messages)
+    if resumed is not None:
+        tensors, meta = resumed
+        resumed = None  # the tensors are loaded into the modules below; don't keep a second copy
         model.load_state_dict(strip_prefix(tensors, "model."))
         objective.load_state_dict(strip_prefix(tensors, "objective."))
         probe.load_state_dict(strip_prefix(tensors, "probe."))
@@ -202,8 +226,9 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        start_step = int(meta["step"])
+        start_step = last_saved = int(meta["step"])
         history = meta.get("history", [])
+        del tensors
 
     # ---------------------------------------------------------------- logging
     main = dist_info.is_main
@@ -213,6 +238,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume and metrics_path.exists():  # leftovers of a run that never wrote a checkpoint
             metrics_path.unlink()
+        if resume:  # lines logged after the checkpoint (before a kill) are logged again: keep each step once
+            _truncate_metrics(metrics_path, start_step, steps_per_epoch)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -221,14 +248,23 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         except ImportError:  # tensorboard is optional at run time
             writer = None
 
-    def save(step: int, reason: str) -> None:
+    def save(step: int, reason: str, collective: bool = True) -> None:
+        nonlocal last_saved
+        # The guard covers what is saved: every parameter and buffer (BatchNorm statistics diverge before the
+        # loss does). Every rank checks its own state, so all stop together under torchrun.
+        states = {**add_prefix(model.state_dict(), "model."), **add_prefix(objective.state_dict(), "objective."),
+                  **add_prefix(probe.state_dict(), "probe.")}
+        bad = first_non_finite(states)
+        if (any_rank(bad is not None, dist_info) if collective else bad is not None):
+            raise TrainingError(
+                f"at step {step} the weights are no longer finite ('{bad or 'on another process'}' holds NaN/Inf), "
+                f"so no checkpoint was written; {_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad")
         if not main:
             return
         opt_t, opt_meta = optimizer_to_tensors(optimizer)
         popt_t, popt_meta = optimizer_to_tensors(probe_opt)
         mopt_t, mopt_meta = optimizer_to_tensors(manifold_opt) if manifold_opt is not None else ({}, None)
-        tensors = {**add_prefix(model.state_dict(), "model."), **add_prefix(objective.state_dict(), "objective."),
-                   **add_prefix(probe.state_dict(), "probe."), **opt_t, **add_prefix(popt_t, "probe_"),
+        tensors = {**states, **opt_t, **add_prefix(popt_t, "probe_"),
                    **add_prefix(mopt_t, "manifold_"),
                    **_rng_tensors()}
         meta = {"config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch,
@@ -240,8 +276,9 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         if scaler.is_enabled():
             meta["scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_path, tensors, meta)
+        last_saved = step
 
-    monitor = _KnnMonitor(cfg, train, image_size, device) if (cfg.monitor.knn_every and main) else None
+    monitor = _KnnMonitor(cfg, train, image_size, device) if (cfg.monitor.knn_every and main and monitors_on) else None
     if monitor is not None and start_step == 0 and not history:
         history.append({"epoch": 0, **monitor(model.backbone)})  # the random-init reference point
         _log_line(metrics_path, {"epoch": 0, **history[-1]})
@@ -293,9 +330,9 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 # Every process must agree to stop, or the others would wait forever in the next collective.
                 if any_rank(not bool(torch.isfinite(loss)), dist_info):
                     raise TrainingError(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); the last good checkpoint "
-                        f"is kept at {ckpt_path if ckpt_path.exists() else 'none yet'}; lower optim.lr, set "
-                        "optim.clip_grad or use train.precision=fp32")
+                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); "
+                        f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad"
+                        + ("" if tc.precision == "fp32" else f", or use train.precision=fp32 instead of {tc.precision}"))
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -310,7 +347,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
                 model.update_teacher(float(sched.momentum[step]))
 
                 probe_acc = float("nan")
-                if cfg.monitor.online_probe and num_classes > 1:
+                if cfg.monitor.online_probe and monitors_on:
                     feats = out.features.float()
                     yy = y.repeat(n_global)
                     logits = ddp_probe(feats)
@@ -358,7 +395,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> di
         bar.close()
     except KeyboardInterrupt:
         if not in_step:
-            save(step, "interrupted")
+            save(step, "interrupted", collective=False)
         raise TrainingError(f"interrupted; continue with --resume from the last checkpoint ({ckpt_path})") from None
     finally:
         if writer:
@@ -382,6 +419,8 @@ def _check_resumable(meta: dict, cfg: RunConfig) -> None:
     # Only what changes the trajectory matters; train.max_steps / time budget / progress may differ.
     ignore = {"max_steps", "time_budget_s", "progress", "log_every", "num_threads", "device", "root", "download"}
     for section in now:
+        if section == "out_dir":  # the run is the folder it is in, however it is spelled, moved or copied
+            continue
         a, b = saved.get(section), now[section]
         if isinstance(a, dict) and isinstance(b, dict):
             a = {k: v for k, v in a.items() if k not in ignore}
@@ -389,6 +428,54 @@ def _check_resumable(meta: dict, cfg: RunConfig) -> None:
         if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
             raise ConfigError(f"cannot resume: config section '{section}' differs from the checkpoint's; "
                               "resume with the same config or start a new out_dir")
+
+
+def _kept(step: int | None, path: Path) -> str:
+    if step is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {step}) is kept at {path}"
+
+
+def _finished(meta: dict, cfg: RunConfig) -> str | None:
+    """Why a checkpointed run has nothing left to do ("completed", "max_steps"), or None."""
+    if meta["step"] >= meta["total_steps"]:
+        return "completed"
+    if cfg.train.max_steps is not None and meta["step"] >= cfg.train.max_steps:
+        return "max_steps"
+    return None
+
+
+def _existing_summary(out_dir: Path, meta: dict, reason: str) -> dict:
+    """The summary of a run that is already done, read back, never rewritten."""
+    summary = None
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if not isinstance(summary, dict) or summary.get("steps") != meta["step"]:
+        summary = {"out_dir": str(out_dir), "method": meta["config"].get("method"), "steps": meta["step"],
+                   "total_steps": meta["total_steps"], "epochs_done": meta["step"] / meta["steps_per_epoch"],
+                   "stop_reason": reason, "final_loss": None, "history": meta.get("history", []),
+                   "checkpoint": str(out_dir / "checkpoints" / "last.safetensors")}
+    return {**summary, "already_finished": reason}
+
+
+def _truncate_metrics(path: Path, step: int, steps_per_epoch: int) -> None:
+    """Drop metrics.jsonl lines logged after checkpoint `step` (they will be logged again), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        at = rec.get("step", rec.get("epoch", 0) * steps_per_epoch)
+        if isinstance(at, (int, float)) and at <= step + 1e-9:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class _KnnMonitor:
