@@ -1,7 +1,5 @@
 """UTKFace and MTFL loaders: labels from file names / annotation lines, quirks, malformed records, real data."""
-import io
 import os
-import tarfile
 import warnings
 
 import numpy as np
@@ -9,36 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import fake_utk_archive
 from visrep.data import load_dataset
 from visrep.errors import ConfigError, DataError
 
 FACES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "faces")
 
 
-def _jpeg(w, h, value=128):
-    buf = io.BytesIO()
-    Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _add(tf, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture()
 def utk_archive(tmp_path):
-    path = tmp_path / "utkface-96.tar.gz"
-    names = [f"{age}_{g}_{r}_2017010{i}.jpg.chip.jpg" for i, (age, g, r) in
-             enumerate([(1, 0, 0), (5, 1, 1), (25, 0, 2), (25, 1, 3), (45, 0, 4), (80, 1, 0), (33, 0, 1), (61, 1, 2)])]
-    with tarfile.open(path, "w:gz") as tf:
-        for n in names:
-            _add(tf, f"utkface-96/UTKFace/{n}", _jpeg(96, 96))
-        _add(tf, "utkface-96/UTKFace/61_1_20170109150557335.jpg.chip.jpg", _jpeg(96, 96))     # no race
-        _add(tf, "utkface-96/UTKFace/24_0_1_20170116220224657 .jpg.chip.jpg", _jpeg(96, 96))  # stray space
-        _add(tf, "utkface-96/UTKFace/30_0_1_20170116220224658.jpg.chip.jpg", b"not a jpeg")    # corrupt
-    return path
+    return fake_utk_archive(tmp_path / "utkface-96.tar.gz")
 
 
 def test_utkface_tasks_split_and_malformed_records(utk_archive, tmp_path):

@@ -322,3 +322,40 @@ def test_eval_image_size_flag_resizes_a_folder_of_mixed_sizes(tmp_path):
     res = visrep.evaluate_knn("resnet18", dataset="imagefolder", root=str(data), image_size=16, progress=False,
                               backbone_options={"cifar_stem": True, "width": 8})
     assert res["image_size"] == 16 and res["dataset"]["train_size"] == 6
+
+
+def test_crafted_tar_members_write_nothing_and_links_are_ignored(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from visrep.data.sources import load_dataset
+
+    def png():
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    archive = work / "crafted.tar"
+    with tarfile.open(archive, "w") as tf:
+        def add(name, data=None, link=None):
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        for i in range(3):
+            add(f"train/cat/{i}.png", png())
+            add(f"train/dog/{i}.png", png())
+        add("../escaped/x.png", png())
+        add(str(tmp_path / "absolute.png"), png())
+        add("train/cat/link.png", link="/etc/passwd")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    ds = load_dataset("imagefolder", "train", archive, cache=False)
+    assert len(ds) == 6 and ds.classes == ["cat", "dog"]
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing was written anywhere

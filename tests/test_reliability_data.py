@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import fake_utk_archive
 from visrep.data import load_dataset
 from visrep.errors import ConfigError, DataError
 
@@ -317,16 +318,14 @@ def test_failed_cache_writes_leave_no_temporary_files(tmp_path, monkeypatch):
     assert ds.meta["cache"] == "build" and load_dataset("imagefolder", "train", tree).meta["cache"] == "hit"
 
 
-_RACER = textwrap.dedent("""
+_RACE_PRELUDE = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
     import numpy as np, torch
     torch.set_num_threads(1)
-    import visrep.data.sources as sources
-    import visrep.evaluate.features as features
     from visrep.data import load_dataset
 
-    out, me, tree = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    out, me, data = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 
     def barrier(name):  # both processes reach the same point before racing
         (out / f"{name}.{me}").touch()
@@ -341,6 +340,11 @@ _RACER = textwrap.dedent("""
             time.sleep(0.5)
             return fn(*a, **k)
         return run
+""")
+
+_RACER = _RACE_PRELUDE + textwrap.dedent("""
+    import visrep.data.sources as sources
+    import visrep.evaluate.features as features
 
     sources._decode_all = slowed(sources._decode_all)
     features._compute = slowed(features._compute)
@@ -348,7 +352,7 @@ _RACER = textwrap.dedent("""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten())
     barrier("data")
-    ds = load_dataset("imagefolder", "train", tree)
+    ds = load_dataset("imagefolder", "train", data)
     barrier("features")
     feats, labels, info = features.extract_features_with_info(
         model, ds, image_size=16, batch_size=32, model_fingerprint="conv8-seed0", progress=False)
@@ -356,6 +360,22 @@ _RACER = textwrap.dedent("""
     (out / f"result-{me}.json").write_text(json.dumps({"dataset_hit": ds.meta["cache_hit"], "features": info["cache"]}))
     os._exit(0)  # skip torch's slow interpreter teardown
 """)
+
+
+def _race(tmp_path, script, data):
+    """Runs `script` in two processes at once on one shared cache (argv: out folder, process number, `data`);
+    returns each one's result-{i}.json and result-{i}.npz."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "VISREP_CACHE": str(tmp_path / "shared-cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("VISREP_DATA", None)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(out), str(i), str(data)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+    return ([json.loads((out / f"result-{i}.json").read_text()) for i in range(2)],
+            [np.load(out / f"result-{i}.npz") for i in range(2)])
 
 
 def test_two_processes_build_each_cache_entry_once(tmp_path):
@@ -367,19 +387,34 @@ def test_two_processes_build_each_cache_entry_once(tmp_path):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG" if i % 2 else "JPEG")
             (tree / c / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(buf.getvalue())
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "VISREP_CACHE": str(tmp_path / "shared-cache"), "OMP_NUM_THREADS": "1"}
-    env.pop("VISREP_DATA", None)
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(out), str(i), str(tree)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err[-2000:]
-    res = [json.loads((out / f"result-{i}.json").read_text()) for i in range(2)]
+    res, (a, b) = _race(tmp_path, _RACER, tree)
     assert sorted(r["dataset_hit"] for r in res) == [False, True]  # one built it, the other waited and read it
     assert sorted(r["features"] for r in res) == ["hit", "miss"]
-    a, b = (np.load(out / f"result-{i}.npz") for i in range(2))
     for k in ("images", "labels", "feats"):
         assert np.array_equal(a[k], b[k])
     assert a["images"].shape == (20, 3, 16, 16)
+
+
+_UTK_RACER = _RACE_PRELUDE + textwrap.dedent("""
+    import warnings
+    import visrep.data.faces as faces
+
+    faces._decode_square = slowed(faces._decode_square)
+    barrier("data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fake archive's malformed records
+        ds = load_dataset("utkface", "train", data, task="gender", test_fraction=0.25)
+    np.savez(out / f"result-{me}.npz", images=ds.images.numpy(), labels=ds.labels.numpy())
+    (out / f"result-{me}.json").write_text(json.dumps({"cache": ds.meta["cache"], "hit": ds.meta["cache_hit"]}))
+    os._exit(0)
+""")
+
+
+def test_two_processes_build_a_utkface_cache_entry_once(tmp_path):
+    (tmp_path / "faces").mkdir()
+    fake_utk_archive(tmp_path / "faces" / "utkface-96.tar.gz")
+    res, (a, b) = _race(tmp_path, _UTK_RACER, tmp_path / "faces")
+    assert sorted((r["cache"], r["hit"]) for r in res) == [("build", False), ("hit", True)]
+    for k in ("images", "labels"):
+        assert np.array_equal(a[k], b[k])
+    assert a["images"].shape == (6, 3, 96, 96)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visrep.data.sources import (SOURCES, ImageDataset, _cache_load, _cache_save, _check_split, _decode_items,
-                                 _member_parts, _resize_uint8)
+from visrep.data.sources import (SOURCES, ImageDataset, _cached, _check_split, _decode_items, _member_parts,
+                                 _resize_uint8)
 from visrep.errors import ConfigError, DataError
 
 # Age groups commonly used with UTKFace (children, then decades); the label of task `age_group`.
@@ -152,8 +152,8 @@ def utkface(*, split: str, root: Path | None, image_size: int | None, download: 
     src = _find(root, "utkface-96.tar.gz", "UTKFace", "utkface", origin)
     size = int(image_size or 96)
     key = _key(src, "utkface", size)
-    arrays = _cache_load(key) if cache else None
-    if arrays is None:
+
+    def build() -> dict:
         blobs = _members(src, lambda rel: rel.lower().endswith(".jpg"))
         if not blobs:
             raise DataError(f"utkface: no .jpg files in {src}")
@@ -175,7 +175,7 @@ def utkface(*, split: str, root: Path | None, image_size: int | None, download: 
                 keep.append((g, img))
         if not keep:
             raise DataError(f"utkface: none of the images in {src} could be read")
-        arrays = {
+        return {
             "images": torch.stack([img for _, img in keep]).numpy(),
             "age": np.array([g[1] for g, _ in keep], dtype=np.int64),
             "gender": np.array([g[2] for g, _ in keep], dtype=np.int64),
@@ -183,8 +183,8 @@ def utkface(*, split: str, root: Path | None, image_size: int | None, download: 
             "names": np.array([g[0] for g, _ in keep], dtype=np.str_),
             "malformed": np.array(malformed, dtype=np.str_) if malformed else np.zeros((0,), dtype="<U1"),
         }
-        if cache:
-            _cache_save(key, arrays)
+
+    arrays, status = _cached(key, build, cache)
     malformed = [str(s) for s in arrays["malformed"].tolist()]
     _report("utkface", malformed)
     n = len(arrays["age"])
@@ -206,7 +206,8 @@ def utkface(*, split: str, root: Path | None, image_size: int | None, download: 
             "target_names": ["age"] if task == "age" else None, "split_seed": int(split_seed),
             "test_fraction": float(test_fraction), "n_total": n, "n_malformed": len(malformed),
             "malformed": malformed[:20],
-            "split_hash": hashlib.sha1(index.numpy().tobytes()).hexdigest()[:16]}
+            "split_hash": hashlib.sha1(index.numpy().tobytes()).hexdigest()[:16],
+            "cache_hit": status == "hit", "cache": status}
     return ImageDataset(images, labels, classes, f"utkface-{task}/{split}", meta, targets)
 
 
@@ -235,8 +236,8 @@ def mtfl(*, split: str, root: Path | None, image_size: int | None, download: boo
     src = _find(root, "mtfl-128.tar.gz", "MTFL", "mtfl", origin)
     size = int(image_size or 128)
     key = _key(src, "mtfl", split, size)
-    arrays = _cache_load(key) if cache else None
-    if arrays is None:
+
+    def build() -> dict:
         list_name = "training.txt" if split == "train" else "testing.txt"
         blobs = _members(src, lambda rel: rel.lower().endswith((".jpg", f"/{list_name}")))
         lists = [k for k in blobs if k.endswith(f"/{list_name}")]
@@ -281,11 +282,11 @@ def mtfl(*, split: str, root: Path | None, image_size: int | None, download: boo
             imgs.append(img), pts.append(xy), attrs.append(a), names.append(rel)
         if not imgs:
             raise DataError(f"mtfl: none of the {split} images in {src} could be read")
-        arrays = {"images": torch.stack(imgs).numpy(), "landmarks": np.stack(pts),
-                  "attrs": np.array(attrs, dtype=np.int64), "names": np.array(names, dtype=np.str_),
-                  "malformed": np.array(malformed, dtype=np.str_) if malformed else np.zeros((0,), dtype="<U1")}
-        if cache:
-            _cache_save(key, arrays)
+        return {"images": torch.stack(imgs).numpy(), "landmarks": np.stack(pts),
+                "attrs": np.array(attrs, dtype=np.int64), "names": np.array(names, dtype=np.str_),
+                "malformed": np.array(malformed, dtype=np.str_) if malformed else np.zeros((0,), dtype="<U1")}
+
+    arrays, status = _cached(key, build, cache)
     malformed = [str(s) for s in arrays["malformed"].tolist()]
     _report("mtfl", malformed)
     attrs = torch.from_numpy(arrays["attrs"])
@@ -295,7 +296,8 @@ def mtfl(*, split: str, root: Path | None, image_size: int | None, download: boo
             "task_type": "landmarks" if task == "landmarks" else "classification",
             "target_names": ([f"x_{n}" for n in MTFL_LANDMARKS] + [f"y_{n}" for n in MTFL_LANDMARKS])
             if task == "landmarks" else None,
-            "n_malformed": len(malformed), "malformed": malformed[:20]}
+            "n_malformed": len(malformed), "malformed": malformed[:20],
+            "cache_hit": status == "hit", "cache": status}
     classes = MTFL_POSES if task == "landmarks" else _MTFL_CLASSES[task]
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(arrays["images"])), attrs[:, column], list(classes),
                         f"mtfl-{task}/{split}", meta, targets)
