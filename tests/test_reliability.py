@@ -359,3 +359,12 @@ def test_crafted_tar_members_write_nothing_and_links_are_ignored(tmp_path):
     ds = load_dataset("imagefolder", "train", archive, cache=False)
     assert len(ds) == 6 and ds.classes == ["cat", "dog"]
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing was written anywhere
+
+
+def test_a_class_missing_from_one_split_does_not_shift_the_labels_of_another(tmp_path):
+    from visrep.data.sources import load_dataset
+
+    data = _png_tree(tmp_path / "d", {"train/cat": [(8, 8)] * 2, "train/dog": [(8, 8)] * 2, "test/dog": [(8, 8)] * 2})
+    train, test = (load_dataset("imagefolder", s, data, cache=False) for s in ("train", "test"))
+    assert train.classes == test.classes == ["cat", "dog"]
+    assert test.labels.tolist() == [1, 1]  # dog is 1 in both splits (787f23d: 0 in test, 1 in train)

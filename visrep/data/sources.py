@@ -56,7 +56,7 @@ PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 # folder names that mark a "split" level in an image-folder tree
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "eval", "dev", "holdout"})
-_CACHE_FORMAT = 2  # 2: class-folder trees no longer serve split "test" as the whole tree
+_CACHE_FORMAT = 3  # 2: no whole-tree "test" split without split folders; 3: classes from every split folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,12 +383,14 @@ def _is_archive(path: Path) -> bool:
 
 
 def _layout(paths: list[tuple[str, ...]], split: str, where: str):
-    """Decide which files make up ``split``. Returns (selected [(class, parts)], info dict).
+    """Decide which files make up ``split``. Returns (selected [(class, parts)], classes, info dict).
 
     Wrapper folders (one top-level directory holding everything, not itself a split name) are
     stripped. If the top level then holds split folders (train/, test/, val/..., or a folder
     named ``split``) whose files sit at <split>/<class>/..., ``split`` must be one of them;
-    otherwise the tree is <class>/... and every file is a candidate (``_select_split`` decides)."""
+    otherwise the tree is <class>/... and every file is a candidate (``_select_split`` decides).
+    ``classes`` are the class folders of every split, so a class missing from one split cannot shift the
+    label indices of the others."""
     prefix: tuple[str, ...] = ()
     rel = [p for p in paths]
     while rel and all(len(p) >= 3 for p in rel) and len({p[0] for p in rel}) == 1 and rel[0][0] not in SPLIT_NAMES and rel[0][0] != split:
@@ -400,11 +402,14 @@ def _layout(paths: list[tuple[str, ...]], split: str, where: str):
         if split not in splits:
             raise ConfigError(f"unknown split '{split}' for {where}; valid splits: {', '.join(splits)}")
         selected = [(p[1], prefix + p) for p in rel if len(p) >= 3 and p[0] == split]
+        classes = sorted({p[1] for p in rel if len(p) >= 3 and p[0] in splits})
         info = {"layout": "split-folders", "split_dir": "/".join(prefix + (split,)), "available_splits": splits}
     else:
         selected = [(p[0], prefix + p) for p in rel if len(p) >= 2]
+        # before a test_fraction split, so both splits share the labels
+        classes = sorted({c for c, _ in selected})
         info = {"layout": "class-folders", "split_dir": "/".join(prefix) or ".", "available_splits": []}
-    return selected, info
+    return selected, classes, info
 
 
 def _decode(data: bytes, image_size: int | None) -> torch.Tensor | None:
@@ -642,11 +647,10 @@ def _build_imagefolder(src: Path, archive: bool, paths: list | None, split: str,
         paths, blobs = _read_archive(src, split)
     if not paths:
         raise DataError(f"imagefolder: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {where}")
-    selected, info = _layout(paths, split, where)
+    selected, classes, info = _layout(paths, split, where)
     empty = f"imagefolder: no images found for split '{split}' in {where} (expected <class>/<image> under {info['split_dir']})"
     if not selected:
         raise DataError(empty)
-    classes = sorted({c for c, _ in selected})  # before a test_fraction split, so both splits share the labels
     selected = _select_split(selected, info, split, where, split_options)
     if not selected:
         raise DataError(empty)
