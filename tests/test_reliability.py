@@ -14,8 +14,8 @@ import torch
 import visrep
 from visrep import cli
 from visrep.errors import ConfigError, DataError, TrainingError, VisrepError
-from visrep.train.checkpoint import (CheckpointError, first_non_finite, load_checkpoint, save_checkpoint,
-                                     tensors_sha256)
+from visrep.train.checkpoint import (CheckpointError, checkpoint_sha256, first_non_finite, load_checkpoint,
+                                     save_checkpoint)
 
 from conftest import tiny_overrides
 
@@ -89,13 +89,23 @@ def test_nan_guard_keeps_the_last_finite_checkpoint_and_names_the_tensor(tmp_pat
     with pytest.raises(TrainingError) as e:
         visrep.pretrain(cfg, quiet=True)
     msg = str(e.value)
-    assert "no longer finite" in msg and "running_var" in msg and "last good checkpoint (step 2)" in msg
+    assert "no longer finite" in msg and "running_var" in msg
+    assert f"last good checkpoint (step 2) is kept at {tmp_path.joinpath(*CKPT)}" in msg
     assert "fp32" not in msg
     tensors, meta = load_checkpoint(tmp_path.joinpath(*CKPT))
     assert meta["step"] == 2 and first_non_finite(tensors) is None
     res = visrep.evaluate_knn(str(tmp_path / "run"), dataset="synthetic", dataset_options={"n": 64, "num_classes": 4},
                               image_size=16, progress=False)
     assert 0 <= res["top1"] <= 1
+
+
+def test_the_finiteness_check_is_one_fused_reduction(monkeypatch):
+    calls = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: calls.append(len(ts)) or real(ts, *a, **k))
+    tensors = {f"t{i}": torch.randn(5) for i in range(50)}
+    tensors["t37"][2] = float("nan")
+    assert first_non_finite(tensors) == "t37" and calls == [50]
 
 
 def test_eval_refuses_non_finite_weights(tmp_path):
@@ -108,6 +118,12 @@ def test_eval_refuses_non_finite_weights(tmp_path):
     with pytest.raises(VisrepError, match="non-finite weights"):
         visrep.evaluate_knn(str(tmp_path / "run"), dataset="synthetic", dataset_options={"n": 64, "num_classes": 4},
                             progress=False)
+    from visrep.train.finetune import prepare_finetune_config  # and fine-tuning does not start from them
+
+    ft = visrep.resolve({"method": "supervised", "finetune": {"init": str(tmp_path / "run")},
+                         "out_dir": str(tmp_path / "ft")})
+    with pytest.raises(VisrepError, match="non-finite weights"):
+        prepare_finetune_config(ft)
 
 
 @pytest.mark.parametrize("precision,advice", [("fp32", False), ("bf16", True)])
@@ -155,32 +171,74 @@ def test_flipped_bytes_are_detected_on_resume_and_eval_and_the_file_is_never_ove
     assert 0 <= res["top1"] <= 1
 
 
-def test_the_hash_covers_names_dtypes_shapes_and_bytes():
+def test_the_hash_covers_names_dtypes_shapes_bytes_and_metadata():
+    import hashlib
+
     a = {"w": torch.arange(6, dtype=torch.float32)}
-    h = tensors_sha256(a)
-    assert h == tensors_sha256({"w": torch.arange(6, dtype=torch.float32)})
-    assert h != tensors_sha256({"v": a["w"]})
-    assert h != tensors_sha256({"w": a["w"].reshape(2, 3)})
-    assert h != tensors_sha256({"w": a["w"].double()})
+    h = checkpoint_sha256(a)
+    # by hand: name, dtype, shape, then the raw little-endian bytes
+    assert h == hashlib.sha256(b"w\0torch.float32\0(6,)\0" + np.arange(6, dtype="<f4").tobytes()).hexdigest()
+    assert h != checkpoint_sha256({"v": a["w"]})
+    assert h != checkpoint_sha256({"w": a["w"].reshape(2, 3)})
+    assert h != checkpoint_sha256({"w": a["w"].double()})
     b = a["w"].clone()
     b[3] = 3.0000002
-    assert h != tensors_sha256({"w": b})
+    assert h != checkpoint_sha256({"w": b})
+    meta = {"step": 2, "config": {"optim": {"lr": 0.4}}}
+    assert checkpoint_sha256(a, meta) == checkpoint_sha256(a, {"config": {"optim": {"lr": 0.4}}, "step": 2})
+    assert checkpoint_sha256(a, meta) != checkpoint_sha256(a, {**meta, "config": {"optim": {"lr": 0.5}}})
 
 
-@pytest.mark.parametrize("edit,expect", [
-    (lambda p: _rewrite_visrep_meta(p, lambda t: t[:-7]), "not JSON"),
-    (lambda p: _set_meta(p, step="abc"), "invalid metadata field 'step'"),
-    (lambda p: _set_meta(p, optimizer=None), "no 'optimizer'"),
-    (lambda p: _set_meta(p, step=1), "says step 1 in its metadata but its tensors were saved at step 2"),
-    (lambda p: _set_meta(p, step=1000000), "says step 1000000 in its metadata but its tensors were saved at step 2"),
+def test_an_edited_header_field_fails_the_integrity_check(tmp_path, capsys):
+    over = tiny_overrides(tmp_path, train={"epochs": 2, "max_steps": 2})
+    visrep.pretrain(visrep.resolve(over), quiet=True)
+    path = tmp_path.joinpath(*CKPT)
+    def edit(text):  # one changed number, as a flipped bit or an editor could make
+        meta = json.loads(text)
+        meta["config"]["optim"]["lr"] *= 1.25
+        return json.dumps(meta)
+
+    _rewrite_visrep_meta(path, edit)
+    before = path.read_bytes()
+    code, _, err = _run_cli(["pretrain", "--resume", str(tmp_path / "run"), "train.max_steps=null"], capsys)
+    assert code == 2 and "fails its integrity check" in _one_line_error(err)
+    assert path.read_bytes() == before
+    s = visrep.pretrain(visrep.resume_config(str(tmp_path / "run"), ["train.max_steps=null"]), resume=True,
+                        force=True, quiet=True)  # --force: the user's choice
+    assert s["steps"] == 4
+
+
+def test_a_checkpoint_of_another_shape_or_with_nan_weights_is_not_resumed(tmp_path, capsys):
+    over = tiny_overrides(tmp_path, train={"epochs": 2, "max_steps": 2})
+    visrep.pretrain(visrep.resolve(over), quiet=True)
+    path = tmp_path.joinpath(*CKPT)
+    tensors, meta = load_checkpoint(path)
+    good = dict(tensors)
+    del tensors["rng.torch"]
+    save_checkpoint(path, tensors, meta)  # well-formed, valid hash, but not this run's full state
+    code, _, err = _run_cli(["pretrain", "--resume", str(tmp_path / "run"), "train.max_steps=null"], capsys)
+    assert code == 2 and "does not hold this run's state" in _one_line_error(err)
+    good["model.backbone.conv1.weight"] = good["model.backbone.conv1.weight"] * float("nan")
+    save_checkpoint(path, good, meta)
+    code, _, err = _run_cli(["pretrain", "--resume", str(tmp_path / "run"), "train.max_steps=null"], capsys)
+    assert code == 2 and "holds non-finite weights ('model.backbone.conv1.weight'" in _one_line_error(err)
+
+
+@pytest.mark.parametrize("edit,flags,expect", [
+    (lambda p: _rewrite_visrep_meta(p, lambda t: t[:-7]), [], "not JSON"),
+    (lambda p: _set_meta(p, step="abc"), [], "invalid metadata field 'step'"),
+    (lambda p: _set_meta(p, optimizer=None), [], "fails its integrity check"),
+    (lambda p: _set_meta(p, optimizer=None), ["--force"], "no 'optimizer'"),  # past the hash, the schema holds
+    (lambda p: _set_meta(p, step=1), [], "says step 1 in its metadata but its tensors were saved at step 2"),
+    (lambda p: _set_meta(p, step=1000000), [], "says step 1000000 in its metadata but its tensors were saved at step 2"),
 ])
-def test_bad_checkpoint_metadata_is_one_sentence_and_changes_nothing(tmp_path, capsys, edit, expect):
+def test_bad_checkpoint_metadata_is_one_sentence_and_changes_nothing(tmp_path, capsys, edit, flags, expect):
     over = tiny_overrides(tmp_path, train={"epochs": 2, "max_steps": 2})
     visrep.pretrain(visrep.resolve(over), quiet=True)
     path = tmp_path.joinpath(*CKPT)
     edit(path)
     before = path.read_bytes()
-    code, _, err = _run_cli(["pretrain", "--resume", str(tmp_path / "run"), "train.max_steps=null"], capsys)
+    code, _, err = _run_cli(["pretrain", "--resume", str(tmp_path / "run"), "train.max_steps=null", *flags], capsys)
     assert code == 2 and expect in _one_line_error(err)
     assert path.read_bytes() == before
 
@@ -254,6 +312,8 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
     ("optim.warmup_epochs=-1", "optim.warmup_epochs must be in [0, inf)"),
     ("train.max_steps=0", "train.max_steps must be in [1, inf)"),
     ("optim.betas=[0.9, 1.5]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.lr=.nan", "optim.lr must be a finite number"),
+    ("optim.momentum=.nan", "optim.momentum must be a finite number"),
 ])
 def test_values_that_make_no_sense_are_config_errors(override, expect, capsys):
     with pytest.raises(ConfigError, match=expect.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -301,6 +361,66 @@ def test_yaml_syntax_errors_name_the_line_and_column(tmp_path, capsys):
     assert code == 2 and "is not valid YAML at line 5, column 1" in _one_line_error(err)
     code, _, err = _run_cli(["eval", "knn", "--model", "resnet18", "--dataset-options", "{task: [age"], capsys)
     assert code == 2 and "--dataset-options is not valid YAML at line 1" in _one_line_error(err)
+
+
+def test_a_config_that_is_not_text_is_one_sentence(tmp_path, capsys):
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe\x00method")
+    code, _, err = _run_cli(["pretrain", "--config", str(bad), "--print-config"], capsys)
+    assert code == 2 and "is not UTF-8 text" in _one_line_error(err)
+
+
+def test_a_second_process_in_the_same_run_folder_is_refused(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from test_kill_and_torchrun import _dotted
+
+    over = tiny_overrides(tmp_path, train={"epochs": 200})
+    proc = subprocess.Popen([sys.executable, "-m", "visrep.cli", "pretrain", *_dotted(over)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        ckpt = tmp_path.joinpath(*CKPT)
+        while not ckpt.exists() and time.time() < deadline:  # the first run holds the folder
+            time.sleep(0.05)
+        assert ckpt.exists()
+        with pytest.raises(ConfigError, match="another visrep process is training in"):
+            visrep.pretrain(visrep.resolve({**over, "out_dir": str(tmp_path / "." / "run")}), resume=True, quiet=True)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_resume_run_dir_whose_name_holds_an_equals_sign(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    over = tiny_overrides(tmp_path, train={"epochs": 2, "max_steps": 2})
+    over["out_dir"] = "lr=0.1"
+    visrep.pretrain(visrep.resolve(over), quiet=True)
+    code, out, err = _run_cli(["pretrain", "--resume", "lr=0.1"], capsys)
+    assert code == 0 and "reached train.max_steps at step 2/4" in out and "train.max_steps=N (or null)" in out, err
+
+
+def test_a_finetune_killed_before_its_export_finishes_it_on_resume_even_when_moved(tmp_path, monkeypatch):
+    from test_transfer import _pretrained
+
+    pre = _pretrained(tmp_path / "p")
+    over = {"method": "supervised", "out_dir": str(tmp_path / "ft"),
+            "data": {"dataset": "synthetic", "options": {"n": 64, "num_classes": 4}},
+            "train": {"epochs": 1, "batch_size": 32, "progress": False}, "monitor": {"knn_every": 0},
+            "finetune": {"init": pre}}
+    first = visrep.finetune(visrep.resolve(over), quiet=True)
+    shutil.rmtree(tmp_path / "ft" / "export")  # killed after training, before the export and evaluation
+    (tmp_path / "ft" / "eval.json").unlink()
+    shutil.move(tmp_path / "ft", tmp_path / "moved")
+    shutil.rmtree(pre)  # its init is gone too: a resumed run no longer needs it
+    again = visrep.finetune(visrep.resume_config(str(tmp_path / "moved")), resume=True, quiet=True)
+    assert "already_finished" not in again and again["eval"]["top1"] == first["eval"]["top1"]
+    assert (tmp_path / "moved" / "export" / "backbone.safetensors").is_file()
+    files = {p: p.read_bytes() for p in (tmp_path / "moved").rglob("*") if p.is_file()}
+    assert visrep.finetune(visrep.resume_config(str(tmp_path / "moved")), resume=True, quiet=True)["already_finished"]
+    assert {p: p.read_bytes() for p in (tmp_path / "moved").rglob("*") if p.is_file()} == files
 
 
 def test_dotted_overrides_are_accepted_anywhere_on_the_line(tmp_path, capsys):

@@ -132,9 +132,11 @@ def _yaml_mapping(text: str | None, flag: str) -> dict | None:
 
 
 def _finished_line(summary: dict) -> str:
-    why = "reached train.max_steps" if summary["already_finished"] == "max_steps" else "already finished"
-    return (f"nothing to do: the run in {summary['out_dir']} {why} at step {summary['steps']}/"
-            f"{summary['total_steps']}; nothing was changed")
+    line = f"nothing to do: the run in {summary['out_dir']} "
+    if summary["already_finished"] == "max_steps":
+        return (line + f"reached train.max_steps at step {summary['steps']}/{summary['total_steps']}; nothing was "
+                "changed; pass train.max_steps=N (or null) to continue it")
+    return line + f"already finished at step {summary['steps']}/{summary['total_steps']}; nothing was changed"
 
 
 def _print_json(res: dict) -> None:
@@ -160,7 +162,8 @@ def _parse(argv: list[str] | None):
         raise ConfigError(f"visrep {args.command} takes no key=value overrides, got {overrides[0]!r}")
     if args.command in ("pretrain", "finetune"):
         args.overrides = list(args.overrides) + overrides
-        if isinstance(args.resume, str) and "=" in args.resume:  # `--resume key=value`: an override, not a folder
+        if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
+            # `--resume key=value`: an override, not a folder (unless a folder of that name exists)
             args.overrides.append(args.resume)
             args.resume = True
     return args
@@ -174,6 +177,11 @@ def run(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + ([f"data.root={args.data_dir}"] if args.data_dir else [])
         if isinstance(args.resume, str):  # --resume RUN_DIR
             cfg = api.resume_config(args.resume, overrides, config=args.config)
+            if args.command == "pretrain" and cfg.finetune.init:
+                from visrep.errors import ConfigError
+
+                raise ConfigError(f"'{args.resume}' is a fine-tuning run; continue it with visrep finetune --resume "
+                                  f"{args.resume}, which also exports and evaluates it")
         else:
             cfg = api.resolve(args.config, overrides)
         if args.print_config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import json
 import re
 import typing
@@ -229,7 +230,11 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml_load(p.read_text()) or {}
+        data = yaml_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML at {yaml_error_where(e)}") from None
     if not isinstance(data, dict):
@@ -425,6 +430,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         v = getattr(getattr(cfg, section), name)
         if v is None:
             continue
+        if not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, got {v}")
         bad = (lo is not None and (v < lo or (v == lo and not lo_ok))) or \
               (hi is not None and (v > hi or (v == hi and not hi_ok)))
         if bad:

@@ -138,7 +138,8 @@ class MaskToken(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
 
-def build_template(cfg, image_size: int, num_classes: int | None = None, load_init: bool = True) -> Template:
+def build_template(cfg, image_size: int, num_classes: int | None = None, load_init: bool = True,
+                   force: bool = False) -> Template:
     """Backbone + heads + masking + target branch from a RunConfig.
 
     num_classes: out_dim of a classifier head left without one (classes, or regression targets).
@@ -156,7 +157,7 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, load_in
     dim = feature_dim(backbone)
     ft = cfg.finetune
     if ft.init and load_init:
-        load_init_weights(backbone, ft.init, ft.branch)
+        load_init_weights(backbone, ft.init, ft.branch, force=force)
     if ft.mode == "lora":
         from visrep.models.lora import apply_lora
 
@@ -175,7 +176,7 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, load_in
     return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)
 
 
-def load_init_weights(backbone: nn.Module, source: str, branch: str = "student") -> None:
+def load_init_weights(backbone: nn.Module, source: str, branch: str = "student", force: bool = False) -> None:
     """Copy the `branch` backbone of a visrep checkpoint, run directory or export into `backbone`
     (fine-tuning; a LoRA run's adapters are merged first)."""
     from pathlib import Path
@@ -184,7 +185,7 @@ def load_init_weights(backbone: nn.Module, source: str, branch: str = "student")
 
     if not Path(source).expanduser().exists():
         raise ConfigError(f"finetune.init: no checkpoint or run directory at '{source}'")
-    pretrained, _ = load_backbone(str(Path(source).expanduser()), branch=branch)
+    pretrained, _ = load_backbone(str(Path(source).expanduser()), branch=branch, force=force)
     try:
         backbone.load_state_dict(pretrained.state_dict())
     except RuntimeError as e:

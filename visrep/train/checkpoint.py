@@ -7,9 +7,10 @@ What a checkpoint guarantees about itself:
 - **Atomic**: it is written to `NAME.tmp` in the same folder, flushed to disk, and moved over `NAME` with
   `os.replace`, so a run killed mid-write leaves the previous checkpoint intact (stray `.tmp` files of
   killed writes are removed by `clean_stale_temps` when the run starts again).
-- **Integrity**: the header records `tensors_sha256`, a SHA-256 over every tensor's name, dtype, shape and
-  bytes (`tensors_sha256`). `load_checkpoint` recomputes it and refuses a file whose tensors changed
-  (a flipped byte, a truncated copy), unless `force=True`.
+- **Integrity**: the header records `sha256`, a SHA-256 over every tensor's name, dtype, shape and bytes
+  and over the rest of the metadata as canonical JSON (`checkpoint_sha256`). `load_checkpoint` recomputes
+  it and refuses a file whose tensors or header changed (a flipped byte, an edited field, a bad copy),
+  unless `force=True`.
 - **Consistent counters**: the step is stored twice, in the JSON header and as the tensor `state.step`
   (covered by the hash), so an edited header cannot silently resume from the wrong step.
 - **Finite**: `first_non_finite` is the guard the loop runs before a write: no NaN/Inf weight is saved.
@@ -37,16 +38,23 @@ class CheckpointError(VisrepError):
     """A checkpoint that is unreadable, corrupted or inconsistent."""
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in sorted name order: what safetensors stores
-    in its data section, independent of the file layout."""
+def checkpoint_sha256(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor in sorted name order (what safetensors stores in
+    its data section, independent of the file layout), then over `meta` as canonical JSON (sorted keys)."""
     h = hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k].detach().to("cpu").contiguous()
         h.update(f"{k}\0{str(t.dtype)}\0{tuple(t.shape)}\0".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # zero-copy view of the bytes
+    if meta is not None:
+        h.update(b"\0meta\0" + _canonical(meta))
     return h.hexdigest()
+
+
+def _canonical(meta: dict) -> bytes:
+    # Through a JSON round trip first, so what is hashed at write time is exactly what a reader parses.
+    return json.dumps(json.loads(json.dumps(meta)), sort_keys=True, separators=(",", ":")).encode()
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -80,7 +88,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if "step" in meta:
         clean[STEP_KEY] = torch.tensor(int(meta["step"]), dtype=torch.int64)
-    header = {"format": FORMAT, **meta, "tensors_sha256": tensors_sha256(clean)}
+    header = {"format": FORMAT, **meta}
+    header["sha256"] = checkpoint_sha256(clean, header)
     save_file(clean, str(tmp), metadata={"visrep": json.dumps(header)})
     with open(tmp, "rb+") as f:  # on disk before it replaces the last good file
         os.fsync(f.fileno())
@@ -124,20 +133,22 @@ def load_checkpoint(source: str | Path, *, force: bool = False) -> tuple[dict[st
         raise CheckpointError(f"checkpoint '{path}' is unreadable or truncated ({e})") from None
     if not meta:
         return tensors, {}
-    recorded = meta.get("tensors_sha256")
+    recorded = meta.pop("sha256", None)
+    intact = recorded is not None and checkpoint_sha256(tensors, meta) == recorded
     if recorded is None:
         warnings.warn(f"checkpoint '{path}' records no content hash (written by an older visrep); its integrity "
                       "is not verified", stacklevel=2)
-    elif tensors_sha256(tensors) != recorded:
+    if STEP_KEY in tensors and int(tensors[STEP_KEY]) != meta.get("step") and not force:
+        raise CheckpointError(f"checkpoint '{path}' says step {meta.get('step')} in its metadata but its tensors were "
+                              f"saved at step {int(tensors[STEP_KEY])}; the header was edited or damaged; nothing "
+                              "was loaded or overwritten")
+    if recorded is not None and not intact:
         if not force:
             raise CheckpointError(
-                f"checkpoint '{path}' fails its integrity check (its tensors do not match the SHA-256 recorded when "
-                "it was written), so it is corrupted; nothing was loaded or overwritten; restore a copy, or pass "
-                "--force to load it anyway")
+                f"checkpoint '{path}' fails its integrity check (its tensors or metadata do not match the SHA-256 "
+                "recorded when it was written), so it is corrupted; nothing was loaded or overwritten; restore a "
+                "copy, or pass --force to load it anyway")
         warnings.warn(f"loading '{path}' despite a failed integrity check (--force)", stacklevel=2)
-    if STEP_KEY in tensors and int(tensors[STEP_KEY]) != meta.get("step"):
-        raise CheckpointError(f"checkpoint '{path}' says step {meta.get('step')} in its metadata but its tensors were "
-                              f"saved at step {int(tensors[STEP_KEY])}; the header was edited or damaged")
     tensors.pop(STEP_KEY, None)
     return tensors, meta
 
@@ -201,6 +212,8 @@ def check_resume_meta(meta: dict, path) -> None:
                                   "param_groups and scalars)")
     if meta["steps_per_epoch"] < 1 or meta["total_steps"] < 1:
         raise CheckpointError(f"checkpoint '{path}' has invalid step counts in its metadata")
+    if not all(isinstance(h, dict) for h in meta["history"]):
+        raise CheckpointError(f"checkpoint '{path}' has an invalid metadata field 'history' (expected records)")
     if meta["step"] > meta["total_steps"]:
         raise CheckpointError(f"checkpoint '{path}' says step {meta['step']}, beyond the run's "
                               f"{meta['total_steps']} total steps; the header was edited or damaged")
@@ -240,15 +253,15 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict = {}
-    for key, v in tensors.items():
-        if not key.startswith("optim."):
-            continue
-        _, pid, k = key.split(".", 2)
-        state.setdefault(int(pid), {})[k] = v
-    for key, v in meta.get("scalars", {}).items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
     try:
+        for key, v in tensors.items():
+            if not key.startswith("optim."):
+                continue
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+        for key, v in meta.get("scalars", {}).items():
+            pid, k = key.split(".", 1)
+            state.setdefault(int(pid), {})[k] = v
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"the checkpoint's optimizer state does not fit this run's optimizer ({e})") from None

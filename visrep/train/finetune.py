@@ -24,10 +24,15 @@ from visrep.config import RunConfig
 from visrep.errors import ConfigError
 
 
-def prepare_finetune_config(cfg: RunConfig) -> RunConfig:
-    """Take the backbone (name, options) and image size from `finetune.init`; check the head and objective."""
+def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> RunConfig:
+    """Take the backbone (name, options) and image size from `finetune.init`; check the head and objective.
+
+    resume=True takes them from the run's own checkpoint instead: a resumed run needs its init no more (it may
+    have moved with the run, or been deleted). force: load an init that fails its integrity check.
+    """
     from visrep.evaluate.api import _classifier_head_names
     from visrep.models.loading import load_run
+    from visrep.train.checkpoint import read_checkpoint_meta
 
     cfg = copy.deepcopy(cfg)
     kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
@@ -40,11 +45,20 @@ def prepare_finetune_config(cfg: RunConfig) -> RunConfig:
     if cfg.objective.name not in ("cross_entropy", "regression"):
         raise ConfigError(f"finetune needs objective cross_entropy or regression, got '{cfg.objective.name}'")
     init = cfg.finetune.init
-    if init:
+    own = Path(cfg.out_dir) / "checkpoints" / "last.safetensors"
+    if init and resume and own.is_file():
+        from visrep.config import from_dict
+
+        meta = read_checkpoint_meta(own)
+        src = from_dict(RunConfig, meta["config"])
+        cfg.backbone = copy.deepcopy(src.backbone)
+        if cfg.data.image_size is None:
+            cfg.data.image_size = src.data.image_size
+    elif init:
         path = Path(init).expanduser()
         if not path.exists():
             raise ConfigError(f"finetune.init: no checkpoint or run directory at '{init}'")
-        _, meta, src = load_run(str(path))
+        _, meta, src = load_run(str(path), force=force)
         cfg.backbone = copy.deepcopy(src.backbone)
         size = meta.get("image_size")
         if cfg.data.image_size is None and size:
@@ -89,15 +103,20 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
     from visrep.models.lora import count_parameters
     from visrep.train.loop import pretrain
 
-    cfg = prepare_finetune_config(cfg)
+    cfg = prepare_finetune_config(cfg, resume=resume, force=force)
     out_dir = Path(cfg.out_dir)
     summary = pretrain(cfg, resume=resume, quiet=quiet, force=force)
-    if summary.get("already_finished"):  # exported and evaluated when it finished: change nothing
-        return summary
+    if summary.get("already_finished"):
+        exported = (out_dir / "export" / "backbone.safetensors").is_file()
+        evaluated = not evaluate or (out_dir / "eval.json").is_file()
+        if summary["already_finished"] != "completed" or (exported and evaluated):
+            return summary  # nothing was changed
+        summary.pop("already_finished")  # trained, but killed before its export or evaluation: finish those
+        summary["stop_reason"] = "completed"
     # Parameter counts of the trained composition (built without weights: counting needs none).
     from visrep.models.loading import load_run
 
-    meta = load_run(str(out_dir / "checkpoints" / "last.safetensors"))[1]
+    meta = load_run(str(out_dir / "checkpoints" / "last.safetensors"), force=force)[1]
     outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
     template = build_template(cfg, int(meta["image_size"]), outputs, load_init=False)
     trainable, total = count_parameters(template)

@@ -24,7 +24,7 @@ from torch import nn
 from visrep.config import RunConfig
 from visrep.errors import ConfigError, TrainingError, VisrepError
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
-from visrep.train.checkpoint import (add_prefix, check_resume_meta, clean_stale_temps, first_non_finite,
+from visrep.train.checkpoint import (CheckpointError, add_prefix, check_resume_meta, clean_stale_temps, first_non_finite,
                                      load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint,
                                      strip_prefix)
 from visrep.train.distributed import any_rank, resolve_device, setup_distributed, teardown_distributed
@@ -94,6 +94,44 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, force
     is changed. Without it, an out_dir that already holds a checkpoint is refused, so nothing is
     overwritten by accident. force=True resumes from a checkpoint that fails its integrity check.
     """
+    with _run_lock(Path(cfg.out_dir)):
+        return _pretrain(cfg, resume=resume, quiet=quiet, force=force)
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path):
+    """One process (group) per run folder: a second `visrep pretrain` into the same out_dir, spelled any way,
+    is refused instead of interleaving its checkpoints with the first's. The lock lives in the cache folder
+    (keyed by the resolved path), so nothing is created in out_dir before the run starts; the OS drops it if
+    the holder dies. Under torchrun only rank 0 holds it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    import hashlib
+
+    from filelock import FileLock, Timeout
+
+    from visrep.data.sources import cache_dir
+
+    folder = cache_dir() / "locks"
+    key = hashlib.sha1(str(out_dir.expanduser().resolve()).encode()).hexdigest()[:20]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / f"run-{key}.lock"), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(f"another visrep process is training in '{out_dir}'; wait for it to finish or choose "
+                          "another out_dir") from None
+    except OSError:  # a read-only cache: run unguarded rather than not at all
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict:
     from visrep.data.sources import load_dataset
     from visrep.data.views import build_views
     from visrep.methods import build_template
@@ -116,9 +154,13 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, force
     if resume and not ckpt_path.exists():
         raise ConfigError(f"nothing to resume: '{ckpt_path}' does not exist")
     resumed = None
-    if resume:  # verified (hash, schema, step) before anything is built or written
+    if resume:  # verified (hash, schema, step, finite weights) before anything is built or written
         resumed = load_checkpoint(ckpt_path, force=force)
         check_resume_meta(resumed[1], ckpt_path)
+        bad = first_non_finite({k: v for k, v in resumed[0].items() if k.startswith(("model.", "objective.", "probe."))})
+        if bad is not None:
+            raise CheckpointError(f"cannot resume: checkpoint '{ckpt_path}' holds non-finite weights ('{bad}' has "
+                                  "NaN/Inf), so training from it would only diverge; start a new out_dir")
         _check_resumable(resumed[1], cfg)
         done = _finished(resumed[1], cfg)
         if done:
@@ -165,7 +207,8 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, force
                               f"'{d.dataset}' has none with these options (e.g. utkface task=age, mtfl task=landmarks)")
         num_outputs = int(train.targets.shape[1])
         objective.set_target_stats(train.targets)
-    model = build_template(cfg, image_size, num_outputs).to(device)
+    # A resumed run's weights come from its checkpoint, so finetune.init is not read again (it may have moved).
+    model = build_template(cfg, image_size, num_outputs, load_init=resumed is None, force=force).to(device)
     objective = objective.to(device)
     from visrep.data.mixing import build_mixing
 
@@ -214,18 +257,23 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, force
     if resumed is not None:
         tensors, meta = resumed
         resumed = None  # the tensors are loaded into the modules below; don't keep a second copy
-        model.load_state_dict(strip_prefix(tensors, "model."))
-        objective.load_state_dict(strip_prefix(tensors, "objective."))
-        probe.load_state_dict(strip_prefix(tensors, "probe."))
-        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-        if manifold_opt is not None:
-            optimizer_from_tensors(manifold_opt, strip_prefix(tensors, "manifold_"), meta["manifold_optimizer"])
-        optimizer_from_tensors(probe_opt, strip_prefix(tensors, "probe_"), meta["probe_optimizer"])
-        if "scaler" in meta:
-            scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        try:
+            model.load_state_dict(strip_prefix(tensors, "model."))
+            objective.load_state_dict(strip_prefix(tensors, "objective."))
+            probe.load_state_dict(strip_prefix(tensors, "probe."))
+            optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+            if manifold_opt is not None:
+                optimizer_from_tensors(manifold_opt, strip_prefix(tensors, "manifold_"), meta["manifold_optimizer"])
+            optimizer_from_tensors(probe_opt, strip_prefix(tensors, "probe_"), meta["probe_optimizer"])
+            if "scaler" in meta:
+                scaler.load_state_dict(meta["scaler"])
+            torch.set_rng_state(tensors["rng.torch"])
+            if "rng.cuda" in tensors and device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:  # a well-formed file of another run
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"cannot resume: checkpoint '{ckpt_path}' does not hold this run's state "
+                                  f"({type(e).__name__}: {msg[:200]})") from None
         start_step = last_saved = int(meta["step"])
         history = meta.get("history", [])
         del tensors
@@ -255,11 +303,12 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, force
         states = {**add_prefix(model.state_dict(), "model."), **add_prefix(objective.state_dict(), "objective."),
                   **add_prefix(probe.state_dict(), "probe.")}
         bad = first_non_finite(states)
-        if (any_rank(bad is not None, dist_info) if collective else bad is not None):
+        if any_rank(bad is not None, dist_info) if collective else bad is not None:
             raise TrainingError(
                 f"at step {step} the weights are no longer finite ('{bad or 'on another process'}' holds NaN/Inf), "
                 f"so no checkpoint was written; {_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad")
         if not main:
+            last_saved = step  # rank 0 writes it; every rank names it in its messages
             return
         opt_t, opt_meta = optimizer_to_tensors(optimizer)
         popt_t, popt_meta = optimizer_to_tensors(probe_opt)
@@ -453,11 +502,12 @@ def _existing_summary(out_dir: Path, meta: dict, reason: str) -> dict:
     except (OSError, ValueError):
         pass
     if not isinstance(summary, dict) or summary.get("steps") != meta["step"]:
-        summary = {"out_dir": str(out_dir), "method": meta["config"].get("method"), "steps": meta["step"],
+        summary = { "method": meta["config"].get("method"), "steps": meta["step"],
                    "total_steps": meta["total_steps"], "epochs_done": meta["step"] / meta["steps_per_epoch"],
-                   "stop_reason": reason, "final_loss": None, "history": meta.get("history", []),
-                   "checkpoint": str(out_dir / "checkpoints" / "last.safetensors")}
-    return {**summary, "already_finished": reason}
+                   "stop_reason": reason, "final_loss": None, "history": meta.get("history", [])}
+    # The run is the folder it is in now (it may have been moved or copied since it finished).
+    return {**summary, "out_dir": str(out_dir), "checkpoint": str(out_dir / "checkpoints" / "last.safetensors"),
+            "already_finished": reason}
 
 
 def _truncate_metrics(path: Path, step: int, steps_per_epoch: int) -> None:
