@@ -58,7 +58,7 @@ def visrep_config(args, out_dir: str, precision: str, warmup: int, steps: int):
         "train": {"batch_size": args.batch_size, "precision": precision, "device": "cpu",
                   "num_threads": args.threads, "max_steps": warmup + steps, "log_every": 1,
                   "progress": False},
-        "monitor": {"online_probe": False, "knn_every": 0},
+        "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     })
 
 
@@ -96,7 +96,7 @@ def visrep_recipe(args, precision: str) -> dict:
         "what": "visrep.pretrain(cfg) -- the library's single training loop",
         "config": {k: d[k] for k in ("method", "views", "backbone", "projector", "predictor", "target", "objective",
                                       "optim", "train", "monitor")},
-        "notes": ["online probe and kNN monitor OFF (monitor.online_probe=false, monitor.knn_every=0)",
+        "notes": ["online probe and kNN monitor OFF (monitor.online_probe=false, monitor.knn_every=0, monitor.rankme_every=0)",
                   f"precision={precision}", "lr at the timed steps is inside the 10-epoch linear warm-up "
                   "(the value does not change the cost of a step)",
                   "data order: per-epoch seeded permutation; views seeded per step"],

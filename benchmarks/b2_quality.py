@@ -101,7 +101,7 @@ def visrep_config(args, method: str, out_dir: str, plan: dict):
         "optim": optim,
         "train": {"epochs": plan["epochs"], "batch_size": args.batch_size, "time_budget_s": float(args.budget_s),
                   "num_threads": args.threads, "device": "cpu", "progress": False, "log_every": 1},
-        "monitor": {"online_probe": False, "knn_every": 0},
+        "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     }
     if plan["kind"] == "constant" and p.target.branch == "ema":
         cfg["target"] = {"momentum_end": p.target.momentum}  # constant EMA momentum

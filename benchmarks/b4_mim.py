@@ -46,7 +46,7 @@ def base_config(args, method: str, out_dir: str) -> dict:
         "decoder": dec,
         "train": {"batch_size": args.batch_size, "num_threads": args.threads, "device": "cpu", "progress": False,
                   "log_every": 1},
-        "monitor": {"online_probe": False, "knn_every": 0},
+        "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     }
     if method.startswith("hpm"):
         cfg["loss_predictor"] = dec

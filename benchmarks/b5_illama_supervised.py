@@ -41,7 +41,7 @@ def config(args, backbone: str, out_dir: str, horizon: int | None = None) -> dic
         "backbone": {"name": backbone, "options": opts},
         "train": {"batch_size": args.batch_size, "num_threads": args.threads, "device": "cpu", "progress": False,
                   "log_every": 1},
-        "monitor": {"online_probe": False, "knn_every": 0},
+        "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     }
     if horizon is not None:
         cfg["train"].update(steps=horizon, epochs=max(1, -(-horizon // spe)), time_budget_s=float(args.budget_s))

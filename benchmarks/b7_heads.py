@@ -51,7 +51,7 @@ def config(args, head: dict, out_dir: str) -> dict:
                   "warmup_epochs": 0.05 * args.steps / spe, "manifold_lr": args.lr},
         "train": {"batch_size": args.batch_size, "steps": args.steps, "epochs": max(1, -(-args.steps // spe)),
                   "num_threads": args.threads, "device": "cpu", "progress": False, "log_every": 10},
-        "monitor": {"online_probe": False, "knn_every": 0},
+        "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     }
 
 

@@ -54,7 +54,7 @@ def pretrain_config(args, out_dir: str) -> dict:
         "train": {"batch_size": args.batch_size, "steps": args.pretrain_steps,
                   "epochs": max(1, -(-args.pretrain_steps // spe)), "num_threads": args.threads, "device": "cpu",
                   "progress": False, "log_every": 10},
-        "monitor": {"online_probe": False, "knn_every": 0},
+        "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     }
 
 
@@ -77,7 +77,7 @@ def finetune_config(args, init: str, out_dir: str, mode: str, fraction: float | 
         "optim": optim,
         "train": {"batch_size": batch, "steps": steps, "epochs": max(1, -(-steps // spe)),
                   "num_threads": args.threads, "device": "cpu", "progress": False, "log_every": 10},
-        "monitor": {"online_probe": False, "knn_every": 0},
+        "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     }
 
 

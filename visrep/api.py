@@ -101,9 +101,10 @@ def registries() -> dict:
     from visrep.data.masking import MASKS
     from visrep.models.decoders import DECODERS
     from visrep.objectives import OBJECTIVES
+    from visrep.rank import SCORES
 
     return {"methods": METHODS, "views": VIEWS, "masks": MASKS, "backbones": BACKBONES, "datasets": SOURCES,
-            "objectives": OBJECTIVES, "heads": HEADS, "decoders": DECODERS}
+            "objectives": OBJECTIVES, "heads": HEADS, "decoders": DECODERS, "scores": SCORES}
 
 
 def list_parts(kind: str) -> list[tuple[str, str]]:

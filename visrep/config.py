@@ -117,7 +117,8 @@ class MonitorConfig:
     knn_every: int = 1                 # epochs between kNN monitor evaluations (0: never)
     knn_k: int = 20                    # Wu et al. 2018 / DINO use k=20, T=0.07
     knn_temperature: float = 0.07
-    bank_size: Optional[int] = 5000    # training images used as the kNN memory bank (None: all)
+    rankme_every: int = 1              # epochs between RankMe evaluations on the bank's features (0: never)
+    bank_size: Optional[int] = 5000    # training images used as the kNN bank and for RankMe (None: all)
     test_size: Optional[int] = 2000    # test images scored by the monitor (None: all)
 
 
@@ -418,7 +419,7 @@ _RANGES = (
     ("optim.manifold_lr", 0, None, True, True), ("optim.manifold_momentum", 0, 1, True, False),
     ("train.max_steps", 1, None, True, True), ("train.time_budget_s", 0, None, True, True),
     ("target.momentum", 0, 1, True, True), ("target.momentum_end", 0, 1, True, True),
-    ("monitor.probe_lr", 0, None, False, True), ("monitor.knn_every", 0, None, True, True),
+    ("monitor.probe_lr", 0, None, False, True), ("monitor.knn_every", 0, None, True, True), ("monitor.rankme_every", 0, None, True, True),
     ("monitor.knn_k", 1, None, True, True), ("monitor.knn_temperature", 0, None, False, True),
 )
 

@@ -224,25 +224,32 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
                     progress: bool = True, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None, download: bool = True,
                     dataset_options: dict | None = None, backbone_options: dict | None = None,
-                 force: bool = False) -> dict:
+                    solver: str = "sgd", force: bool = False) -> dict:
     """Linear-probe accuracy of a backbone's frozen (cached) features; see `visrep.evaluate.linear`.
 
     Same data/model arguments as `evaluate_knn`; `batch_size` is the feature-extraction batch, the probe's
-    own is `probe_batch_size`. Probe: train-standardised features, zero-init nn.Linear, SGD Nesterov
+    own is `probe_batch_size`. solver "sgd": train-standardised features, zero-init nn.Linear, SGD Nesterov
     momentum 0.9, cosine lr from `lr` to 0 over `epochs`, `weight_decay`, data order seeded by `seed`.
+    solver "lbfgs": full-batch L-BFGS logistic regression with its L2 penalty chosen on a held-out slice of
+    the training split (Kornblith et al. 2019; `lbfgs_probe`); `epochs`, `lr`, `weight_decay` do not apply.
     Returns {"protocol": "linear", "top1", "top5" (fractions), every probe hyper-parameter, and the same
     provenance fields as `evaluate_knn`}.
     """
-    from visrep.evaluate.linear import linear_probe
+    from visrep.evaluate.linear import lbfgs_probe, linear_probe
 
+    if solver not in ("sgd", "lbfgs"):
+        raise ConfigError(f"linear probe solver must be sgd or lbfgs, got {solver!r}")
     (ftr, ltr, fte, lte, c), record, t0 = _prepare(
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
         download=download, dataset_options=dataset_options, backbone_options=backbone_options,
         label_fraction=label_fraction, force=force)
-    res = linear_probe(ftr, ltr, fte, lte, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                       batch_size=probe_batch_size, seed=seed, standardize=standardize, num_classes=c)
+    if solver == "lbfgs":
+        res = lbfgs_probe(ftr, ltr, fte, lte, seed=seed, standardize=standardize, num_classes=c)
+    else:
+        res = linear_probe(ftr, ltr, fte, lte, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                           batch_size=probe_batch_size, seed=seed, standardize=standardize, num_classes=c)
     return _finish(record, {"protocol": "linear", **res}, t0, out)
 
 
@@ -313,7 +320,7 @@ def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | Non
                         cache_dir: str | None = None, test_subset: int | None = None, seed: int = 0,
                         out: str | None = None, progress: bool = True, download: bool = True,
                         dataset_options: dict | None = None,
-                 force: bool = False) -> dict:
+                        force: bool = False) -> dict:
     """Test metrics of a supervised or fine-tuned run's own head (backbone + linear/cosine/GCR classifier,
     or a regression head).
 
@@ -357,7 +364,7 @@ def evaluate_fewshot(source: str, *, dataset: str = "digits", root: str | None =
                      train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
                      out: str | None = None, progress: bool = True, download: bool = True,
                      dataset_options: dict | None = None, backbone_options: dict | None = None,
-                 force: bool = False) -> dict:
+                     force: bool = False) -> dict:
     """n-shot accuracy (mean ± 95 % CI over seeded episodes) of frozen features; see visrep.evaluate.fewshot.
 
     Supports come from `train_split`, queries from `test_split`; one result per entry of `shots`, under
@@ -388,7 +395,7 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
                          test_subset: int | None = None, seed: int = 0, out: str | None = None,
                          progress: bool = True, download: bool = True, dataset_options: dict | None = None,
                          backbone_options: dict | None = None,
-                 force: bool = False) -> dict:
+                         force: bool = False) -> dict:
     """Expected calibration error (15 equal-width bins, Guo et al. 2017) and a reliability diagram.
 
     head: "own" (a supervised / fine-tuned run's classifier), "linear" (a linear probe on frozen features,

@@ -327,9 +327,12 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
         save_checkpoint(ckpt_path, tensors, meta)
         last_saved = step
 
-    monitor = _KnnMonitor(cfg, train, image_size, device) if (cfg.monitor.knn_every and main and monitors_on) else None
+    knn_on = bool(cfg.monitor.knn_every) and monitors_on
+    rankme_on = bool(cfg.monitor.rankme_every)  # label-free: also with one class
+    monitor = _Monitor(cfg, train, image_size, device, knn=knn_on) if main and (knn_on or rankme_on) else None
     if monitor is not None and start_step == 0 and not history:
-        history.append({"epoch": 0, **monitor(model.backbone)})  # the random-init reference point
+        # the random-init reference point
+        history.append({"epoch": 0, **monitor(model.backbone, knn=knn_on, rankme=rankme_on)})
         _log_line(metrics_path, {"epoch": 0, **history[-1]})
 
     # ---------------------------------------------------------------- the loop
@@ -430,13 +433,20 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
                     break
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
             ep = step // steps_per_epoch
-            if epoch_done and monitor is not None and (ep % cfg.monitor.knn_every == 0 or step == total_steps):
-                res = monitor(model.backbone)
+            def due(every: int) -> bool:
+                return bool(every) and (ep % every == 0 or step == total_steps)
+
+            want_knn, want_rankme = knn_on and due(cfg.monitor.knn_every), rankme_on and due(cfg.monitor.rankme_every)
+            if epoch_done and monitor is not None and (want_knn or want_rankme):
+                res = monitor(model.backbone, knn=want_knn, rankme=want_rankme)
                 history.append({"epoch": step / steps_per_epoch, **res})
                 _log_line(metrics_path, history[-1])
                 if writer:
-                    writer.add_scalar("monitor/knn_top1", res["knn_top1"], step)
-                bar.set_postfix(loss=f"{last_loss:.3f}", knn=f"{res['knn_top1']:.3f}")
+                    for k in ("knn_top1", "rankme"):
+                        if k in res:
+                            writer.add_scalar(f"monitor/{k}", res[k], step)
+                bar.set_postfix(loss=f"{last_loss:.3f}", **{("knn" if k == "knn_top1" else k): f"{res[k]:.3f}"
+                                                            for k in ("knn_top1", "rankme") if k in res})
             if stop_reason != "completed" or (epoch_done and (ep % tc.checkpoint_every == 0 or step == total_steps)):
                 save(step, stop_reason if stop_reason != "completed" else "epoch")
             if stop_reason != "completed":
@@ -528,14 +538,19 @@ def _truncate_metrics(path: Path, step: int, steps_per_epoch: int) -> None:
     os.replace(tmp, path)
 
 
-class _KnnMonitor:
-    """kNN accuracy of the current backbone on a fixed bank/test subset (solo-learn's online kNN)."""
+class _Monitor:
+    """Monitors on frozen features of a fixed subset of the training set (the bank): the kNN accuracy on a
+    fixed test subset (solo-learn's online kNN) and RankMe, the effective rank of the bank's features
+    (Garrido et al. 2023), whose fall warns of dimensional collapse. One feature pass serves both."""
 
-    def __init__(self, cfg: RunConfig, train, image_size: int, device: torch.device):
+    def __init__(self, cfg: RunConfig, train, image_size: int, device: torch.device, knn: bool = True):
         from visrep.data.sources import load_dataset
 
         d, m = cfg.data, cfg.monitor
         self.bank = train.subset(m.bank_size, cfg.seed) if m.bank_size and m.bank_size < len(train) else train
+        self.test, self.cfg, self.image_size, self.device = None, cfg, image_size, device
+        if not knn:
+            return
         try:  # fail before training, not at the end of the first epoch
             test = load_dataset(d.dataset, d.test_split, d.root, image_size=image_size, download=d.download,
                                 **d.options)
@@ -544,19 +559,29 @@ class _KnnMonitor:
                           "or monitor.knn_every=0 to train without it") from None
         if m.test_size and m.test_size < len(test):
             test = test.subset(m.test_size, cfg.seed)
-        self.test, self.cfg, self.image_size, self.device = test, cfg, image_size, device
+        self.test = test
 
     @torch.no_grad()
-    def __call__(self, backbone: nn.Module) -> dict:
+    def __call__(self, backbone: nn.Module, knn: bool = True, rankme: bool = False) -> dict:
         from visrep.evaluate.features import extract_features
         from visrep.evaluate.knn import knn_classify
+        from visrep.rank.rankme import effective_rank
 
         was = backbone.training
         kw = dict(image_size=self.image_size, device=self.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   progress=False)
         fb, lb = extract_features(backbone, self.bank, **kw)
-        ft, lt = extract_features(backbone, self.test, **kw)
+        out = {}
+        if knn and self.test is not None:
+            ft, lt = extract_features(backbone, self.test, **kw)
+            res = knn_classify(fb, lb, ft, lt, k=self.cfg.monitor.knn_k,
+                               temperature=self.cfg.monitor.knn_temperature, num_classes=len(self.bank.classes))
+            out.update(knn_top1=float(res["top1"]), knn_top5=float(res["top5"]))
         backbone.train(was)
-        res = knn_classify(fb, lb, ft, lt, k=self.cfg.monitor.knn_k, temperature=self.cfg.monitor.knn_temperature,
-                           num_classes=len(self.bank.classes))
-        return {"knn_top1": float(res["top1"]), "knn_top5": float(res["top5"])}
+        if rankme:  # on at most RankMe's 25,600 samples; NaN when undefined (all-zero or non-finite features)
+            z = fb[:25_600]
+            try:
+                out["rankme"] = float(effective_rank(z)) if bool(torch.isfinite(z).all()) else float("nan")
+            except VisrepError:
+                out["rankme"] = float("nan")
+        return out
