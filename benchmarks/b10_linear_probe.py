@@ -15,7 +15,8 @@ Probes (each gets the same standardised features; times exclude feature extracti
   favours it by a factor of the grid size).
 
 Feature extraction: --fx-images training images, batch 256, interleaved rounds of (visrep, plain loop,
-plain loop with channels-last) on the same model; images/s and ratios.
+plain loop with channels-last) on the same model; images/s and ratios. visrep's is called as `visrep eval`
+calls it (channels-last for convolutional networks).
 
     python benchmarks/b10_linear_probe.py                  # all of it (~15 min on 2 quiet cores)
     python benchmarks/b10_linear_probe.py --train-subset 5000 --test-subset 1000 --fx-images 512 --out /tmp/b10.json
@@ -115,7 +116,8 @@ def extraction(model, dataset, args) -> dict:
                 m(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         model.to(memory_format=torch.contiguous_format)
 
-    ways = {"visrep": lambda: extract_features(model, images, image_size=32, cache_dir=False, progress=False),
+    ways = {"visrep": lambda: extract_features(model, images, image_size=32, cache_dir=False, progress=False,
+                                               channels_last=True),  # as `visrep eval` calls it
             "plain_no_grad": lambda: plain(False), "plain_no_grad_channels_last": lambda: plain(True)}
     times = {k: [] for k in ways}
     for r in range(args.fx_rounds):

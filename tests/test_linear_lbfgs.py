@@ -63,3 +63,17 @@ def test_eval_linear_solver_flag(tmp_path, capsys):
                 "--dataset", "digits", "--solver", "lbfgs", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["optimizer"] == "lbfgs" and res["top1"] > 0.5
+
+
+def test_channels_last_extraction_gives_the_same_features_and_returns_the_model_unchanged():
+    from visrep.data.sources import load_dataset
+    from visrep.evaluate.features import extract_features
+    from visrep.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("resnet18", cifar_stem=True, width=8)
+    ds = load_dataset("synthetic", "train", image_size=16, n=40, num_classes=4)
+    a, _ = extract_features(model, ds, image_size=16, cache_dir=False, progress=False)
+    b, _ = extract_features(model, ds, image_size=16, cache_dir=False, progress=False, channels_last=True)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())

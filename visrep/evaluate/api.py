@@ -130,7 +130,7 @@ def _prepare(source, *, dataset, root, train_split, test_split, image_size, bran
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ConfigError("mean and std must be three numbers each, std > 0")
     kw = dict(image_size=size, batch_size=batch_size, device=dev, cache_dir=cache_dir,
-              model_fingerprint=info.get("fingerprint"), mean=mean, std=std, progress=progress)
+              model_fingerprint=info.get("fingerprint"), mean=mean, std=std, progress=progress, channels_last=True)
     try:
         ftr, ltr, ctr = extract_features_with_info(model, train, **kw)
         fte, lte, cte = extract_features_with_info(model, test, **kw)
@@ -303,7 +303,7 @@ def _head_outputs(source, *, dataset, root, test_split, image_size, batch_size, 
     fp = weights_fingerprint(model.state_dict())
     outputs, labels, info = extract_features_with_info(
         model, test, image_size=size, batch_size=batch_size, device=dev, cache_dir=cache_dir,
-        model_fingerprint=fp, mean=IMAGENET_MEAN, std=IMAGENET_STD, progress=progress)
+        model_fingerprint=fp, mean=IMAGENET_MEAN, std=IMAGENET_STD, progress=progress, channels_last=True)
     record = {"source": str(source),
               "model": {"kind": "checkpoint", "fingerprint": fp, "method": cfg.method, "backbone": cfg.backbone.name,
                         "head": cfg.projector.get("type"), "finetune_mode": cfg.finetune.mode,

@@ -103,8 +103,14 @@ def _save_cache(path: Path, feats: torch.Tensor, labels: torch.Tensor, meta: dic
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"visrep": json.dumps(meta)}))
 
 
+def _uses_channels_last(model: nn.Module) -> bool:
+    """Convolutional networks (more than a patch-embedding conv) run faster in channels-last memory layout
+    (B10: 1.6x images/s for a ResNet-18 on CPU); transformers gain nothing from it."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
 def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device, mean, std,
-             progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             progress: bool, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from tqdm.auto import tqdm
 
     images, labels = dataset.images, dataset.labels
@@ -112,6 +118,9 @@ def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device
     was_training = model.training
     model.eval()
     model.to(device)
+    layout = torch.channels_last if channels_last and _uses_channels_last(model) else None
+    if layout is not None:
+        model.to(memory_format=layout)
     chunks: list[torch.Tensor] = []
     show = progress and sys.stderr.isatty()
     try:
@@ -120,7 +129,8 @@ def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device
             for start in range(0, n, batch_size):
                 with torch.inference_mode():
                     x = _transform(images[start:start + batch_size], image_size, mean, std)
-                    out = model(x.to(device, non_blocking=True))
+                    x = x.to(device, non_blocking=True)
+                    out = model(x if layout is None else x.contiguous(memory_format=layout))
                 if isinstance(out, (tuple, list)):
                     out = out[0]
                 if out.ndim != 2:
@@ -130,6 +140,8 @@ def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device
                 bar.update(x.shape[0])
     finally:
         model.train(was_training)
+        if layout is not None:  # the caller's model comes back as it was given
+            model.to(memory_format=torch.contiguous_format)
     # Concatenated outside inference mode, so the result is an ordinary tensor (usable with autograd).
     feats = torch.cat(chunks) if chunks else torch.empty(0, 0)
     return feats.contiguous(), labels.detach().to("cpu", torch.long).clone()
@@ -139,7 +151,8 @@ def extract_features_with_info(model: nn.Module, dataset, *, image_size: int, ba
                                device: str | torch.device = "cpu", cache_dir: str | Path | None | bool = None,
                                model_fingerprint: str | None = None,
                                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                               progress: bool = True, channels_last: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Like `extract_features`, plus an info dict: {"cache": "hit"|"miss"|"off", "cache_path", "key"}
     ("miss": this call computed the features, and cached them)."""
     if batch_size < 1:
@@ -150,7 +163,7 @@ def extract_features_with_info(model: nn.Module, dataset, *, image_size: int, ba
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     n = int(len(dataset.labels))
     if model_fingerprint is None or cache_dir is False:
-        feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress)
+        feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress, channels_last)
         return feats, labels, {"cache": "off", "cache_path": None, "key": None}
     root = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_cache_dir()
     key = feature_cache_key(model_fingerprint, dataset, image_size, mean, std)
@@ -163,7 +176,7 @@ def extract_features_with_info(model: nn.Module, dataset, *, image_size: int, ba
         hit = _load_cache(path, n)  # computed by another process while this one waited
         if hit is not None:
             return hit[0], hit[1], info
-        feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress)
+        feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress, channels_last)
         meta = {"format": CACHE_FORMAT, "model": str(model_fingerprint), "dataset": str(getattr(dataset, "name", "")),
                 "dataset_fingerprint": dataset_fingerprint(dataset), "n": n, "image_size": image_size,
                 "mean": list(mean), "std": list(std), "transform": TRANSFORM_VERSION}
@@ -178,7 +191,7 @@ def extract_features(model: nn.Module, dataset, *, image_size: int, batch_size: 
                      device: str | torch.device = "cpu", cache_dir: str | Path | None | bool = None,
                      model_fingerprint: str | None = None,
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of every image of `dataset`: (float32 [N, D] on the CPU, int64 labels [N]).
 
     model: returns [B, D] features; it is put in eval mode (its train/eval mode is restored afterwards)
@@ -189,8 +202,10 @@ def extract_features(model: nn.Module, dataset, *, image_size: int, batch_size: 
     cache_dir: where cache files go; None: `$VISREP_CACHE/features` or `~/.cache/visrep/features`;
         False: no cache.
     progress: tqdm bar on stderr when it is a terminal.
+    channels_last: run convolutional networks in channels-last layout (faster; the model is converted for the
+        call and converted back, so do not use it on a model wrapped by DistributedDataParallel).
     """
     feats, labels, _ = extract_features_with_info(
         model, dataset, image_size=image_size, batch_size=batch_size, device=device, cache_dir=cache_dir,
-        model_fingerprint=model_fingerprint, mean=mean, std=std, progress=progress)
+        model_fingerprint=model_fingerprint, mean=mean, std=std, progress=progress, channels_last=channels_last)
     return feats, labels
