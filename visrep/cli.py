@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--bins", type=int, default=15)
     ca.add_argument("--plot", default=None, help="reliability diagram PNG (default: <out>.png)")
 
+    pr = sub.add_parser("rank", help="rank a pool of backbones on a target with transferability scores")
+    pr.add_argument("--models", nargs="+", required=True,
+                    help="checkpoints, run directories, timm:NAME, a folder of runs, or a YAML list")
+    _add_data_args(pr)
+    pr.add_argument("--scores", default=None, help="comma-separated score names (visrep list scores); default all")
+    pr.add_argument("--truth", default="none", choices=["none", "linear"],
+                    help="linear: also measure each model's L-BFGS linear-probe top-1 and correlate the scores")
+    pr.add_argument("--plot", default=None, help="scores-vs-truth figure (default: <out>.png with --truth)")
+
     pl = sub.add_parser("list", help="list registered parts")
     pl.add_argument("kind", nargs="?", default="all",
                     help="methods | views | masks | backbones | datasets | objectives | heads | decoders | all")
@@ -247,6 +256,24 @@ def run(argv: list[str] | None = None) -> int:
                                        ("weight_decay", args.weight_decay)) if v is not None}
             res = api.evaluate_linear(args.model, solver=args.solver, **common, **extra)
         _print_json(res)
+        return 0
+    if args.command == "rank":
+        from visrep.rank.api import format_table, rank
+
+        if args.label_fraction is not None or args.branch != "student":
+            from visrep.errors import ConfigError
+
+            raise ConfigError("visrep rank takes neither --label-fraction nor --branch")
+        res = rank(args.models, dataset=args.dataset, root=args.data_dir, train_split=args.train_split,
+                   test_split=args.test_split, dataset_options=_yaml_mapping(args.dataset_options, "--dataset-options"),
+                   scores=[x.strip() for x in args.scores.split(",") if x.strip()] if args.scores else None,
+                   truth=args.truth, image_size=args.image_size, train_subset=args.train_subset,
+                   test_subset=args.test_subset, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                   backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"), force=args.force,
+                   out=args.out, plot=args.plot)
+        print(format_table(res), end="")
+        if "out" in res:
+            print(f"wrote {res['out']}" + (f" and {res['plot']}" if "plot" in res else ""))
         return 0
     if args.command == "list":
         print(api.format_listing(args.kind))
