@@ -221,25 +221,10 @@ def test_imagefolder_empty_is_data_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- cifar layout
-def _fake_cifar10(root: Path, per_batch=4):
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
-        with open(d / name, "wb") as f:
-            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
-        batches[name] = (data, labels)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(d / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, f)
-    return batches
-
-
 def test_cifar10_torchvision_layout(tmp_path):
-    batches = _fake_cifar10(tmp_path / "data")
+    from test_reliability_data import _fake_cifar10  # the files as CIFAR ships them (bytes keys, protocol 2)
+
+    batches = _fake_cifar10(tmp_path / "data", per_batch=4)
     tr = load_dataset("cifar10", "train", tmp_path / "data", download=False)
     te = load_dataset("cifar10", "test", tmp_path / "data" / "cifar-10-batches-py", download=False)
     assert tr.images.shape == (20, 3, 32, 32) and te.images.shape == (4, 3, 32, 32)

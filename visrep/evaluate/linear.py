@@ -33,6 +33,16 @@ def _topk_hits(logits: torch.Tensor, labels: torch.Tensor, m: int) -> torch.Tens
     return ranked == labels[:, None]
 
 
+def _accuracies(test_logits, y_test, train_logits, y_train, num_classes: int, return_logits: bool) -> dict:
+    """top-1 / top-min(5, C) test accuracy and training top-1 (fractions); the test logits when asked."""
+    m = min(5, num_classes)
+    hits = _topk_hits(test_logits, y_test, m)
+    return {**({"test_logits": test_logits} if return_logits else {}),
+            "top1": int(hits[:, 0].sum()) / hits.shape[0], "top5": int(hits.any(dim=1).sum()) / hits.shape[0],
+            "top5_k": m, "metric": "fraction",
+            "train_top1": int((train_logits.argmax(1) == y_train).sum()) / len(y_train)}
+
+
 def _check_shapes(train_feats, train_labels, test_feats, test_labels) -> None:
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise VisrepError("linear probe needs 2-D train/test feature matrices of the same width")
@@ -115,19 +125,10 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     if not math.isfinite(last_loss):
         raise VisrepError(f"linear probe diverged (loss {last_loss}); lower lr (now {lr})")
 
-    m = min(5, num_classes)
     with torch.no_grad():
-        test_logits = head(x_test)
-        hits = _topk_hits(test_logits, y_test, m)
-        train_top1 = int((head(x_train).argmax(1) == y_train).sum()) / n
-    extra = {"test_logits": test_logits} if return_logits else {}
+        test_logits, train_logits = head(x_test), head(x_train)
     return {
-        **extra,
-        "top1": int(hits[:, 0].sum()) / hits.shape[0],
-        "top5": int(hits.any(dim=1).sum()) / hits.shape[0],
-        "top5_k": m,
-        "metric": "fraction",
-        "train_top1": train_top1,
+        **_accuracies(test_logits, y_test, train_logits, y_train, num_classes, return_logits),
         "train_loss": last_loss,
         "epochs": int(epochs),
         "lr": float(lr),
@@ -234,20 +235,12 @@ def lbfgs_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     if not bool(torch.isfinite(w).all()):
         raise VisrepError("the L-BFGS linear probe diverged (non-finite weights); check the features")
 
-    m = min(5, num_classes)
     with torch.no_grad():
         test_logits = torch.addmm(b, x_test, w.t())
         train_logits = torch.addmm(b, x_train, w.t())
-        hits = _topk_hits(test_logits, y_test, m)
         train_loss = float(F.cross_entropy(train_logits, y_train))
-    extra = {"test_logits": test_logits} if return_logits else {}
     return {
-        **extra,
-        "top1": int(hits[:, 0].sum()) / hits.shape[0],
-        "top5": int(hits.any(dim=1).sum()) / hits.shape[0],
-        "top5_k": m,
-        "metric": "fraction",
-        "train_top1": int((train_logits.argmax(1) == y_train).sum()) / len(y_train),
+        **_accuracies(test_logits, y_test, train_logits, y_train, num_classes, return_logits),
         "train_loss": train_loss,
         "optimizer": "lbfgs",
         "l2": best,
