@@ -138,6 +138,40 @@ def _tar(src: Path, out: Path, arcname: str = "") -> Path:
     return out
 
 
+def test_holdout_is_a_disjoint_class_balanced_seeded_split():
+    base = load_dataset("digits", "train")
+    images = base.images.clone()
+    ids = torch.arange(len(base))
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = (ids // 256).to(torch.uint8), (ids % 256).to(torch.uint8)  # a tag
+    ds = ImageDataset(images, base.labels, base.classes, "tagged")
+    fit, held = ds.holdout(0.2, seed=3)
+    assert len(held) == round(0.2 * len(ds)) and len(fit) + len(held) == len(ds)
+
+    def tags(d):
+        return {int(d.images[i, 0, 0, 0]) * 256 + int(d.images[i, 0, 0, 1]) for i in range(len(d))}
+    assert not tags(fit) & tags(held) and tags(fit) | tags(held) == set(range(len(ds)))
+    counts = torch.bincount(held.labels, minlength=10)
+    assert int(counts.max() - counts.min()) <= 1  # classes take turns
+    again = ds.holdout(0.2, seed=3)[1]
+    assert torch.equal(again.images, held.images) and not torch.equal(ds.holdout(0.2, seed=4)[1].labels, held.labels)
+    with pytest.raises(ConfigError, match=r"holdout fraction must be in \(0, 1\)"):
+        ds.holdout(1.0)
+    tiny = ImageDataset(ds.images[:3], torch.tensor([0, 1, 1]), ["a", "b"], "tiny")
+    with pytest.raises(DataError, match="too few to hold out"):
+        tiny.holdout(0.5)
+
+
+def test_training_never_sees_the_held_out_part(tmp_path):
+    import visrep
+
+    from conftest import tiny_overrides
+
+    cfg = visrep.resolve(tiny_overrides(tmp_path, data={"holdout": 0.25}, monitor={"knn_every": 0}))
+    assert visrep.pretrain(cfg, quiet=True)["train_size"] == 48
+    with pytest.raises(ConfigError, match=r"data.holdout must be in \(0, 1\)"):
+        visrep.resolve(tiny_overrides(tmp_path, data={"holdout": 1.5}))
+
+
 def test_imagefolder_directory_and_archives_match(tmp_path):
     tree = _make_tree(tmp_path / "tree")
     d = load_dataset("imagefolder", "train", tree)

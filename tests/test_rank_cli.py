@@ -1,5 +1,6 @@
 """`visrep rank` and `visrep.rank(...)`: a mixed pool (visrep runs, random init) on a real small target."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,4 +70,116 @@ def test_rank_mistakes_are_one_sentence(pool, tmp_path):
     with pytest.raises(VisrepError, match="model '.*nowhere'"):
         visrep.rank([runs[0], str(tmp_path / "nowhere")], scores=["logme"], **kw)
     with pytest.raises(ConfigError, match="truth must be one of"):
-        visrep.rank(runs, truth="finetune", **kw)
+        visrep.rank(runs, truth="bogus", **kw)
+
+
+def test_timm_models_give_leep_from_their_own_classifier_and_a_headless_model_gets_a_note(pool):
+    _, runs = pool
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, image_size=16, progress=False)
+    res = visrep.rank([runs[1], "timm:resnet18"], scores=["leep", "nce", "logme"], **kw)
+    ssl, timm_model = res["models"]
+    assert ssl["scores"]["leep"] is None and "needs a classifier head" in ssl["notes"]["leep"]
+    assert timm_model["scores"]["leep"] is not None and timm_model["scores"]["nce"] is not None
+    assert timm_model["scores"]["leep"] <= 0  # a mean log-likelihood
+
+    # the timm classifier's trunk is the very backbone the features came from: its penultimate output equals them
+    import torch
+
+    from visrep.evaluate.api import _load_model
+    from visrep.rank.api import _timm_classifier
+
+    net = _timm_classifier("timm:resnet18", 16, 0, None, False)
+    backbone, _ = _load_model("timm:resnet18", 16, "student", 0)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(net.forward_head(net.forward_features(x), pre_logits=True), backbone(x), atol=1e-5)
+
+
+def test_truth_finetune_chooses_the_lr_on_held_out_images_and_resumes(pool, tmp_path):
+    _, runs = pool
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, progress=False, scores=["logme"],
+              finetune_options={"lrs": [1e-4, 1e-2], "epochs": 1, "batch_size": 16})
+    a = visrep.rank(runs, truth="finetune", out=str(tmp_path / "ft.json"), **kw)
+    assert a["truth"] == "finetune" and a["truth_protocol"]["lrs"] == [1e-4, 1e-2]
+    for m in a["models"]:
+        ft = m["finetune"]
+        assert set(ft["holdout_top1"]) == {1e-4, 1e-2} and ft["lr"] == max(ft["holdout_top1"],
+                                                                           key=lambda lr: (ft["holdout_top1"][lr], -lr))
+        assert 0 <= m["truth"] <= 1 and ft["run_dir"].startswith(str(tmp_path / "ft_finetune"))
+        summary = json.loads((tmp_path / "ft_finetune" / ft["run_dir"].split("ft_finetune/")[1] / "summary.json")
+                             .read_text())
+        assert summary["train_size"] == 64 - 13  # 20 % of the 64 training images held out for the lr choice
+    assert "weighted_tau" in a["agreement"]["logme"]
+    b = visrep.rank(runs, truth="finetune", out=str(tmp_path / "ft.json"), **kw)  # the runs are finished: reused
+    assert [m["truth"] for m in b["models"]] == [m["truth"] for m in a["models"]]
+
+    # an exported fine-tuned backbone has weights but no head: ranked, with a note for LEEP
+    export = str(Path(a["models"][0]["finetune"]["run_dir"]) / "export" / "backbone.safetensors")
+    c = visrep.rank([export], scores=["leep", "logme"], dataset="synthetic",
+                    dataset_options={"n": 64, "num_classes": 4}, progress=False)
+    assert c["models"][0]["scores"]["logme"] is not None and "needs a classifier head" in c["models"][0]["notes"]["leep"]
+
+
+def test_truth_finetune_needs_weights_and_sane_options(pool, capsys):
+    _, runs = pool
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, progress=False)
+    with pytest.raises(ConfigError, match="needs weights to start from, but 'resnet18'"):
+        visrep.rank([runs[0], "resnet18"], truth="finetune", **kw)
+    with pytest.raises(ConfigError, match="unknown finetune option.*lr_grid"):
+        visrep.rank(runs, truth="finetune", finetune_options={"lr_grid": [1]}, **kw)
+    with pytest.raises(ConfigError, match="lrs must be a list of positive numbers"):
+        visrep.rank(runs, truth="finetune", finetune_options={"lrs": [-1]}, **kw)
+    from visrep.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["rank", "--models", runs[0], "resnet18", "--dataset", "synthetic", "--truth", "finetune"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("visrep: error: --truth finetune needs weights")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_truth_alone_means_the_linear_probe():
+    from visrep.cli import build_parser
+
+    args = build_parser().parse_args(["rank", "--models", "a", "--truth"])
+    assert args.truth == "linear"
+    assert build_parser().parse_args(["rank", "--models", "a"]).truth == "none"
+
+
+def test_import_visrep_alone_makes_rank_callable():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import visrep; print(callable(visrep.rank))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_score_options_reach_the_score_and_are_checked(pool):
+    _, runs = pool
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, progress=False)
+    raw = visrep.rank(runs, scores=["tmi"], score_options={"tmi": {"min_dist": 1e-9}}, **kw)
+    per_d = visrep.rank(runs, scores=["tmi"], score_options={"tmi": {"min_dist": 1e-9, "normalize": True}}, **kw)
+    for a, b in zip(raw["models"], per_d["models"]):
+        assert b["scores"]["tmi"] == pytest.approx(a["scores"]["tmi"] / a["feature_dim"])
+    assert per_d["score_options"] == {"tmi": {"min_dist": 1e-9, "normalize": True}}
+    with pytest.raises(ConfigError, match="score 'tmi' takes no option 'normalise'; its options: k, min_dist"):
+        visrep.rank(runs, scores=["tmi"], score_options={"tmi": {"normalise": True}}, **kw)
+    with pytest.raises(ConfigError, match="not among the scores asked for"):
+        visrep.rank(runs, scores=["logme"], score_options={"tmi": {"normalize": True}}, **kw)
+
+
+def test_rank_a_mixed_pool_of_runs_and_a_timm_model_on_real_digits_from_the_cli(pool, tmp_path, capsys):
+    _, runs = pool
+    out = tmp_path / "digits.json"
+    args = ["rank", "--models", *runs, "timm:resnet18", "--dataset", "digits", "--image-size", "16",
+            "--train-subset", "300", "--test-subset", "200", "--scores", "logme,sfda,leep", "--out", str(out)]
+    assert run(args) == 0
+    assert "timm:resnet18" in capsys.readouterr().out
+    a = json.loads(out.read_text())
+    assert {m["feature_dim"] for m in a["models"]} == {64, 512}  # mixed widths in one pool
+    assert all(m["scores"]["leep"] is not None for m in a["models"] if m["model"] != runs[1])
+    assert run(args + ["--truth"]) == 0
+    b = json.loads(out.read_text())
+    assert b["truth"] == "linear" and all(0 < m["truth"] <= 1 for m in b["models"])
+    assert out.with_suffix(".png").is_file()

@@ -111,8 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoints, run directories, timm:NAME, a folder of runs, or a YAML list")
     _add_data_args(pr)
     pr.add_argument("--scores", default=None, help="comma-separated score names (visrep list scores); default all")
-    pr.add_argument("--truth", default="none", choices=["none", "linear"],
-                    help="linear: also measure each model's L-BFGS linear-probe top-1 and correlate the scores")
+    pr.add_argument("--score-options", default=None,
+                    help='keyword arguments per score as YAML, e.g. "{tmi: {normalize: true}}" for a pool of mixed '
+                         'feature widths')
+    pr.add_argument("--truth", nargs="?", const="linear", default="none", choices=["none", "linear", "finetune"],
+                    help="also measure each model's ground truth and correlate the scores with it: linear (the "
+                         "default when --truth is given alone): L-BFGS linear-probe top-1; finetune: visrep finetune "
+                         "over a small lr grid chosen on a held-out part of the training split")
+    pr.add_argument("--finetune-options", default=None,
+                    help='the finetune truth\'s protocol as YAML, e.g. "{lrs: [1e-4, 1e-3], epochs: 3, batch_size: '
+                         '128, holdout: 0.2}"')
+    pr.add_argument("--finetune-dir", default=None,
+                    help="where the finetune truth's runs go (default: <out>_finetune/); rerun to resume")
+    pr.add_argument("--pretrained", action="store_true",
+                    help="timm:NAME models load timm's pretrained weights (needs internet or timm's local cache)")
     pr.add_argument("--plot", default=None, help="scores-vs-truth figure (default: <out>.png with --truth)")
 
     pl = sub.add_parser("list", help="list registered parts")
@@ -270,6 +282,9 @@ def run(argv: list[str] | None = None) -> int:
                    truth=args.truth, image_size=args.image_size, train_subset=args.train_subset,
                    test_subset=args.test_subset, batch_size=args.batch_size, device=args.device, seed=args.seed,
                    backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"), force=args.force,
+                   pretrained=args.pretrained, finetune_dir=args.finetune_dir,
+                   score_options=_yaml_mapping(args.score_options, "--score-options"),
+                   finetune_options=_yaml_mapping(args.finetune_options, "--finetune-options"),
                    out=args.out, plot=args.plot)
         print(format_table(res), end="")
         if "out" in res:

@@ -33,6 +33,8 @@ class DataConfig:
     image_size: Optional[int] = None   # resize on load (None: the dataset's native size)
     subset: Optional[int] = None       # use a seeded subset of N training images (None: all)
     label_fraction: Optional[float] = None  # low-label training: a seeded class-balanced fraction (0.01, 0.1)
+    holdout: Optional[float] = None    # keep this seeded class-balanced fraction of the split out of training
+                                       # (model selection, e.g. rank --truth finetune's lr grid); None: train on all
     download: bool = True              # fetch cifar10/cifar100 when not found (needs internet)
     options: dict = field(default_factory=dict)  # extra source options (e.g. synthetic n, num_classes)
 
@@ -417,7 +419,7 @@ _RANGES = (
     ("optim.warmup_epochs", 0, None, True, True), ("optim.momentum", 0, 1, True, False),
     ("optim.lars_eta", 0, None, True, True), ("optim.clip_grad", 0, None, False, True),
     ("optim.manifold_lr", 0, None, True, True), ("optim.manifold_momentum", 0, 1, True, False),
-    ("train.max_steps", 1, None, True, True), ("train.time_budget_s", 0, None, True, True),
+    ("data.holdout", 0, 1, False, False), ("train.max_steps", 1, None, True, True), ("train.time_budget_s", 0, None, True, True),
     ("target.momentum", 0, 1, True, True), ("target.momentum_end", 0, 1, True, True),
     ("monitor.probe_lr", 0, None, False, True), ("monitor.knn_every", 0, None, True, True), ("monitor.rankme_every", 0, None, True, True),
     ("monitor.knn_k", 1, None, True, True), ("monitor.knn_temperature", 0, None, False, True),

@@ -134,9 +134,16 @@ class ImageDataset:
             return self
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ConfigError(f"subset size must be a positive integer or None, got {n!r}")
-        total = len(self)
-        if n >= total:
+        if n >= len(self):
             return self
+        chosen = self._balanced_index(int(n), seed)
+        meta = {k: v for k, v in self.meta.items() if k != "fingerprint"}
+        meta.update(subset_of=self.meta.get("fingerprint"), subset_n=int(n), subset_seed=int(seed))
+        return self.select(chosen, f"{self.name}[{int(n)}]", meta)
+
+    def _balanced_index(self, n: int, seed: int) -> torch.Tensor:
+        """Sorted indices of a seeded, class-balanced choice of n samples (classes take turns in a random order)."""
+        total = len(self)
         g = torch.Generator().manual_seed(int(seed))
         perm = torch.randperm(total, generator=g)
         lab = self.labels[perm]
@@ -146,10 +153,25 @@ class ImageDataset:
             rank[pos] = torch.arange(len(pos))
         # round-robin over classes; ties inside a round broken by the random permutation
         key = rank * total + torch.arange(total)
-        chosen = perm[torch.argsort(key)[: int(n)]].sort().values
-        meta = {k: v for k, v in self.meta.items() if k != "fingerprint"}
-        meta.update(subset_of=self.meta.get("fingerprint"), subset_n=int(n), subset_seed=int(seed))
-        return self.select(chosen, f"{self.name}[{int(n)}]", meta)
+        return perm[torch.argsort(key)[:n]].sort().values
+
+    def holdout(self, fraction: float, seed: int = 0) -> tuple["ImageDataset", "ImageDataset"]:
+        """(rest, held): a seeded, class-balanced `fraction` of the samples held out for model selection (e.g. the
+        learning-rate grid of `visrep rank --truth finetune`), and the disjoint rest to train on."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ConfigError(f"holdout fraction must be in (0, 1), got {fraction!r}")
+        n_classes = int(torch.unique(self.labels).numel())
+        n = max(int(round(len(self) * float(fraction))), n_classes)
+        if n >= len(self) - n_classes + 1:
+            raise DataError(f"{self.name}: {len(self)} samples are too few to hold out {fraction:.0%} and still train "
+                            "on every class")
+        held = self._balanced_index(n, seed)
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held] = False
+        base = {k: v for k, v in self.meta.items() if k != "fingerprint"}
+        tag = dict(holdout_of=self.meta.get("fingerprint"), holdout_fraction=float(fraction), holdout_seed=int(seed))
+        rest = self.select(keep.nonzero().squeeze(1), f"{self.name}[fit]", {**base, **tag, "holdout_part": "fit"})
+        return rest, self.select(held, f"{self.name}[holdout]", {**base, **tag, "holdout_part": "holdout"})
 
     def select(self, index: torch.Tensor, name: str, meta: dict | None = None) -> "ImageDataset":
         """The samples at `index` (images, labels and targets), as a new dataset called `name`."""

@@ -54,7 +54,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _load_model(source: str, image_size: int | None, branch: str, seed: int, options: dict | None = None,
-                force: bool = False):
+                force: bool = False, pretrained: bool = False):
     from visrep.models.loading import load_backbone
 
     if not isinstance(source, (str, os.PathLike)) or not str(source):
@@ -69,7 +69,8 @@ def _load_model(source: str, image_size: int | None, branch: str, seed: int, opt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
-            return load_backbone(source, image_size=image_size, branch=branch, options=options, force=force)
+            return load_backbone(source, image_size=image_size, branch=branch, options=options, force=force,
+                                 pretrained=pretrained and source.startswith("timm:"))
         except VisrepError:
             raise
         except (RuntimeError, KeyError, ValueError, TypeError, OSError) as e:
@@ -108,7 +109,7 @@ def check_evaluable(train, test, dataset: str, train_split: str, test_split: str
 
 def _prepare(source, *, dataset, root, train_split, test_split, image_size, branch, batch_size, device,
              cache_dir, train_subset, test_subset, seed, progress, mean, std, download, dataset_options,
-             backbone_options=None, label_fraction=None, force=False):
+             backbone_options=None, label_fraction=None, force=False, pretrained=False):
     t0 = time.perf_counter()
     dev = resolve_device(device)
     options = dict(dataset_options or {})
@@ -123,7 +124,7 @@ def _prepare(source, *, dataset, root, train_split, test_split, image_size, bran
     is_checkpoint = Path(str(source)).expanduser().exists()
     # Image size: the caller's, else the checkpoint's recorded one, else the dataset's native size.
     model, info = _load_model(source, image_size if (image_size or is_checkpoint) else native, branch, seed,
-                              backbone_options, force)
+                              backbone_options, force, pretrained)
     size = int(image_size or info.get("image_size") or native)
     mean = tuple(float(m) for m in (IMAGENET_MEAN if mean is None else mean))
     std = tuple(float(s) for s in (IMAGENET_STD if std is None else std))
@@ -265,8 +266,10 @@ def _has_classifier_head(source: str, force: bool = False) -> bool:
     path = Path(str(source)).expanduser()
     if not path.exists():
         return False
-    cfg = load_run(str(path), force=force)[2]
-    return isinstance(cfg.projector, dict) and cfg.projector.get("type") in _classifier_head_names()
+    tensors, _, cfg = load_run(str(path), force=force)
+    # an exported backbone keeps its run's config but not the head's weights
+    return isinstance(cfg.projector, dict) and cfg.projector.get("type") in _classifier_head_names() and \
+        any(k.startswith("model.projector.") for k in tensors)
 
 
 def _load_head(source: str, image_size: int | None, force: bool = False):
@@ -285,6 +288,9 @@ def _load_head(source: str, image_size: int | None, force: bool = False):
     if kind not in _classifier_head_names():
         raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
                           "eval linear for self-supervised checkpoints")
+    if not any(k.startswith("model.projector.") for k in tensors):
+        raise ConfigError(f"'{source}' holds a backbone only (an export keeps no classifier head); evaluate the run "
+                          "it was exported from, or use eval knn / eval linear")
     size = int(meta.get("image_size") or image_size or 32)
     outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
     template = build_template(cfg, size, outputs, load_init=False)

@@ -5,10 +5,20 @@
 
 Per model: the training (and, with a truth, test) split's features through visrep's feature cache, then
 every score on the training features. Source-probability scores (LEEP, NCE) use the model's own classifier
-head on the training images; a model without one gets a note instead of a value. With truth="linear", the
-ground truth is the L-BFGS linear probe's test top-1 (`lbfgs_probe`, Kornblith et al. 2019), and each score
-is compared with it over the pool: Kendall τ, weighted τ (scipy.stats.weightedtau, the field's standard),
-Pearson r, top-1 hit and relative top-1 accuracy (truth of the model the score ranks first / best truth).
+head on the training images: a supervised or fine-tuned visrep run's head, or a timm model's own classifier
+(`timm:NAME`; ImageNet's with `pretrained=True`, a seeded random one offline); a model without one gets a
+note instead of a value.
+
+Ground truth, and how each score is compared with it over the pool: Kendall τ, weighted τ
+(scipy.stats.weightedtau, the field's standard), Pearson r, top-1 hit and relative top-1 accuracy (truth of
+the model the score ranks first / best truth).
+
+- truth="linear": the L-BFGS linear probe's test top-1 (`lbfgs_probe`, Kornblith et al. 2019: L2 chosen on
+  a held-out slice of the training split, refit on all of it).
+- truth="finetune": `visrep finetune` (full, AdamW, a linear head) for every learning rate of a small grid,
+  trained on the training split minus a seeded class-balanced held-out part (`data.holdout`); the rate with
+  the best held-out top-1 is chosen, and that run's test top-1 is the truth. Runs are folders under
+  `finetune_dir` and are resumed, so a killed `rank` continues where it stopped.
 """
 from __future__ import annotations
 
@@ -21,7 +31,11 @@ import torch
 
 from visrep.errors import ConfigError, DataError, VisrepError
 
-TRUTHS = ("none", "linear")
+TRUTHS = ("none", "linear", "finetune")
+# The fine-tuning truth's protocol (override any key with finetune_options). lrs: the AdamW grid; holdout:
+# the fraction of the training split held out to choose the lr; layer_decay: None or BEiT's decay.
+FINETUNE_DEFAULTS = {"lrs": [1e-4, 3e-4, 1e-3], "epochs": 3, "batch_size": 128, "weight_decay": 0.05,
+                     "warmup_epochs": 0.5, "holdout": 0.2, "layer_decay": None, "mode": "full"}
 
 
 def expand_pool(models: Sequence[str] | str) -> list[str]:
@@ -62,20 +76,133 @@ def _check_scores(names: Sequence[str] | None) -> list[str]:
     return list(names)
 
 
-def _source_probs(model: str, train, image_size: int, device, force: bool):
-    """Softmax of a visrep run's own classifier head on the training images, or None (with the reason)."""
-    from visrep.evaluate.api import _has_classifier_head, _load_head
+def _check_score_options(options: dict | None, names: list[str]) -> dict:
+    """{score: {keyword: value}} for the scores' own keyword arguments (e.g. {"tmi": {"normalize": True}}),
+    every name and keyword checked before any feature is extracted."""
+    import inspect
+
+    from visrep.rank import SCORES
+
+    options = dict(options or {})
+    for n, kw in options.items():
+        if n not in names:
+            SCORES.get(n)  # unknown: did-you-mean
+            raise ConfigError(f"score options are given for '{n}', which is not among the scores asked for")
+        if not isinstance(kw, dict):
+            raise ConfigError(f"score options for '{n}' must be a mapping of keyword: value, got {kw!r}")
+        params = [p.name for p in inspect.signature(SCORES.get(n)).parameters.values()
+                  if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        bad = sorted(set(kw) - set(params))
+        if bad:
+            raise ConfigError(f"score '{n}' takes no option {', '.join(map(repr, bad))}; its options: "
+                              f"{', '.join(params) or '(none)'}")
+    return options
+
+
+def _logits(net, ds, size: int, device) -> torch.Tensor:
     from visrep.evaluate.features import extract_features
     from visrep.train.checkpoint import weights_fingerprint
 
+    logits, _ = extract_features(net, ds, image_size=size, device=device, progress=False,
+                                 model_fingerprint=weights_fingerprint(net.state_dict()), channels_last=True)
+    return logits
+
+
+def _timm_classifier(model: str, size: int, seed: int, options: dict | None, pretrained: bool):
+    """A timm model with its own classifier whose trunk is exactly the backbone the features came from, or None."""
+    from visrep.evaluate.api import _load_model
+    from visrep.models.backbones import _timm, apply_cifar_stem
+
+    name = model[5:]
+    backbone, _ = _load_model(model, size, "student", seed, options, pretrained=pretrained)
+    opts = {k: v for k, v in dict(options or {}).items() if k not in ("image_size", "cifar_stem", "width")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))  # offline: a seeded random head, reproducible like the random trunk
+        net = _timm().create_model(name, pretrained=pretrained, **opts)
+    if getattr(net, "num_classes", 0) in (0, None):
+        return None
+    if (options or {}).get("cifar_stem"):
+        apply_cifar_stem(net)
+    loaded = net.load_state_dict(backbone.state_dict(), strict=False)
+    head = net.pretrained_cfg.get("classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    if loaded.unexpected_keys or not all(k.startswith(head) for k in loaded.missing_keys) or not head:
+        return None  # the trunk must be exactly the features' backbone; only the classifier is new
+    return net.eval()
+
+
+def _source_probs(model: str, train, image_size: int, device, force: bool, seed: int = 0,
+                  options: dict | None = None, pretrained: bool = False):
+    """Softmax of the model's own classifier on the training images, or None (with the reason): a visrep run's
+    head, or a timm model's classifier."""
+    from visrep.evaluate.api import _has_classifier_head, _load_head
+
+    no_head = "needs a classifier head (a supervised or fine-tuned visrep run, or a timm:NAME model with one)"
+    if str(model).startswith("timm:"):
+        net = _timm_classifier(model, image_size, seed, options, pretrained)
+        if net is None:
+            return None, no_head
+        return torch.softmax(_logits(net, train, image_size, device).double(), 1), None
     if not Path(model).expanduser().exists() or not _has_classifier_head(model, force):
-        return None, "needs a classifier head (a supervised or fine-tuned visrep run)"
+        return None, no_head
     head, cfg, _, _, size = _load_head(model, image_size, force)
     if cfg.objective.name == "regression":
         return None, "needs a classifier head; this run regresses"
-    logits, _ = extract_features(head, train, image_size=size, device=device, progress=False,
-                                 model_fingerprint=weights_fingerprint(head.state_dict()), channels_last=True)
-    return torch.softmax(logits.double(), 1), None
+    return torch.softmax(_logits(head, train, size, device).double(), 1), None
+
+
+def _check_finetunable(pool: list[str]) -> None:
+    for m in pool:
+        if not Path(m).expanduser().exists():
+            raise ConfigError(f"--truth finetune needs weights to start from, but '{m}' is a random-init or timm "
+                              "name, not a visrep run or checkpoint; use --truth linear or leave it out of the pool")
+
+
+def _finetune_truth(model: str, fingerprint: str, *, dataset, root, train_split, test_split, dataset_options,
+                    image_size, train_subset, test_subset, seed, device, options: dict, work_dir: Path,
+                    force: bool) -> dict:
+    """Fine-tune `model` for every lr of the grid on the training split minus its held-out part, choose the lr
+    on the held-out part, and return {"truth": test top-1 of that run, "lr", "holdout_top1": {lr: top-1}, ...}."""
+    import hashlib
+    import json
+
+    import visrep
+    from visrep.data.sources import load_dataset
+    from visrep.evaluate.api import _load_head, evaluate_classifier, resolve_device
+    from visrep.train.finetune import finetune
+
+    key = json.dumps([fingerprint, dataset, train_split, dataset_options, image_size, train_subset, seed, options],
+                     sort_keys=True, default=str)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in Path(str(model)).name)[:40]
+    run_root = work_dir / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    held = load_dataset(dataset, train_split, root, image_size=image_size, **dict(dataset_options or {}))
+    held = held.subset(train_subset, seed).holdout(options["holdout"], seed)[1]
+    dev = resolve_device(device)
+    per_lr = {}
+    for lr in options["lrs"]:
+        out_dir = run_root / f"lr{float(lr):g}"
+        cfg = visrep.resolve({
+            "method": "supervised", "seed": seed, "out_dir": str(out_dir),
+            "data": {"dataset": dataset, "root": root, "split": train_split, "test_split": test_split,
+                     "image_size": image_size, "subset": train_subset, "holdout": options["holdout"],
+                     "options": dict(dataset_options or {})},
+            "projector": {"type": "linear"},
+            "finetune": {"init": str(model), "mode": options["mode"], "layer_decay": options["layer_decay"]},
+            "optim": {"name": "adamw", "lr": float(lr), "lr_scaling": "none", "weight_decay": options["weight_decay"],
+                      "warmup_epochs": options["warmup_epochs"]},
+            "train": {"epochs": int(options["epochs"]), "batch_size": int(options["batch_size"]),
+                      "device": str(device), "progress": False},
+            "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0}})
+        resume = (out_dir / "checkpoints" / "last.safetensors").is_file()
+        finetune(cfg, resume=resume, quiet=True, evaluate=False, force=force)
+        head, _, _, _, size = _load_head(str(out_dir), image_size, force)
+        pred = _logits(head, held, size, dev).argmax(1)
+        per_lr[float(lr)] = float((pred == held.labels).double().mean())
+    best = max(per_lr, key=lambda lr: (per_lr[lr], -lr))  # ties: the smaller lr
+    test = evaluate_classifier(str(run_root / f"lr{best:g}"), dataset=dataset, root=root, test_split=test_split,
+                               test_subset=test_subset, seed=seed, dataset_options=dataset_options,
+                               device=device, progress=False, force=force)
+    return {"truth": float(test["top1"]), "lr": best, "holdout_top1": per_lr, "run_dir": str(run_root / f"lr{best:g}")}
 
 
 def _agreement(values: list[float | None], truth: list[float]) -> dict:
@@ -101,16 +228,28 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
          scores: Sequence[str] | None = None, truth: str = "none", image_size: int | None = None,
          train_subset: int | None = None, test_subset: int | None = None, batch_size: int = 256,
          device: str = "cpu", seed: int = 0, backbone_options: dict | None = None, force: bool = False,
+         pretrained: bool = False, score_options: dict | None = None,
+         finetune_options: dict | None = None, finetune_dir: str | None = None,
          out: str | None = None, plot: str | None = None, progress: bool = True) -> dict:
     """Score every model of the pool on the target; see the module docstring. Returns (and writes to `out`)
     {"models": [{"model", "scores": {name: value}, "ranks": {name: rank}, "notes", "truth"?}], "agreement"?,
-    "protocol": {...}}; ranks are 1 = best within the pool."""
+    "protocol": {...}}; ranks are 1 = best within the pool.
+
+    score_options: keyword arguments per score, e.g. {"tmi": {"normalize": True}} for a pool of mixed widths.
+    pretrained: `timm:NAME` models load timm's pretrained weights (needs internet or timm's local cache).
+    finetune_options: overrides of FINETUNE_DEFAULTS for truth="finetune" (lrs, epochs, batch_size, ...).
+    finetune_dir: where the fine-tuning runs go (default: beside `out`, else under visrep's cache)."""
     from visrep.evaluate.api import _finish, _prepare
     from visrep.rank import SCORES
 
     if truth not in TRUTHS:
         raise ConfigError(f"truth must be one of {', '.join(TRUTHS)}, got {truth!r}")
     pool, names = expand_pool(models), _check_scores(scores)
+    score_options = _check_score_options(score_options, names)
+    ft = None
+    if truth == "finetune":
+        _check_finetunable(pool)
+        ft, work_dir = _finetune_setup(finetune_options, finetune_dir, out)
     t0 = time.perf_counter()
     rows, score_seconds = [], {n: 0.0 for n in names}
     from tqdm.auto import tqdm
@@ -122,7 +261,7 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                 image_size=image_size, branch="student", batch_size=batch_size, device=device, cache_dir=None,
                 train_subset=train_subset, test_subset=test_subset, seed=seed, progress=False, mean=None,
                 std=None, download=True, dataset_options=dataset_options, backbone_options=backbone_options,
-                force=force)
+                force=force, pretrained=pretrained)
         except VisrepError as e:
             raise type(e)(f"model '{model}': {e}") from None
         row = {"model": model, "fingerprint": record["model"].get("fingerprint"), "feature_dim": int(ftr.shape[1]),
@@ -140,13 +279,15 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                                              **dict(dataset_options or {})).subset(train_subset, seed)
                         from visrep.evaluate.api import resolve_device
 
-                        probs = _source_probs(model, train, record["image_size"], resolve_device(device), force)
+                        probs = _source_probs(model, train, record["image_size"], resolve_device(device), force,
+                                              seed, backbone_options, pretrained)
                     if probs[0] is None:
                         row["scores"][n], row["notes"][n] = None, probs[1]
                         continue
-                    row["scores"][n] = float(fn(probs[0], ltr))
+                    row["scores"][n] = float(fn(probs[0], ltr, **score_options.get(n, {})))
                 else:
-                    row["scores"][n] = float(fn(ftr) if fn.needs == "none" else fn(ftr, ltr))
+                    inputs = (ftr,) if fn.needs == "none" else (ftr, ltr)
+                    row["scores"][n] = float(fn(*inputs, **score_options.get(n, {})))
             except DataError as e:  # e.g. a class too small for TMI: a note for this model, not a crash
                 row["scores"][n], row["notes"][n] = None, str(e)
             score_seconds[n] += time.perf_counter() - t
@@ -154,6 +295,13 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
             from visrep.evaluate.linear import lbfgs_probe
 
             row["truth"] = float(lbfgs_probe(ftr, ltr, fte, lte, seed=seed, num_classes=c)["top1"])
+        elif truth == "finetune":
+            found = _finetune_truth(model, row["fingerprint"], dataset=dataset, root=root, train_split=train_split,
+                                    test_split=test_split, dataset_options=dataset_options, image_size=image_size,
+                                    train_subset=train_subset, test_subset=test_subset, seed=seed, device=device,
+                                    options=ft, work_dir=work_dir, force=force)
+            row["truth"] = found.pop("truth")
+            row["finetune"] = found
         rows.append(row)
     for n in names:  # rank 1 = highest value, ties share the better rank; models without a value get none
         values = [r["scores"][n] for r in rows if r["scores"][n] is not None]
@@ -162,19 +310,48 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                 r.setdefault("ranks", {})[n] = 1 + sum(v > r["scores"][n] for v in values)
     for r in rows:
         r.setdefault("ranks", {})
-    result = {"protocol": "rank", "pool": pool, "models": rows, "scores": names, "score_seconds": score_seconds,
+    result = {"protocol": "rank", "pool": pool, "models": rows, "scores": names, "score_options": score_options,
+              "score_seconds": score_seconds,
               "truth": truth, "dataset": {"name": dataset, "train_split": train_split, "test_split": test_split,
                                           "options": dict(dataset_options or {}), "train_subset": train_subset,
                                           "test_subset": test_subset}}
     if truth != "none":
         t = [r["truth"] for r in rows]
-        result["truth_protocol"] = "lbfgs linear probe test top-1 (Kornblith et al. 2019)"
+        result["truth_protocol"] = ("lbfgs linear probe test top-1 (Kornblith et al. 2019)" if truth == "linear" else
+                                    {"what": "test top-1 of visrep finetune at the lr chosen on a held-out part of "
+                                             "the training split", **ft, "finetune_dir": str(work_dir)})
         result["agreement"] = {n: _agreement([r["scores"][n] for r in rows], t) for n in names}
         if plot is None and out is not None:
             plot = str(Path(out).expanduser().with_suffix(".png"))
         if plot:
             result["plot"] = str(_plot(result, plot))
     return _finish({}, result, t0, out)
+
+
+def _finetune_setup(options: dict | None, finetune_dir: str | None, out: str | None) -> tuple[dict, Path]:
+    """The fine-tuning truth's protocol (defaults + the caller's keys, checked) and where its runs go."""
+    from visrep.data.sources import cache_dir
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(FINETUNE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown finetune option(s) {', '.join(unknown)}; valid: {', '.join(FINETUNE_DEFAULTS)}")
+    ft = {**FINETUNE_DEFAULTS, **options}
+    lrs = ft["lrs"] if isinstance(ft["lrs"], (list, tuple)) else [ft["lrs"]]
+    if not lrs or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                          for x in lrs):
+        raise ConfigError(f"finetune lrs must be a list of positive numbers, got {ft['lrs']!r}")
+    ft["lrs"] = [float(x) for x in lrs]
+    if ft["mode"] not in ("full", "lora"):
+        raise ConfigError(f"finetune mode must be full or lora, got {ft['mode']!r}")
+    if finetune_dir is not None:
+        work = Path(finetune_dir).expanduser()
+    elif out is not None:
+        p = Path(out).expanduser()
+        work = p.with_name(p.stem + "_finetune")
+    else:
+        work = cache_dir() / "rank_finetune"
+    return ft, work
 
 
 def _plot(result: dict, path: str) -> Path:
@@ -214,7 +391,8 @@ def format_table(result: dict) -> str:
 
     key = "truth" if result["truth"] != "none" else None
     order = sorted(result["models"], key=lambda r: -(r[key] if key else 0))
-    table = Table(title=f"rank on {result['dataset']['name']}" + (" (truth: linear probe top-1)" if key else ""))
+    what = {"linear": "linear probe top-1", "finetune": "fine-tuned top-1"}.get(result["truth"])
+    table = Table(title=f"rank on {result['dataset']['name']}" + (f" (truth: {what})" if key else ""))
     table.add_column("model")
     for n in result["scores"]:
         table.add_column(n, justify="right")

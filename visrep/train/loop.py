@@ -172,6 +172,8 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
     d = cfg.data
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
     train = train.subset(d.subset, cfg.seed)
+    if d.holdout is not None:  # the held-out part is for model selection; never trained on
+        train = train.holdout(d.holdout, cfg.seed)[0]
     if d.label_fraction is not None:  # low-label protocols (1 %, 10 % of the labels)
         train = train.fraction(d.label_fraction, cfg.seed)
     image_size = int(train.images.shape[-1])
