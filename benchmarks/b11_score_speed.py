@@ -118,6 +118,7 @@ def main() -> None:
     runs = out.setdefault("scores", {})
     f, y, probs = data(args.n, args.d, args.c)
     fn_, yn, pn = f.numpy(), y.numpy(), probs.double().numpy()
+    probs = torch.from_numpy(pn)  # LEEP/NCE: the same float64 array as the naive reference, no copy on either side
     skip = set(filter(None, args.skip_naive.split(",")))
     for name in SCORES.names():
         if name == "nleep" and not args.with_nleep:

@@ -16,7 +16,8 @@ split), MTFL smile / glasses / pose (official split), scikit-learn digits, and C
 10,000 seeded training images, the full test split). Per target `visrep.rank` computes every registered
 score on the training split's frozen features and the truth: the L-BFGS linear probe's test top-1 (L2 grid
 chosen on a held-out slice of the training split). LEEP and NCE need a source classifier, which only the
-six supervised runs have, so their τw is over those six.
+six supervised runs have, so their τw is over those six. TMI runs per coordinate (`normalize`) and without
+the reference's distance floor (see SCORE_OPTIONS); every other score with its defaults.
 
 Report (results/b9_rank.json and b9_rank.png): per target the weighted Kendall τ (scipy.stats.weightedtau)
 of every score against the truth and the mean over targets; the seconds each score took; the spread of
@@ -44,6 +45,11 @@ import common  # noqa: E402
 FACES = str(Path(common.DEFAULT_DATA).parent.parent / "faces")
 PUBLISHED = {"source": "Shao et al., ECCV 2022 (SFDA), Table 1: 11 supervised ImageNet models, 11 targets, "
                        "mean weighted tau", "logme": 0.509, "sfda": 0.710}
+
+# TMI: the pool mixes widths (128 and 192), so the per-coordinate entropy (normalize); and no distance floor:
+# the reference's min_dist = 1.0 floors every k-NN distance of these features (their max-norm distances are
+# far below 1; measured: 100 % floored), which makes TMI one constant per width.
+SCORE_OPTIONS = {"tmi": {"normalize": True, "min_dist": 1e-12}}
 
 # name -> (method, backbone, projector override, seed, step factor)
 POOL = {
@@ -125,12 +131,13 @@ def rank_targets(args, runs: list[str], target_dir: Path) -> None:
         if args.targets and tname not in args.targets:
             continue
         path = target_dir / f"{tname}.json"
-        if common.read_json(path):
-            continue
+        done = common.read_json(path)
+        if done and done.get("score_options") == SCORE_OPTIONS:
+            continue  # finished with the same score settings (other settings: ranked again)
         print(f"[b9] ranking the pool on {tname}", flush=True)
         res = visrep.rank([*runs, random_init], image_size=32, truth="linear", seed=0,
                           backbone_options={"cifar_stem": True, "width": args.width}, progress=True,
-                          test_subset=None, **spec)
+                          score_options=SCORE_OPTIONS, test_subset=None, **spec)
         res["target"] = tname
         res["machine"] = common.machine_info()
         common.write_json(path, res)
@@ -182,7 +189,8 @@ def report(args, pool_dir: Path, target_dir: Path) -> dict:
                   "targets": {t: {k: v for k, v in targets(args)[t].items() if k != "root"} for t in order},
                   "image_size": 32, "truth": done[order[0]].get("truth_protocol"),
                   "scores_on": "training split features (CIFAR-10: a seeded 10,000-image subset)",
-                  "leep_nce": "need a source classifier: scored on the six supervised runs only"},
+                  "leep_nce": "need a source classifier: scored on the six supervised runs only",
+                  "score_options": SCORE_OPTIONS},
         "weighted_tau": tau, "summary": summary, "truth": truths, "truth_spread": spread,
         "gcr_vs_softmax": {"per_target": gcr,
                            "mean_gcr_minus_softmax": _mean(v["gcr_minus_softmax"] for v in gcr.values()),

@@ -150,15 +150,21 @@ def test_holdout_is_a_disjoint_class_balanced_seeded_split():
     def tags(d):
         return {int(d.images[i, 0, 0, 0]) * 256 + int(d.images[i, 0, 0, 1]) for i in range(len(d))}
     assert not tags(fit) & tags(held) and tags(fit) | tags(held) == set(range(len(ds)))
-    counts = torch.bincount(held.labels, minlength=10)
-    assert int(counts.max() - counts.min()) <= 1  # classes take turns
+    total = torch.bincount(ds.labels, minlength=10)
+    assert torch.equal(torch.bincount(held.labels, minlength=10), (0.2 * total.double()).round().long())  # stratified
     again = ds.holdout(0.2, seed=3)[1]
     assert torch.equal(again.images, held.images) and not torch.equal(ds.holdout(0.2, seed=4)[1].labels, held.labels)
     with pytest.raises(ConfigError, match=r"holdout fraction must be in \(0, 1\)"):
         ds.holdout(1.0)
-    tiny = ImageDataset(ds.images[:3], torch.tensor([0, 1, 1]), ["a", "b"], "tiny")
+    # imbalanced: the minority class keeps its share in training (equal turns would have held all of it out)
+    skewed = ImageDataset(ds.images[:1000], torch.tensor([0] * 900 + [1] * 100), ["a", "b"], "skewed")
+    fit, held = skewed.holdout(0.2)
+    assert torch.bincount(fit.labels).tolist() == [720, 80] and torch.bincount(held.labels).tolist() == [180, 20]
+    one_each = ImageDataset(ds.images[:3], torch.tensor([0, 1, 2]), ["a", "b", "c"], "tiny")
     with pytest.raises(DataError, match="too few to hold out"):
-        tiny.holdout(0.5)
+        one_each.holdout(0.5)
+    fit, held = ImageDataset(ds.images[:4], torch.tensor([0, 1, 1, 1]), ["a", "b"], "t").holdout(0.3)
+    assert sorted(fit.labels.tolist()) == [0, 1, 1] and held.labels.tolist() == [1]  # a class of one stays to train
 
 
 def test_training_never_sees_the_held_out_part(tmp_path):
@@ -170,6 +176,8 @@ def test_training_never_sees_the_held_out_part(tmp_path):
     assert visrep.pretrain(cfg, quiet=True)["train_size"] == 48
     with pytest.raises(ConfigError, match=r"data.holdout must be in \(0, 1\)"):
         visrep.resolve(tiny_overrides(tmp_path, data={"holdout": 1.5}))
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        visrep.resolve(tiny_overrides(tmp_path, data={"holdout": 0.2, "label_fraction": 0.1}))
 
 
 def test_imagefolder_directory_and_archives_match(tmp_path):

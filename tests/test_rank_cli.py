@@ -81,6 +81,7 @@ def test_timm_models_give_leep_from_their_own_classifier_and_a_headless_model_ge
     assert ssl["scores"]["leep"] is None and "needs a classifier head" in ssl["notes"]["leep"]
     assert timm_model["scores"]["leep"] is not None and timm_model["scores"]["nce"] is not None
     assert timm_model["scores"]["leep"] <= 0  # a mean log-likelihood
+    assert "randomly initialised timm classifier" in timm_model["notes"]["source_classifier"]
 
     # the timm classifier's trunk is the very backbone the features came from: its penultimate output equals them
     import torch
@@ -95,29 +96,42 @@ def test_timm_models_give_leep_from_their_own_classifier_and_a_headless_model_ge
         assert torch.allclose(net.forward_head(net.forward_features(x), pre_logits=True), backbone(x), atol=1e-5)
 
 
-def test_truth_finetune_chooses_the_lr_on_held_out_images_and_resumes(pool, tmp_path):
+def test_truth_finetune_chooses_the_lr_on_held_out_images_and_reuses_finished_runs(pool, tmp_path):
     _, runs = pool
-    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, progress=False, scores=["logme"],
-              finetune_options={"lrs": [1e-4, 1e-2], "epochs": 1, "batch_size": 16})
-    a = visrep.rank(runs, truth="finetune", out=str(tmp_path / "ft.json"), **kw)
+    out = tmp_path / "ft.json"
+    args = ["rank", "--models", *runs, "--dataset", "synthetic", "--dataset-options", "{n: 64, num_classes: 4}",
+            "--scores", "logme", "--truth", "finetune", "--out", str(out),
+            "--finetune-options", "{lrs: [1e-4, 1e-2], epochs: 1, batch_size: 16}"]  # 1e-4 is a number, as in YAML
+    assert run(args) == 0
+    a = json.loads(out.read_text())
     assert a["truth"] == "finetune" and a["truth_protocol"]["lrs"] == [1e-4, 1e-2]
     for m in a["models"]:
         ft = m["finetune"]
-        assert set(ft["holdout_top1"]) == {1e-4, 1e-2} and ft["lr"] == max(ft["holdout_top1"],
-                                                                           key=lambda lr: (ft["holdout_top1"][lr], -lr))
-        assert 0 <= m["truth"] <= 1 and ft["run_dir"].startswith(str(tmp_path / "ft_finetune"))
-        summary = json.loads((tmp_path / "ft_finetune" / ft["run_dir"].split("ft_finetune/")[1] / "summary.json")
-                             .read_text())
-        assert summary["train_size"] == 64 - 13  # 20 % of the 64 training images held out for the lr choice
+        held = {float(k): v for k, v in ft["holdout_top1"].items()}
+        assert set(held) == {1e-4, 1e-2} and held[ft["lr"]] == max(held.values())
+        assert 0 <= m["truth"] <= 1 and Path(ft["run_dir"]).parent.parent == tmp_path / "ft_finetune"
+        summary = json.loads((Path(ft["run_dir"]) / "summary.json").read_text())
+        assert summary["train_size"] == 64 - 12  # 3 of each class's 16 held out for the lr choice
     assert "weighted_tau" in a["agreement"]["logme"]
-    b = visrep.rank(runs, truth="finetune", out=str(tmp_path / "ft.json"), **kw)  # the runs are finished: reused
+    checkpoints = sorted((tmp_path / "ft_finetune").glob("*/lr*/checkpoints/last.safetensors"))
+    assert len(checkpoints) == 4
+    stamps = [c.stat().st_mtime_ns for c in checkpoints]
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, progress=False, scores=["logme"],
+              finetune_options={"lrs": [1e-4, 1e-2], "epochs": 1, "batch_size": 16})
+    b = visrep.rank(runs, truth="finetune", out=str(out), **kw)  # finished runs are reused, not trained again
+    assert [c.stat().st_mtime_ns for c in checkpoints] == stamps
     assert [m["truth"] for m in b["models"]] == [m["truth"] for m in a["models"]]
+    # other training data (here: another task size) is another folder, never a finished run of the old data
+    c = visrep.rank(runs[:1], truth="finetune", **{**kw, "dataset_options": {"n": 80, "num_classes": 4},
+                                                   "finetune_dir": str(tmp_path / "ft_finetune")})
+    assert Path(c["models"][0]["finetune"]["run_dir"]).parent not in {Path(m["finetune"]["run_dir"]).parent
+                                                                      for m in a["models"]}
 
     # an exported fine-tuned backbone has weights but no head: ranked, with a note for LEEP
     export = str(Path(a["models"][0]["finetune"]["run_dir"]) / "export" / "backbone.safetensors")
-    c = visrep.rank([export], scores=["leep", "logme"], dataset="synthetic",
+    d = visrep.rank([export], scores=["leep", "logme"], dataset="synthetic",
                     dataset_options={"n": 64, "num_classes": 4}, progress=False)
-    assert c["models"][0]["scores"]["logme"] is not None and "needs a classifier head" in c["models"][0]["notes"]["leep"]
+    assert d["models"][0]["scores"]["logme"] is not None and "needs a classifier head" in d["models"][0]["notes"]["leep"]
 
 
 def test_truth_finetune_needs_weights_and_sane_options(pool, capsys):
@@ -129,6 +143,10 @@ def test_truth_finetune_needs_weights_and_sane_options(pool, capsys):
         visrep.rank(runs, truth="finetune", finetune_options={"lr_grid": [1]}, **kw)
     with pytest.raises(ConfigError, match="lrs must be a list of positive numbers"):
         visrep.rank(runs, truth="finetune", finetune_options={"lrs": [-1]}, **kw)
+    with pytest.raises(ConfigError, match="epochs must be a positive integer, got 'three'"):
+        visrep.rank(runs, truth="finetune", finetune_options={"epochs": "three"}, **kw)
+    with pytest.raises(ConfigError, match=r"data.holdout must be in \(0, 1\)"):
+        visrep.rank(runs, truth="finetune", finetune_options={"holdout": 1.5}, **kw)
     from visrep.cli import main
 
     with pytest.raises(SystemExit) as exit_:
@@ -167,6 +185,8 @@ def test_score_options_reach_the_score_and_are_checked(pool):
         visrep.rank(runs, scores=["tmi"], score_options={"tmi": {"normalise": True}}, **kw)
     with pytest.raises(ConfigError, match="not among the scores asked for"):
         visrep.rank(runs, scores=["logme"], score_options={"tmi": {"normalize": True}}, **kw)
+    with pytest.raises(ConfigError, match="score 'knn' does not accept the options"):
+        visrep.rank(runs, scores=["knn"], score_options={"knn": {"k": "5"}}, **kw)  # before any feature is extracted
 
 
 def test_rank_a_mixed_pool_of_runs_and_a_timm_model_on_real_digits_from_the_cli(pool, tmp_path, capsys):

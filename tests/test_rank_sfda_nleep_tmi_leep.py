@@ -347,3 +347,17 @@ def test_feature_scores_reject_nan_and_one_class(score):
         score(x, np.zeros(len(y), dtype=int))
     with pytest.raises(DataError, match="labels"):
         score(x, y[:-1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1, float("inf"), "logits"])
+def test_source_probabilities_that_are_not_probabilities_are_one_sentence(bad):
+    y = torch.tensor([0, 1, 0, 1])
+    p = torch.tensor([[0.5, 0.5], [0.2, 0.8], [1.0, 0.0], [0.0, 1.0]])
+    if bad == "logits":
+        p = torch.tensor([[2.0, -1.0], [0.3, 1.2], [4.0, 0.0], [-2.0, 3.0]])
+    else:
+        p[0, 0] = bad
+    for score in (leep, nce):
+        with pytest.raises(DataError, match="must be finite, non-negative and sum to 1 per row"):
+            score(p, y)
+    assert leep(torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]]), y) == 0.0  # integer one-hot rows are fine

@@ -144,10 +144,10 @@ def _yaml_mapping(text: str | None, flag: str) -> dict | None:
 
     if text is None:
         return None
-    from visrep.config import yaml_error_where
+    from visrep.config import yaml_error_where, yaml_load
 
     try:
-        value = yaml.safe_load(text)
+        value = yaml_load(text)  # 1e-4 is a number, as in config files
     except yaml.YAMLError as e:
         raise ConfigError(f"{flag} is not valid YAML at {yaml_error_where(e)}") from None
     if not isinstance(value, dict):

@@ -397,6 +397,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("finetune.layer_decay applies to mode 'full' only (LoRA trains adapters, not layers)")
     if ft.mode == "lora" and not ft.init:
         raise ConfigError("finetune.mode=lora needs finetune.init (a pretrained checkpoint to adapt)")
+    if cfg.data.holdout is not None and cfg.data.label_fraction is not None:
+        raise ConfigError("data.holdout and data.label_fraction cannot be combined: the labelled subset would then "
+                          "differ from the one eval --label-fraction draws; use one of them")
     if cfg.data.label_fraction is not None and not 0 < cfg.data.label_fraction <= 1:
         raise ConfigError(f"data.label_fraction must be in (0, 1], got {cfg.data.label_fraction}")
     if cfg.optim.manifold_qr_every < 1:

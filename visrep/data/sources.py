@@ -156,16 +156,24 @@ class ImageDataset:
         return perm[torch.argsort(key)[:n]].sort().values
 
     def holdout(self, fraction: float, seed: int = 0) -> tuple["ImageDataset", "ImageDataset"]:
-        """(rest, held): a seeded, class-balanced `fraction` of the samples held out for model selection (e.g. the
-        learning-rate grid of `visrep rank --truth finetune`), and the disjoint rest to train on."""
+        """(rest, held): a seeded, stratified `fraction` of each class held out for model selection (e.g. the
+        learning-rate grid of `visrep rank --truth finetune`), and the disjoint rest to train on.
+
+        Each class c of n_c samples gives round(fraction · n_c) of them, but always keeps at least one for
+        training, so class proportions are the same in both parts and no class drops out of training.
+        """
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ConfigError(f"holdout fraction must be in (0, 1), got {fraction!r}")
-        n_classes = int(torch.unique(self.labels).numel())
-        n = max(int(round(len(self) * float(fraction))), n_classes)
-        if n >= len(self) - n_classes + 1:
-            raise DataError(f"{self.name}: {len(self)} samples are too few to hold out {fraction:.0%} and still train "
-                            "on every class")
-        held = self._balanced_index(n, seed)
+        g = torch.Generator().manual_seed(int(seed))
+        held = []
+        for c in torch.unique(self.labels).tolist():
+            idx = (self.labels == c).nonzero().squeeze(1)
+            k = min(int(round(len(idx) * float(fraction))), len(idx) - 1)
+            held.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+        held = torch.cat(held).sort().values
+        if len(held) == 0:
+            raise DataError(f"{self.name}: {len(self)} samples are too few to hold out {fraction:.0%} of any class "
+                            "and still train on every class")
         keep = torch.ones(len(self), dtype=torch.bool)
         keep[held] = False
         base = {k: v for k, v in self.meta.items() if k != "fingerprint"}

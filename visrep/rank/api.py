@@ -96,7 +96,26 @@ def _check_score_options(options: dict | None, names: list[str]) -> dict:
         if bad:
             raise ConfigError(f"score '{n}' takes no option {', '.join(map(repr, bad))}; its options: "
                               f"{', '.join(params) or '(none)'}")
+        _try_options(n, kw)
     return options
+
+
+def _try_options(name: str, kw: dict) -> None:
+    """Run the score once on a tiny seeded case so a value of the wrong type or range fails now, in one sentence,
+    not after the pool's features have been extracted."""
+    from visrep.rank import SCORES
+
+    fn = SCORES.get(name)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g, dtype=torch.float64), torch.arange(40) % 2
+    args = (torch.softmax(x, 1), y) if fn.needs == "probs" else (x,) if fn.needs == "none" else (x, y)
+    try:
+        fn(*args, **kw)
+    except (ConfigError, TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"score '{name}' does not accept the options {kw} ({msg})") from None
+    except DataError:  # the tiny case itself does not suit the score; the real features will tell
+        pass
 
 
 def _logits(net, ds, size: int, device) -> torch.Tensor:
@@ -158,9 +177,9 @@ def _check_finetunable(pool: list[str]) -> None:
                               "name, not a visrep run or checkpoint; use --truth linear or leave it out of the pool")
 
 
-def _finetune_truth(model: str, fingerprint: str, *, dataset, root, train_split, test_split, dataset_options,
-                    image_size, train_subset, test_subset, seed, device, options: dict, work_dir: Path,
-                    force: bool) -> dict:
+def _finetune_truth(model: str, fingerprint: str, train_fingerprint: str, *, dataset, root, train_split, test_split,
+                    dataset_options, image_size, train_subset, test_subset, seed, device, options: dict,
+                    work_dir: Path, force: bool) -> dict:
     """Fine-tune `model` for every lr of the grid on the training split minus its held-out part, choose the lr
     on the held-out part, and return {"truth": test top-1 of that run, "lr", "holdout_top1": {lr: top-1}, ...}."""
     import hashlib
@@ -171,8 +190,11 @@ def _finetune_truth(model: str, fingerprint: str, *, dataset, root, train_split,
     from visrep.evaluate.api import _load_head, evaluate_classifier, resolve_device
     from visrep.train.finetune import finetune
 
-    key = json.dumps([fingerprint, dataset, train_split, dataset_options, image_size, train_subset, seed, options],
-                     sort_keys=True, default=str)
+    # The folder of a model's runs is named by everything that changes them: the weights, the training images and
+    # labels (content, so another root or task is another folder), image size, seed and the recipe; each lr of
+    # the grid is its own run inside it, so widening the grid reuses the runs already there.
+    recipe = {k: v for k, v in options.items() if k != "lrs"}
+    key = json.dumps([fingerprint, train_fingerprint, dataset, image_size, seed, recipe], sort_keys=True, default=str)
     slug = "".join(ch if ch.isalnum() else "_" for ch in Path(str(model)).name)[:40]
     run_root = work_dir / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     held = load_dataset(dataset, train_split, root, image_size=image_size, **dict(dataset_options or {}))
@@ -183,8 +205,7 @@ def _finetune_truth(model: str, fingerprint: str, *, dataset, root, train_split,
         out_dir = run_root / f"lr{float(lr):g}"
         cfg = visrep.resolve({
             "method": "supervised", "seed": seed, "out_dir": str(out_dir),
-            "data": {"dataset": dataset, "root": root, "split": train_split, "test_split": test_split,
-                     "image_size": image_size, "subset": train_subset, "holdout": options["holdout"],
+            "data": {"dataset": dataset, "root": root, "split": train_split, "image_size": image_size, "subset": train_subset, "holdout": options["holdout"],
                      "options": dict(dataset_options or {})},
             "projector": {"type": "linear"},
             "finetune": {"init": str(model), "mode": options["mode"], "layer_decay": options["layer_decay"]},
@@ -269,18 +290,22 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
         probs = None
         for n in names:
             fn = SCORES.get(n)
+            if fn.needs == "probs" and probs is None:  # the source classifier's pass is timed apart from the scores
+                from visrep.data.sources import load_dataset
+                from visrep.evaluate.api import resolve_device
+
+                t = time.perf_counter()
+                train = load_dataset(dataset, train_split, root, image_size=image_size,
+                                     **dict(dataset_options or {})).subset(train_subset, seed)
+                probs = _source_probs(model, train, record["image_size"], resolve_device(device), force,
+                                      seed, backbone_options, pretrained)
+                row["source_classifier_seconds"] = time.perf_counter() - t
+                if probs[0] is not None and str(model).startswith("timm:") and not pretrained:
+                    row["notes"]["source_classifier"] = ("a randomly initialised timm classifier (offline); pass "
+                                                         "--pretrained for timm's trained one")
             t = time.perf_counter()
             try:
                 if fn.needs == "probs":
-                    if probs is None:
-                        from visrep.data.sources import load_dataset
-
-                        train = load_dataset(dataset, train_split, root, image_size=image_size,
-                                             **dict(dataset_options or {})).subset(train_subset, seed)
-                        from visrep.evaluate.api import resolve_device
-
-                        probs = _source_probs(model, train, record["image_size"], resolve_device(device), force,
-                                              seed, backbone_options, pretrained)
                     if probs[0] is None:
                         row["scores"][n], row["notes"][n] = None, probs[1]
                         continue
@@ -296,7 +321,8 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
 
             row["truth"] = float(lbfgs_probe(ftr, ltr, fte, lte, seed=seed, num_classes=c)["top1"])
         elif truth == "finetune":
-            found = _finetune_truth(model, row["fingerprint"], dataset=dataset, root=root, train_split=train_split,
+            found = _finetune_truth(model, row["fingerprint"], record["dataset"]["train_fingerprint"],
+                                    dataset=dataset, root=root, train_split=train_split,
                                     test_split=test_split, dataset_options=dataset_options, image_size=image_size,
                                     train_subset=train_subset, test_subset=test_subset, seed=seed, device=device,
                                     options=ft, work_dir=work_dir, force=force)
@@ -342,8 +368,21 @@ def _finetune_setup(options: dict | None, finetune_dir: str | None, out: str | N
                           for x in lrs):
         raise ConfigError(f"finetune lrs must be a list of positive numbers, got {ft['lrs']!r}")
     ft["lrs"] = [float(x) for x in lrs]
+    for k in ("epochs", "batch_size"):
+        if isinstance(ft[k], bool) or not isinstance(ft[k], int) or ft[k] < 1:
+            raise ConfigError(f"finetune {k} must be a positive integer, got {ft[k]!r}")
+    for k in ("weight_decay", "warmup_epochs", "holdout") + (("layer_decay",) if ft["layer_decay"] is not None else ()):
+        if isinstance(ft[k], bool) or not isinstance(ft[k], (int, float)) or not math.isfinite(ft[k]):
+            raise ConfigError(f"finetune {k} must be a number, got {ft[k]!r}")
     if ft["mode"] not in ("full", "lora"):
         raise ConfigError(f"finetune mode must be full or lora, got {ft['mode']!r}")
+    import visrep
+
+    visrep.resolve({"method": "supervised", "projector": {"type": "linear"},  # ranges, before any work is done
+                    "data": {"holdout": ft["holdout"]}, "finetune": {"init": "pool", "mode": ft["mode"],
+                                                                  "layer_decay": ft["layer_decay"]},
+                    "optim": {"name": "adamw", "lr": max(ft["lrs"]), "weight_decay": ft["weight_decay"],
+                              "warmup_epochs": ft["warmup_epochs"]}})
     if finetune_dir is not None:
         work = Path(finetune_dir).expanduser()
     elif out is not None:

@@ -78,12 +78,18 @@ def check_probs(probs, n: int, score: str = "score") -> torch.Tensor:
     p = _tensor(probs, "probabilities")
     if p.ndim != 2 or p.shape[0] != n:
         raise DataError(f"{score}: probabilities must be [{n}, source classes], got shape {tuple(p.shape)}")
-    p = p.to(torch.float64)
-    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or \
-            not torch.allclose(p.sum(1), torch.ones(n, dtype=torch.float64), atol=1e-3):
+    if not p.is_floating_point():
+        p = p.to(torch.float64)
+    if p.numel() == 0:
+        raise DataError(f"{score}: probabilities must be [{n}, source classes] with at least one source class")
+    # Two passes over what may be N x 1000 values: min/max (NaN propagates, so NaN, ±inf and negatives all
+    # fail `0 <= lo <= hi < inf`) and the row sums (accumulated in float64).
+    lo, hi = (float(v) for v in torch.aminmax(p))
+    if not 0 <= lo <= hi < float("inf") or \
+            not torch.allclose(p.sum(1, dtype=torch.float64), torch.ones(n, dtype=torch.float64), atol=1e-3):
         raise DataError(f"{score}: probabilities must be finite, non-negative and sum to 1 per row "
                         "(pass softmax outputs, not logits)")
-    return p
+    return p.to(torch.float64)
 
 
 # ------------------------------------------------------------------- linear algebra shared by the scores
