@@ -238,6 +238,40 @@ def plot(result: dict, order: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+SHORT = {"utkface_gender": "UTK gender", "utkface_race": "UTK race", "utkface_age_group": "UTK age",
+         "mtfl_smile": "MTFL smile", "mtfl_glasses": "MTFL glasses", "mtfl_pose": "MTFL pose", "digits": "digits",
+         "cifar10": "CIFAR-10"}
+
+
+def markdown(result: dict) -> str:
+    """The README's tables, printed from the JSON (so the README quotes the run, not a hand copy)."""
+    def f(v, fmt="{:.2f}"):
+        return "–" if v is None else fmt.format(v)
+
+    order = list(result["truth"])
+    scores = sorted(result["summary"], key=lambda s: -(result["summary"][s]["mean_weighted_tau"] or -9))
+    lines = ["| score | " + " | ".join(SHORT.get(t, t) for t in order) + " | **mean τw** | top-1 hits | s |",
+             "|---|" + "---|" * (len(order) + 3)]
+    for sc in scores:
+        sm = result["summary"][sc]
+        lines.append(f"| `{sc}` | " + " | ".join(f(result["weighted_tau"][sc][t]) for t in order) +
+                     f" | **{f(sm['mean_weighted_tau'])}** | {sm['top1_hits']}/{len(order)} | {sm['seconds_total']:.1f} |")
+    lines += ["", "| truth (linear-probe top-1) | " + " | ".join(SHORT.get(t, t) for t in order) + " |",
+              "|---|" + "---|" * len(order)]
+    models = list(next(iter(result["truth"].values())))
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(f(result["truth"][t].get(m), "{:.3f}") for t in order) + " |")
+    lines.append("| spread (max − min) | " + " | ".join(
+        f"{result['truth_spread'][t]['max'] - result['truth_spread'][t]['min']:.3f}" for t in order) + " |")
+    g = result["gcr_vs_softmax"]["per_target"]
+    lines += ["", "| GCR − softmax (mean of 3 seeds each, ± std) | " + " | ".join(SHORT.get(t, t) for t in g) + " |",
+              "|---|" + "---|" * len(g),
+              "| difference | " + " | ".join(f"{v['gcr_minus_softmax']:+.3f}" for v in g.values()) + " |",
+              "| softmax | " + " | ".join(f"{v['softmax_mean']:.3f} ± {v['softmax_std']:.3f}" for v in g.values()) + " |",
+              "| GCR | " + " | ".join(f"{v['gcr_mean']:.3f} ± {v['gcr_std']:.3f}" for v in g.values()) + " |"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=common.DEFAULT_DATA, help="CIFAR-10 JPEG archive or folder")
@@ -250,6 +284,7 @@ def main() -> None:
     p.add_argument("--runs-dir", default=str(common.REPO_ROOT / "runs" / "b9"))
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/b9_rank/")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="also print the README's tables")
     args = p.parse_args()
     base = Path(args.out_dir) if args.out_dir else common.RESULTS_DIR / "b9_rank"
     args.out_dir = str(base)
@@ -265,6 +300,8 @@ def main() -> None:
     for s, v in sorted(res["summary"].items(), key=lambda kv: -(kv[1]["mean_weighted_tau"] or -9)):
         mt = v["mean_weighted_tau"]
         print(f"{s:>18}  mean τw {mt if mt is None else round(mt, 3)}  {v['seconds_total']:.1f} s")
+    if args.markdown:
+        print(markdown(res))
 
 
 if __name__ == "__main__":

@@ -158,13 +158,24 @@ def test_feature_cache_hit_and_miss(tmp_path):
     assert i2["cache"] == "hit" and model.calls == 3
     assert torch.equal(f1, f2) and torch.equal(l1, l2)
 
+    # the same images under other labels (another task): the same entry, returned with the caller's labels
+    other = TinyDataset(ds.images.clone(), (ds.labels + 1) % 3)
+    f_o, l_o, i_o = extract_features_with_info(model, other, model_fingerprint="weights-A", **kw)
+    assert i_o["cache"] == "hit" and model.calls == 3 and torch.equal(f_o, f1) and torch.equal(l_o, other.labels)
+    changed = other.images.clone()
+    changed[5] = 255 - changed[5]
+    _, _, i_c = extract_features_with_info(model, TinyDataset(changed, other.labels),
+                                           model_fingerprint="weights-A", **kw)
+    assert i_c["cache"] == "miss" and model.calls == 6  # other images: another entry
+    model.calls = 3
+
     _, _, i3 = extract_features_with_info(model, ds, model_fingerprint="weights-B", **kw)
     assert i3["cache"] == "miss" and model.calls == 6
     _, _, i4 = extract_features_with_info(model, ds, model_fingerprint="weights-A", **{**kw, "image_size": 16})
     assert i4["cache"] == "miss"
     _, _, i5 = extract_features_with_info(model, ds, model_fingerprint="weights-A", mean=(0.5,) * 3, **kw)
     assert i5["cache"] == "miss"
-    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    assert len(list(tmp_path.glob("*.safetensors"))) == 5  # A, the changed images, B, 16 px, other mean
 
     # No fingerprint: nothing cached.
     calls = model.calls

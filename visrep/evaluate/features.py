@@ -5,8 +5,9 @@
 Images go through the evaluation transform (resize to `image_size`, scale to [0, 1], normalise with
 `mean`/`std`; ImageNet's by default), then through the model in eval mode under `torch.inference_mode()`,
 in batches. The result is cached as a safetensors file (no pickle) whose name is the sha1 of everything
-that determines the features: the model's weight fingerprint, the dataset's content fingerprint, name and
-size, the image size, the normalisation and the transform version. Without a model fingerprint nothing
+that determines the features: the model's weight fingerprint, the images' content fingerprint and count
+(not the labels: the tasks of one image set share an entry, and labels always come from the dataset), the
+image size, the normalisation and the transform version. Without a model fingerprint nothing
 is cached. The cache directory is, in order: the `cache_dir` argument, `$VISREP_CACHE/features`,
 `~/.cache/visrep/features`. Entries are written atomically and computed under a per-entry file lock
 (`<entry>.lock`), so processes sharing the cache compute each entry once; the others wait and read it.
@@ -33,7 +34,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Bump when the evaluation transform changes, so old cache entries stop matching.
 TRANSFORM_VERSION = "eval-resize-normalize-v1"
-CACHE_FORMAT = "visrep-features-v1"
+CACHE_FORMAT = "visrep-features-v2"  # v2: keyed by the images alone; labels come from the dataset
 
 
 def default_cache_dir() -> Path:
@@ -44,28 +45,29 @@ def default_cache_dir() -> Path:
     return Path("~/.cache/visrep/features").expanduser()
 
 
-def dataset_fingerprint(dataset) -> str:
-    """The dataset's `meta["fingerprint"]`, or a content hash of its images and labels when it has none."""
-    meta = getattr(dataset, "meta", None) or {}
-    fp = meta.get("fingerprint")
-    if fp:
-        return str(fp)
-    h = hashlib.sha1()
-    for t in (dataset.images, dataset.labels):
-        t = t.detach().to("cpu").contiguous()
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+def images_fingerprint(dataset) -> str:
+    """Content hash of the images alone, memoised in the dataset's meta. Features do not depend on labels, so
+    the tasks of one image set (UTKFace gender / race / age, MTFL smile / glasses / pose) share cache entries."""
+    meta = getattr(dataset, "meta", None)
+    if isinstance(meta, dict) and meta.get("images_fingerprint"):
+        return str(meta["images_fingerprint"])
+    from visrep.data.sources import fingerprint
+
+    images = dataset.images.detach().to("cpu")
+    fp = fingerprint(images, torch.empty(0, dtype=torch.int64), [])  # shape, dtype and a strided byte sample
+    if isinstance(meta, dict):
+        meta["images_fingerprint"] = fp
+    return fp
 
 
 def feature_cache_key(model_fingerprint: str, dataset, image_size: int, mean: Sequence[float],
                       std: Sequence[float]) -> str:
-    """sha1 (hex) of everything that determines the extracted features."""
+    """sha1 (hex) of everything that determines the extracted features: the weights, the images (not their
+    labels), the image size, the normalisation and the transform."""
     desc = {
         "format": CACHE_FORMAT,
         "model": str(model_fingerprint),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
-        "dataset": str(getattr(dataset, "name", "")),
+        "images_fingerprint": images_fingerprint(dataset),
         "n": int(len(dataset.labels)),
         "image_size": int(image_size),
         "mean": [round(float(m), 8) for m in mean],
@@ -169,16 +171,17 @@ def extract_features_with_info(model: nn.Module, dataset, *, image_size: int, ba
     key = feature_cache_key(model_fingerprint, dataset, image_size, mean, std)
     path = root / f"{key}.safetensors"
     info = {"cache": "hit", "cache_path": str(path), "key": key}
+    labels = dataset.labels.detach().to("cpu", torch.long).clone()  # the caller's labels, whatever task cached it
     hit = _load_cache(path, n)  # entries are replaced atomically, so reading without the lock is safe
     if hit is not None:
-        return hit[0], hit[1], info
+        return hit[0], labels, info
     with entry_lock(path):
         hit = _load_cache(path, n)  # computed by another process while this one waited
         if hit is not None:
-            return hit[0], hit[1], info
+            return hit[0], labels, info
         feats, labels = _compute(model, dataset, image_size, batch_size, device, mean, std, progress, channels_last)
         meta = {"format": CACHE_FORMAT, "model": str(model_fingerprint), "dataset": str(getattr(dataset, "name", "")),
-                "dataset_fingerprint": dataset_fingerprint(dataset), "n": n, "image_size": image_size,
+                "images_fingerprint": images_fingerprint(dataset), "n": n, "image_size": image_size,
                 "mean": list(mean), "std": list(std), "transform": TRANSFORM_VERSION}
         try:
             _save_cache(path, feats, labels, meta)
