@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,7 +129,8 @@ def main() -> None:
         if "visrep_seconds" not in rec:
             t = time.perf_counter()
             v = fn(probs, y) if fn.needs == "probs" else fn(f) if fn.needs == "none" else fn(f, y)
-            rec.update(visrep_seconds=time.perf_counter() - t, value=float(v))
+            rec.update(visrep_seconds=time.perf_counter() - t, value=float(v), measured_utc=common.now_iso(),
+                       loadavg_1min_after=os.getloadavg()[0])  # rows may come from different resumed runs
             common.write_json(args.out, out)
         naive = {"rankme": lambda: naive_rankme(fn_), "leep": lambda: naive_leep(pn, yn),
                  **{k: (lambda k=k: NAIVE[k](fn_, yn)) for k in NAIVE}}.get(name)

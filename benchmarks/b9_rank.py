@@ -155,11 +155,13 @@ def report(args, pool_dir: Path, target_dir: Path) -> dict:
         raise SystemExit("b9: no target has been ranked yet")
     scores = done[order[0]]["scores"]
     tau = {s: {t: done[t]["agreement"][s].get("weighted_tau") for t in order} for s in scores}
+    informative = [t for t in order if len({m["truth"] for m in done[t]["models"]}) > 1]  # else τ is undefined
     summary = {s: {"mean_weighted_tau": _mean(tau[s].values()),
+                   "targets_with_tau": sum(tau[s][t] is not None for t in order),
                    "mean_kendall_tau": _mean(done[t]["agreement"][s].get("kendall_tau") for t in order),
                    "mean_pearson_r": _mean(done[t]["agreement"][s].get("pearson_r") for t in order),
-                   "top1_hits": sum(bool(done[t]["agreement"][s].get("top1_hit")) for t in order),
-                   "mean_relative_top1": _mean(done[t]["agreement"][s].get("relative_top1") for t in order),
+                   "top1_hits": sum(bool(done[t]["agreement"][s].get("top1_hit")) for t in informative),
+                   "mean_relative_top1": _mean(done[t]["agreement"][s].get("relative_top1") for t in informative),
                    "models_scored": min(done[t]["agreement"][s].get("n", 0) for t in order),
                    "seconds_total": sum(done[t]["score_seconds"][s] for t in order)} for s in scores}
     name_of = {}
@@ -191,6 +193,9 @@ def report(args, pool_dir: Path, target_dir: Path) -> dict:
                   "scores_on": "training split features (CIFAR-10: a seeded 10,000-image subset)",
                   "leep_nce": "need a source classifier: scored on the six supervised runs only",
                   "score_options": SCORE_OPTIONS},
+        "uninformative_targets": {t: f"every model's truth is {done[t]['models'][0]['truth']:.4f}: no order to "
+                                     "agree with, so τ is undefined there and left out of the means"
+                                  for t in order if t not in informative},
         "weighted_tau": tau, "summary": summary, "truth": truths, "truth_spread": spread,
         "gcr_vs_softmax": {"per_target": gcr,
                            "mean_gcr_minus_softmax": _mean(v["gcr_minus_softmax"] for v in gcr.values()),
@@ -255,7 +260,8 @@ def markdown(result: dict) -> str:
     for sc in scores:
         sm = result["summary"][sc]
         lines.append(f"| `{sc}` | " + " | ".join(f(result["weighted_tau"][sc][t]) for t in order) +
-                     f" | **{f(sm['mean_weighted_tau'])}** | {sm['top1_hits']}/{len(order)} | {sm['seconds_total']:.1f} |")
+                     f" | **{f(sm['mean_weighted_tau'])}** | {sm['top1_hits']}/{len(order) - len(result['uninformative_targets'])}"
+                     f" | {sm['seconds_total']:.1f} |")
     lines += ["", "| truth (linear-probe top-1) | " + " | ".join(SHORT.get(t, t) for t in order) + " |",
               "|---|" + "---|" * len(order)]
     models = list(next(iter(result["truth"].values())))

@@ -203,3 +203,14 @@ def test_rank_a_mixed_pool_of_runs_and_a_timm_model_on_real_digits_from_the_cli(
     b = json.loads(out.read_text())
     assert b["truth"] == "linear" and all(0 < m["truth"] <= 1 for m in b["models"])
     assert out.with_suffix(".png").is_file()
+
+
+def test_agreement_with_a_constant_truth_claims_nothing():
+    from visrep.rank.api import _agreement
+
+    same = _agreement([0.1, 0.5, 0.3], [0.92, 0.92, 0.92])  # e.g. every probe predicts the majority class
+    assert same["weighted_tau"] is None and same["top1_hit"] is None and "same for every model" in same["note"]
+    ok = _agreement([0.1, 0.5, 0.3], [0.2, 0.9, 0.4])
+    assert ok["top1_hit"] is True and ok["kendall_tau"] == pytest.approx(1.0) and ok["relative_top1"] == 1.0
+    wrong = _agreement([0.5, 0.1, 0.3], [0.2, 0.9, 0.4])
+    assert wrong["top1_hit"] is False and wrong["relative_top1"] == pytest.approx(0.2 / 0.9)

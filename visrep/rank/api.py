@@ -234,7 +234,10 @@ def _agreement(values: list[float | None], truth: list[float]) -> dict:
     if len(pairs) < 2:
         return {"n": len(pairs), "note": "fewer than two models with a value"}
     v, t = zip(*pairs)
-    constant = len(set(v)) == 1 or len(set(t)) == 1
+    if len(set(t)) == 1:  # e.g. every probe predicts the majority class: no order to agree with
+        return {"n": len(pairs), "note": "the truth is the same for every model", "kendall_tau": None,
+                "weighted_tau": None, "pearson_r": None, "top1_hit": None, "relative_top1": None}
+    constant = len(set(v)) == 1
     best = max(range(len(v)), key=lambda i: v[i])
     return {"n": len(pairs),
             "kendall_tau": None if constant else float(stats.kendalltau(v, t).statistic),
