@@ -176,8 +176,12 @@ def report(args, pool_dir: Path, target_dir: Path) -> dict:
     for t in order:
         soft = [truths[t][f"softmax_s{s}"] for s in range(3) if f"softmax_s{s}" in truths[t]]
         g = [truths[t][f"gcr_s{s}"] for s in range(3) if f"gcr_s{s}" in truths[t]]
-        if soft and g:
+        if soft and g and t in informative:
+            from scipy import stats
+
+            welch = stats.ttest_ind(g, soft, equal_var=False) if len(g) > 1 and len(soft) > 1 else None
             gcr[t] = {"softmax": soft, "gcr": g, "softmax_mean": _mean(soft), "gcr_mean": _mean(g),
+                      "welch_p": None if welch is None or not math.isfinite(welch.pvalue) else float(welch.pvalue),
                       "gcr_minus_softmax": _mean(g) - _mean(soft),
                       "softmax_std": statistics.pstdev(soft), "gcr_std": statistics.pstdev(g)}
     pool = {p.stem: common.read_json(p) for p in sorted(pool_dir.glob("*.json"))}
@@ -274,7 +278,8 @@ def markdown(result: dict) -> str:
               "|---|" + "---|" * len(g),
               "| difference | " + " | ".join(f"{v['gcr_minus_softmax']:+.3f}" for v in g.values()) + " |",
               "| softmax | " + " | ".join(f"{v['softmax_mean']:.3f} ± {v['softmax_std']:.3f}" for v in g.values()) + " |",
-              "| GCR | " + " | ".join(f"{v['gcr_mean']:.3f} ± {v['gcr_std']:.3f}" for v in g.values()) + " |"]
+              "| GCR | " + " | ".join(f"{v['gcr_mean']:.3f} ± {v['gcr_std']:.3f}" for v in g.values()) + " |",
+              "| Welch p | " + " | ".join(f(v["welch_p"], "{:.3f}") for v in g.values()) + " |"]
     return "\n".join(lines)
 
 
