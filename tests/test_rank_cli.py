@@ -214,3 +214,24 @@ def test_agreement_with_a_constant_truth_claims_nothing():
     assert ok["top1_hit"] is True and ok["kendall_tau"] == pytest.approx(1.0) and ok["relative_top1"] == 1.0
     wrong = _agreement([0.5, 0.1, 0.3], [0.2, 0.9, 0.4])
     assert wrong["top1_hit"] is False and wrong["relative_top1"] == pytest.approx(0.2 / 0.9)
+
+
+def test_a_pool_file_gives_options_per_model_and_bad_pool_files_are_one_sentence(pool, tmp_path):
+    _, runs = pool
+    (tmp_path / "pool.yaml").write_text(
+        "models:\n"
+        f"  - {runs[0]}\n"
+        "  - {model: resnet18, backbone_options: {cifar_stem: true, width: 8}}   # a narrow random init ...\n"
+        "  - timm:resnet18                                                        # ... beside a standard timm one\n")
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, scores=["logme"], progress=False)
+    res = visrep.rank(str(tmp_path / "pool.yaml"), **kw)
+    assert [m["feature_dim"] for m in res["models"]] == [64, 64, 512]
+    assert res["models"][1]["backbone_options"] == {"cifar_stem": True, "width": 8}
+    assert "backbone_options" not in res["models"][2]
+    for text, match in (("models: [a, [b]]", "a pool entry is a model name or path"),
+                        ("models: [{model: a, options: {}}]", "a pool entry is a model name or path"),
+                        ("models: [a\n", "not valid YAML at line"),
+                        ("models: [a, a]", "names a model twice")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            visrep.rank(str(tmp_path / "bad.yaml"), **kw)

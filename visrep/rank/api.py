@@ -38,31 +38,61 @@ FINETUNE_DEFAULTS = {"lrs": [1e-4, 3e-4, 1e-3], "epochs": 3, "batch_size": 128, 
                      "warmup_epochs": 0.5, "holdout": 0.2, "layer_decay": None, "mode": "full"}
 
 
-def expand_pool(models: Sequence[str] | str) -> list[str]:
-    """A list of model sources from: a list; a YAML file holding a list (or {models: [...]}); a folder of runs."""
-    import yaml
+def _pool_entry(item, where: str) -> dict:
+    """{"model": source, "backbone_options": dict | None} from a string or a {model, backbone_options} mapping."""
+    if isinstance(item, str) and item:
+        return {"model": item, "backbone_options": None}
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - {"model", "backbone_options"})
+        if unknown or not isinstance(item.get("model"), str) or not item["model"]:
+            raise ConfigError(f"{where}: a pool entry is a model name or path, or a mapping with 'model' and optional "
+                              f"'backbone_options', got {item!r}")
+        opts = item.get("backbone_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise ConfigError(f"{where}: backbone_options of '{item['model']}' must be a mapping, got {opts!r}")
+        return {"model": item["model"], "backbone_options": opts}
+    raise ConfigError(f"{where}: a pool entry is a model name or path, or a mapping with 'model' and optional "
+                      f"'backbone_options', got {item!r}")
 
-    items = [models] if isinstance(models, str) else list(models)
-    out: list[str] = []
+
+def expand_pool(models) -> list[dict]:
+    """The pool as entries {"model", "backbone_options"} from: a list of names/paths or {model, backbone_options}
+    mappings (per-model options, e.g. a narrow random-init ResNet beside timm models); a YAML file holding such a
+    list (or {models: [...]}); a folder of runs."""
+    from visrep.config import yaml_error_where, yaml_load
+
+    items = [models] if isinstance(models, (str, dict)) else list(models)
+    out: list[dict] = []
     for m in items:
+        if isinstance(m, dict):
+            out.append(_pool_entry(m, "pool"))
+            continue
         p = Path(str(m)).expanduser()
         if p.is_file() and p.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(p.read_text())
+            try:
+                data = yaml_load(p.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise ConfigError(f"pool file '{m}' is not UTF-8 text") from None
+            except Exception as e:  # yaml.YAMLError
+                raise ConfigError(f"pool file '{m}' is not valid YAML at {yaml_error_where(e)}") from None
             data = data.get("models") if isinstance(data, dict) else data
-            if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            if not isinstance(data, list):
                 raise ConfigError(f"pool file '{m}' must hold a list of models (or a 'models:' list)")
-            out += data
+            out += [_pool_entry(x, f"pool file '{m}'") for x in data]
         elif p.is_dir() and not (p / "checkpoints").is_dir():
             runs = sorted(str(d) for d in p.iterdir() if (d / "checkpoints" / "last.safetensors").is_file())
             if not runs:
                 raise ConfigError(f"'{m}' is neither a run directory nor a folder of runs")
-            out += runs
+            out += [_pool_entry(r, "pool") for r in runs]
         else:
-            out.append(str(m))
+            out.append(_pool_entry(str(m), "pool"))
     if len(out) < 1:
         raise ConfigError("rank needs at least one model")
-    if len(set(out)) != len(out):
-        raise ConfigError("the pool names a model twice")
+    import json
+
+    keys = [json.dumps([e["model"], e["backbone_options"]], sort_keys=True, default=str) for e in out]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("the pool names a model twice (with the same backbone options)")
     return out
 
 
@@ -268,7 +298,8 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
 
     if truth not in TRUTHS:
         raise ConfigError(f"truth must be one of {', '.join(TRUTHS)}, got {truth!r}")
-    pool, names = expand_pool(models), _check_scores(scores)
+    entries, names = expand_pool(models), _check_scores(scores)
+    pool = [e["model"] for e in entries]
     score_options = _check_score_options(score_options, names)
     ft = None
     if truth == "finetune":
@@ -278,18 +309,22 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
     rows, score_seconds = [], {n: 0.0 for n in names}
     from tqdm.auto import tqdm
 
-    for model in tqdm(pool, desc="rank: models", unit="model", disable=not progress):
+    for entry in tqdm(entries, desc="rank: models", unit="model", disable=not progress):
+        model = entry["model"]
+        options = entry["backbone_options"] if entry["backbone_options"] is not None else backbone_options
         try:
             (ftr, ltr, fte, lte, c), record, _ = _prepare(
                 model, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
                 image_size=image_size, branch="student", batch_size=batch_size, device=device, cache_dir=None,
                 train_subset=train_subset, test_subset=test_subset, seed=seed, progress=False, mean=None,
-                std=None, download=True, dataset_options=dataset_options, backbone_options=backbone_options,
+                std=None, download=True, dataset_options=dataset_options, backbone_options=options,
                 force=force, pretrained=pretrained)
         except VisrepError as e:
             raise type(e)(f"model '{model}': {e}") from None
         row = {"model": model, "fingerprint": record["model"].get("fingerprint"), "feature_dim": int(ftr.shape[1]),
                "scores": {}, "notes": {}}
+        if entry["backbone_options"] is not None:
+            row["backbone_options"] = entry["backbone_options"]
         probs = None
         for n in names:
             fn = SCORES.get(n)
@@ -301,7 +336,7 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                 train = load_dataset(dataset, train_split, root, image_size=image_size,
                                      **dict(dataset_options or {})).subset(train_subset, seed)
                 probs = _source_probs(model, train, record["image_size"], resolve_device(device), force,
-                                      seed, backbone_options, pretrained)
+                                      seed, options, pretrained)
                 row["source_classifier_seconds"] = time.perf_counter() - t
                 if probs[0] is not None and str(model).startswith("timm:") and not pretrained:
                     row["notes"]["source_classifier"] = ("a randomly initialised timm classifier (offline); pass "
@@ -339,7 +374,8 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                 r.setdefault("ranks", {})[n] = 1 + sum(v > r["scores"][n] for v in values)
     for r in rows:
         r.setdefault("ranks", {})
-    result = {"protocol": "rank", "pool": pool, "models": rows, "scores": names, "score_options": score_options,
+    result = {"protocol": "rank", "pool": [e if e["backbone_options"] is not None else e["model"] for e in entries],
+              "models": rows, "scores": names, "score_options": score_options,
               "score_seconds": score_seconds,
               "truth": truth, "dataset": {"name": dataset, "train_split": train_split, "test_split": test_split,
                                           "options": dict(dataset_options or {}), "train_subset": train_subset,
