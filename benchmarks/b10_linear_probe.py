@@ -18,7 +18,12 @@ Feature extraction: --fx-images training images, batch 256, interleaved rounds o
 plain loop with channels-last) on the same model; images/s and ratios. visrep's is called as `visrep eval`
 calls it (channels-last for convolutional networks).
 
+--issue-shape runs the same three probes on seeded synthetic features of the issue's shape instead (39,209 ×
+512 training and 12,630 test features, 43 classes: Gaussian clusters, class means 0.06·N(0, I), so top-1 is
+about 0.19) and writes results/b10_linear_probe_issue_shape.json; no extraction part.
+
     python benchmarks/b10_linear_probe.py                  # all of it (~15 min on 2 quiet cores)
+    python benchmarks/b10_linear_probe.py --issue-shape    # the issue's 512-d, 43-class shape (~10 min)
     python benchmarks/b10_linear_probe.py --train-subset 5000 --test-subset 1000 --fx-images 512 --out /tmp/b10.json
 """
 from __future__ import annotations
@@ -133,6 +138,25 @@ def extraction(model, dataset, args) -> dict:
             "channels_last_over_plain_throughput": med["plain_no_grad"] / med["plain_no_grad_channels_last"]}
 
 
+def issue_shape(args) -> None:
+    """The three probes on seeded Gaussian-cluster features of the issue's shape (GTSRB-sized: 43 classes)."""
+    args.out = args.out or str(common.result_path("b10_linear_probe_issue_shape"))
+    out = common.read_json(args.out) or {}
+    out.update(benchmark="b10_linear_probe_issue_shape", machine=common.machine_info(), load=common.load_check("b10"),
+               recipe={k: v for k, v in vars(args).items() if k != "out"},
+               features="seeded synthetic: x = N(0, I) + mu_y, mu = 0.06 N(0, I) per class, uniform labels")
+    g = torch.Generator().manual_seed(0)
+    n, n_test, dim, classes = 39209, 12630, 512, 43
+    mu = 0.06 * torch.randn(classes, dim, generator=g)
+    ltr, lte = torch.randint(0, classes, (n,), generator=g), torch.randint(0, classes, (n_test,), generator=g)
+    ftr = torch.randn(n, dim, generator=g) + mu[ltr]
+    fte = torch.randn(n_test, dim, generator=g) + mu[lte]
+    out["shape"] = {"n_train": n, "n_test": n_test, "dim": dim, "classes": classes}
+    probes((ftr, ltr, fte, lte), args, out, args.out)
+    common.write_json(args.out, out)
+    print(f"b10: wrote {args.out}: {out['ratios']}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=common.DEFAULT_DATA)
@@ -144,9 +168,14 @@ def main() -> None:
     p.add_argument("--fx-images", type=int, default=4096)
     p.add_argument("--fx-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(common.result_path("b10_linear_probe")))
+    p.add_argument("--issue-shape", action="store_true", help="synthetic 39,209 x 512 features, 43 classes")
+    p.add_argument("--out", default=None)
     args = p.parse_args()
     common.set_threads(args.threads)
+    if args.issue_shape:
+        issue_shape(args)
+        return
+    args.out = args.out or str(common.result_path("b10_linear_probe"))
     out = common.read_json(args.out) or {}
     out.update(benchmark="b10_linear_probe", machine=common.machine_info(), load=common.load_check("b10"),
                recipe={k: v for k, v in vars(args).items() if k != "out"},

@@ -283,3 +283,18 @@ def test_evaluate_knn_from_checkpoint_uses_its_image_size(tmp_path):
     assert ckpt.is_file()
     assert r["image_size"] == 32 and r["model"]["kind"] == "checkpoint"
     assert r["model"]["epoch"] == 7 and r["model"]["method"] == "simclr"
+
+
+def test_subsets_of_one_size_never_share_a_feature_cache_entry(tmp_path):
+    from visrep.data import ImageDataset
+
+    g = torch.Generator().manual_seed(1)
+    full = ImageDataset(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(40) % 4,
+                        list("abcd"), "full")
+    model = CountingNet()
+    kw = dict(image_size=8, batch_size=64, cache_dir=tmp_path, progress=False, model_fingerprint="w")
+    extract_features_with_info(model, full, **kw)  # the parent first: nothing it leaves behind may leak to subsets
+    a, b = full.subset(20, seed=0), full.subset(20, seed=1)
+    fa, _, ia = extract_features_with_info(model, a, **kw)
+    fb, _, ib = extract_features_with_info(model, b, **kw)
+    assert ia["cache"] == ib["cache"] == "miss" and not torch.equal(fa, fb)

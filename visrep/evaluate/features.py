@@ -46,18 +46,12 @@ def default_cache_dir() -> Path:
 
 
 def images_fingerprint(dataset) -> str:
-    """Content hash of the images alone, memoised in the dataset's meta. Features do not depend on labels, so
-    the tasks of one image set (UTKFace gender / race / age, MTFL smile / glasses / pose) share cache entries."""
-    meta = getattr(dataset, "meta", None)
-    if isinstance(meta, dict) and meta.get("images_fingerprint"):
-        return str(meta["images_fingerprint"])
+    """Content hash of the images alone. Features do not depend on labels, so the tasks of one image set
+    (UTKFace gender / race / age, MTFL smile / glasses / pose) share cache entries. Computed on every call
+    (a strided sample, milliseconds), never stored in `meta`: subsets copy their parent's meta."""
     from visrep.data.sources import fingerprint
 
-    images = dataset.images.detach().to("cpu")
-    fp = fingerprint(images, torch.empty(0, dtype=torch.int64), [])  # shape, dtype and a strided byte sample
-    if isinstance(meta, dict):
-        meta["images_fingerprint"] = fp
-    return fp
+    return fingerprint(dataset.images.detach().to("cpu"), torch.empty(0, dtype=torch.int64), [])
 
 
 def feature_cache_key(model_fingerprint: str, dataset, image_size: int, mean: Sequence[float],
