@@ -298,3 +298,26 @@ def test_subsets_of_one_size_never_share_a_feature_cache_entry(tmp_path):
     fa, _, ia = extract_features_with_info(model, a, **kw)
     fb, _, ib = extract_features_with_info(model, b, **kw)
     assert ia["cache"] == ib["cache"] == "miss" and not torch.equal(fa, fb)
+
+
+def test_one_changed_pixel_in_a_middle_image_is_another_cache_entry(tmp_path):
+    from visrep.data import ImageDataset
+
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    a = ImageDataset(images, torch.arange(64) % 4, list("abcd"), "a")
+    edited = images.clone()
+    edited[31, 1, 4, 4] += 1  # one byte of one image in the middle
+    b = ImageDataset(edited, torch.arange(64) % 4, list("abcd"), "b")
+    kw = dict(image_size=8, batch_size=64, cache_dir=tmp_path, progress=False, model_fingerprint="w")
+    model = CountingNet()
+    assert extract_features_with_info(model, a, **kw)[2]["cache"] == "miss"
+    assert extract_features_with_info(model, b, **kw)[2]["cache"] == "miss"
+
+
+def test_random_init_options_that_add_no_weights_still_change_the_fingerprint():
+    from visrep.models.loading import load_backbone
+
+    _, avg = load_backbone("timm:resnet18", image_size=32)
+    _, mx = load_backbone("timm:resnet18", image_size=32, options={"global_pool": "max"})
+    assert avg["fingerprint"] != mx["fingerprint"]

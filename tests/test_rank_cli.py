@@ -231,7 +231,26 @@ def test_a_pool_file_gives_options_per_model_and_bad_pool_files_are_one_sentence
     for text, match in (("models: [a, [b]]", "a pool entry is a model name or path"),
                         ("models: [{model: a, options: {}}]", "a pool entry is a model name or path"),
                         ("models: [a\n", "not valid YAML at line"),
-                        ("models: [a, a]", "names a model twice")):
+                        ("models: [a, a]", "names model .a. twice")):
         (tmp_path / "bad.yaml").write_text(text)
         with pytest.raises(ConfigError, match=match):
             visrep.rank(str(tmp_path / "bad.yaml"), **kw)
+
+
+def test_options_on_a_run_and_the_same_model_twice_are_refused(pool, tmp_path):
+    _, runs = pool
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, scores=["logme"], progress=False)
+    with pytest.raises(ConfigError, match="is a run or checkpoint, whose architecture comes from its own config"):
+        visrep.rank([{"model": runs[0], "backbone_options": {"width": 8}}], **kw)
+    with pytest.raises(ConfigError, match="names model 'resnet18' twice"):  # the default options are the same ones
+        visrep.rank(["resnet18", {"model": "resnet18", "backbone_options": {"width": 8}}],
+                    backbone_options={"width": 8}, **kw)
+    with pytest.raises(ConfigError, match="twice"):
+        visrep.rank([runs[0], runs[0] + "/"], **kw)
+
+
+def test_a_score_that_is_the_same_for_every_model_picks_no_model():
+    from visrep.rank.api import _agreement
+
+    same = _agreement([2.0, 2.0, 2.0], [0.2, 0.9, 0.4])  # H-score = C − 1 for every model when N <= D
+    assert same["top1_hit"] is None and same["relative_top1"] is None and "score is the same" in same["note"]

@@ -78,9 +78,15 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
                                   "this needs internet access") from None
         else:
             model = build_backbone(source, **opts)
+        # Options that add no parameters (timm's global_pool, act_layer) change the features but not the weights,
+        # so the fingerprint that keys the feature cache covers the name, the options and `pretrained` too.
+        import hashlib
+        import json
+
+        recipe = json.dumps([name, opts, bool(pretrained)], sort_keys=True, default=str)
+        fp = hashlib.sha1((weights_fingerprint(model.state_dict()) + recipe).encode()).hexdigest()[:16]
         info = {"source": source, "kind": "timm" if pretrained else "random-init", "branch": "student",
-                "image_size": image_size, "fingerprint": weights_fingerprint(model.state_dict()),
-                "backbone": name}
+                "image_size": image_size, "fingerprint": fp, "backbone": name}
     return model.eval(), info
 
 

@@ -50,6 +50,9 @@ def _pool_entry(item, where: str) -> dict:
         opts = item.get("backbone_options")
         if opts is not None and not isinstance(opts, dict):
             raise ConfigError(f"{where}: backbone_options of '{item['model']}' must be a mapping, got {opts!r}")
+        if opts is not None and Path(item["model"]).expanduser().exists():
+            raise ConfigError(f"{where}: '{item['model']}' is a run or checkpoint, whose architecture comes from its "
+                              "own config; backbone_options are for random-init and timm: models")
         return {"model": item["model"], "backbone_options": opts}
     raise ConfigError(f"{where}: a pool entry is a model name or path, or a mapping with 'model' and optional "
                       f"'backbone_options', got {item!r}")
@@ -88,12 +91,30 @@ def expand_pool(models) -> list[dict]:
             out.append(_pool_entry(str(m), "pool"))
     if len(out) < 1:
         raise ConfigError("rank needs at least one model")
+    return out
+
+
+def _check_distinct(entries: list[dict], default_options: dict | None) -> None:
+    """Two entries that load the same model (same source and the options it is really built with) would be counted
+    twice in every correlation."""
     import json
 
-    keys = [json.dumps([e["model"], e["backbone_options"]], sort_keys=True, default=str) for e in out]
-    if len(set(keys)) != len(keys):
-        raise ConfigError("the pool names a model twice (with the same backbone options)")
-    return out
+    seen = set()
+    for e in entries:
+        is_path = Path(e["model"]).expanduser().exists()
+        used = None if is_path else (e["backbone_options"] if e["backbone_options"] is not None else default_options)
+        key = json.dumps([str(Path(e["model"]).expanduser().resolve()) if is_path else e["model"], used or {}],
+                         sort_keys=True, default=str)
+        if key in seen:
+            raise ConfigError(f"the pool names model '{e['model']}' twice (with the same backbone options)")
+        seen.add(key)
+
+
+def _display_name(entry: dict) -> str:
+    if entry["backbone_options"] is None:
+        return entry["model"]
+    opts = ", ".join(f"{k}: {v}" for k, v in sorted(entry["backbone_options"].items()))
+    return f"{entry['model']} {{{opts}}}"
 
 
 def _check_scores(names: Sequence[str] | None) -> list[str]:
@@ -267,7 +288,10 @@ def _agreement(values: list[float | None], truth: list[float]) -> dict:
     if len(set(t)) == 1:  # e.g. every probe predicts the majority class: no order to agree with
         return {"n": len(pairs), "note": "the truth is the same for every model", "kendall_tau": None,
                 "weighted_tau": None, "pearson_r": None, "top1_hit": None, "relative_top1": None}
-    constant = len(set(v)) == 1
+    if len(set(v)) == 1:  # e.g. H-score is C − 1 for every model when N ≤ D: it picks no model
+        return {"n": len(pairs), "note": "the score is the same for every model", "kendall_tau": None,
+                "weighted_tau": None, "pearson_r": None, "top1_hit": None, "relative_top1": None}
+    constant = False
     best = max(range(len(v)), key=lambda i: v[i])
     return {"n": len(pairs),
             "kendall_tau": None if constant else float(stats.kendalltau(v, t).statistic),
@@ -299,6 +323,7 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
     if truth not in TRUTHS:
         raise ConfigError(f"truth must be one of {', '.join(TRUTHS)}, got {truth!r}")
     entries, names = expand_pool(models), _check_scores(scores)
+    _check_distinct(entries, backbone_options)
     pool = [e["model"] for e in entries]
     score_options = _check_score_options(score_options, names)
     ft = None
@@ -325,6 +350,7 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                "scores": {}, "notes": {}}
         if entry["backbone_options"] is not None:
             row["backbone_options"] = entry["backbone_options"]
+            row["name"] = _display_name(entry)
         probs = None
         for n in names:
             fn = SCORES.get(n)
@@ -479,7 +505,7 @@ def format_table(result: dict) -> str:
     for r in order:
         cells = [f"{r['scores'][n]:.4g} ({r['ranks'][n]})" if r["scores"][n] is not None else "–"
                  for n in result["scores"]]
-        table.add_row(r["model"], *cells, *([f"{r['truth']:.4f}"] if key else []))
+        table.add_row(r.get("name", r["model"]), *cells, *([f"{r['truth']:.4f}"] if key else []))
     if key:
         table.add_row("weighted τ", *[("–" if result["agreement"][n].get("weighted_tau") is None
                                        else f"{result['agreement'][n]['weighted_tau']:.3f}")
