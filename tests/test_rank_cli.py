@@ -185,8 +185,10 @@ def test_score_options_reach_the_score_and_are_checked(pool):
         visrep.rank(runs, scores=["tmi"], score_options={"tmi": {"normalise": True}}, **kw)
     with pytest.raises(ConfigError, match="not among the scores asked for"):
         visrep.rank(runs, scores=["logme"], score_options={"tmi": {"normalize": True}}, **kw)
-    with pytest.raises(ConfigError, match="score 'knn' does not accept the options"):
+    with pytest.raises(ConfigError, match="score 'knn' option 'k' must be int, got '5'"):
         visrep.rank(runs, scores=["knn"], score_options={"knn": {"k": "5"}}, **kw)  # before any feature is extracted
+    with pytest.raises(ConfigError, match="score 'tmi' does not accept the options {'k': 0} .tmi k must be >= 1"):
+        visrep.rank(runs, scores=["tmi"], score_options={"tmi": {"k": 0}}, **kw)  # a range: the dry run finds it
 
 
 def test_rank_a_mixed_pool_of_runs_and_a_timm_model_on_real_digits_from_the_cli(pool, tmp_path, capsys):
@@ -254,3 +256,40 @@ def test_a_score_that_is_the_same_for_every_model_picks_no_model():
 
     same = _agreement([2.0, 2.0, 2.0], [0.2, 0.9, 0.4])  # H-score = C − 1 for every model when N <= D
     assert same["top1_hit"] is None and same["relative_top1"] is None and "score is the same" in same["note"]
+
+
+def test_mistakes_are_caught_before_any_feature_is_extracted(pool, tmp_path, monkeypatch):
+    _, runs = pool
+    import visrep.evaluate.api as evaluate_api
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted before the mistake was found")
+    monkeypatch.setattr(evaluate_api, "_prepare", no_extraction)
+    kw = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, progress=False)
+    cases = [
+        (dict(models=[runs[0], "timm:resnet18"], backbone_options={"cifar_stem": True, "width": 8}),
+         "model 'timm:resnet18': .*give it its own options in a YAML pool"),
+        (dict(models=runs, scores=[]), "no score named"),
+        (dict(models=runs, scores=["logme", "logme"]), "'logme' is asked for twice"),
+        (dict(models=runs, scores=["tmi"], score_options={"tmi": {"normalize": "yes please"}}),
+         "option 'normalize' must be bool"),
+        (dict(models=runs, scores=["logme"], finetune_options={"epochs": 1}), "apply to truth='finetune' only"),
+        (dict(models=runs, scores=["logme"], plot=str(tmp_path / "p.png")), "ask for one"),
+        (dict(models=runs, scores=["logme"], dataset_options={"n": 64, "num_classes": 1}), None),
+    ]
+    for extra, match in cases:
+        with pytest.raises(VisrepError, match=match) as err:
+            visrep.rank(**{**kw, **extra})
+        assert not str(err.value).startswith("model '" + runs[0])  # a dataset mistake is not blamed on a model
+
+
+def test_the_table_says_why_a_cell_is_empty_and_what_chance_is(pool, tmp_path):
+    from visrep.rank.api import format_table
+
+    _, runs = pool
+    res = visrep.rank(runs, dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, scores=["logme", "leep"],
+                      truth="linear", progress=False)
+    text = format_table(res)
+    assert "note: " + runs[1] + ": leep: needs a classifier head" in text
+    assert "(n=1)" in text or "weighted τ of leep" in text  # LEEP rests on the one supervised run only
+    assert "always the commonest class: top-1 0.2500" in text and res["majority_class_top1"] == 0.25

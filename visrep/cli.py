@@ -278,7 +278,7 @@ def run(argv: list[str] | None = None) -> int:
             raise ConfigError("visrep rank takes neither --label-fraction nor --branch")
         res = rank(args.models, dataset=args.dataset, root=args.data_dir, train_split=args.train_split,
                    test_split=args.test_split, dataset_options=_yaml_mapping(args.dataset_options, "--dataset-options"),
-                   scores=[x.strip() for x in args.scores.split(",") if x.strip()] if args.scores else None,
+                   scores=[x.strip() for x in args.scores.split(",") if x.strip()] if args.scores is not None else None,
                    truth=args.truth, image_size=args.image_size, train_subset=args.train_subset,
                    test_subset=args.test_subset, batch_size=args.batch_size, device=args.device, seed=args.seed,
                    backbone_options=_yaml_mapping(args.backbone_options, "--backbone-options"), force=args.force,

@@ -122,9 +122,15 @@ def _check_scores(names: Sequence[str] | None) -> list[str]:
 
     if names is None:
         return SCORES.names()
+    names = list(names)
+    if not names:
+        raise ConfigError("no score named; give one or more of: " + ", ".join(SCORES.names()))
     for n in names:
         SCORES.get(n)  # unknown name: one sentence with a did-you-mean
-    return list(names)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"score {', '.join(map(repr, twice))} is asked for twice")
+    return names
 
 
 def _check_score_options(options: dict | None, names: list[str]) -> dict:
@@ -147,8 +153,34 @@ def _check_score_options(options: dict | None, names: list[str]) -> dict:
         if bad:
             raise ConfigError(f"score '{n}' takes no option {', '.join(map(repr, bad))}; its options: "
                               f"{', '.join(params) or '(none)'}")
+        kinds = {"bool": (bool,), "int": (int,), "float": (int, float)}  # the annotations the scores use
+        for key, value in kw.items():
+            annotation = str(inspect.signature(SCORES.get(n)).parameters[key].annotation)
+            want = kinds.get(annotation.split(" |")[0])
+            if value is None and "None" in annotation:
+                continue
+            if want and (not isinstance(value, want) or (bool not in want and isinstance(value, bool))):
+                raise ConfigError(f"score '{n}' option '{key}' must be {' or '.join(t.__name__ for t in want)}, "
+                                  f"got {value!r}")
         _try_options(n, kw)
     return options
+
+
+def _check_models_load(entries: list[dict], default_options: dict | None, image_size, seed, pretrained) -> None:
+    """Build every random-init / timm model once before any feature is extracted, so a bad name or option fails
+    first, in one sentence naming the model (checkpoints are verified when they load)."""
+    from visrep.evaluate.api import _load_model
+
+    for e in entries:
+        if Path(e["model"]).expanduser().exists() or (pretrained and e["model"].startswith("timm:")):
+            continue  # checkpoints are checked on load; pretrained weights are fetched once, later
+        options = e["backbone_options"] if e["backbone_options"] is not None else default_options
+        try:
+            _load_model(e["model"], image_size or 32, "student", seed, options)
+        except VisrepError as err:
+            hint = ("; give it its own options in a YAML pool ({model: ..., backbone_options: {...}})"
+                    if e["backbone_options"] is None and default_options else "")
+            raise type(err)(f"model '{e['model']}': {err}{hint}") from None
 
 
 def _try_options(name: str, kw: dict) -> None:
@@ -330,6 +362,17 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
     if truth == "finetune":
         _check_finetunable(pool)
         ft, work_dir = _finetune_setup(finetune_options, finetune_dir, out)
+    elif finetune_options is not None or finetune_dir is not None:
+        raise ConfigError("finetune options and finetune_dir apply to truth='finetune' only")
+    if plot is not None and truth == "none":
+        raise ConfigError("a plot shows the scores against a truth; ask for one (--truth) or leave out --plot")
+    _check_models_load(entries, backbone_options, image_size, seed, pretrained)
+    from visrep.evaluate.api import _load_split, check_evaluable
+
+    # The target once, before any model: a dataset mistake is the dataset's, not the first model's.
+    _train = _load_split(dataset, train_split, root, True, dict(dataset_options or {}), train_subset, seed, image_size)
+    check_evaluable(_train, _train, dataset, train_split, train_split)
+    majority = None
     t0 = time.perf_counter()
     rows, score_seconds = [], {n: 0.0 for n in names}
     from tqdm.auto import tqdm
@@ -346,6 +389,8 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                 force=force, pretrained=pretrained)
         except VisrepError as e:
             raise type(e)(f"model '{model}': {e}") from None
+        if majority is None:  # the truth of always answering the commonest test class
+            majority = float(torch.bincount(lte).max()) / len(lte)
         row = {"model": model, "fingerprint": record["model"].get("fingerprint"), "feature_dim": int(ftr.shape[1]),
                "scores": {}, "notes": {}}
         if entry["backbone_options"] is not None:
@@ -401,7 +446,7 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
     for r in rows:
         r.setdefault("ranks", {})
     result = {"protocol": "rank", "pool": [e if e["backbone_options"] is not None else e["model"] for e in entries],
-              "models": rows, "scores": names, "score_options": score_options,
+              "majority_class_top1": majority, "models": rows, "scores": names, "score_options": score_options,
               "score_seconds": score_seconds,
               "truth": truth, "dataset": {"name": dataset, "train_split": train_split, "test_split": test_split,
                                           "options": dict(dataset_options or {}), "train_subset": train_subset,
@@ -506,12 +551,26 @@ def format_table(result: dict) -> str:
         cells = [f"{r['scores'][n]:.4g} ({r['ranks'][n]})" if r["scores"][n] is not None else "–"
                  for n in result["scores"]]
         table.add_row(r.get("name", r["model"]), *cells, *([f"{r['truth']:.4f}"] if key else []))
+    notes = []
     if key:
-        table.add_row("weighted τ", *[("–" if result["agreement"][n].get("weighted_tau") is None
-                                       else f"{result['agreement'][n]['weighted_tau']:.3f}")
-                                      for n in result["scores"]], "")
+        pool_size = len(result["models"])
+
+        def tau_cell(n):
+            a = result["agreement"][n]
+            if a.get("weighted_tau") is None:
+                notes.append(f"weighted τ of {n}: {a.get('note', 'undefined')}")
+                return "–"
+            return f"{a['weighted_tau']:.3f}" + (f" (n={a['n']})" if a["n"] < pool_size else "")
+        table.add_row("weighted τ", *[tau_cell(n) for n in result["scores"]], "")
+        if result.get("majority_class_top1") is not None:
+            table.caption = f"always the commonest class: top-1 {result['majority_class_top1']:.4f}"
+    for r in order:  # why a cell is empty, and what a value rests on
+        for n, text in r.get("notes", {}).items():
+            notes.append(f"{r.get('name', r['model'])}: {n}: {text}")
     import io
 
     console = Console(width=200, file=io.StringIO(), record=True)
     console.print(table)
+    for line in notes:
+        console.print(f"  note: {line}", highlight=False, markup=False)
     return console.export_text()

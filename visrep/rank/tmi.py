@@ -94,6 +94,7 @@ def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0, normalize: bool 
         floored += weight * f
     if floored > 0.5:
         warnings.warn(f"tmi: {floored:.0%} of the k-NN distances fell below min_dist={min_dist} and were "
-                      "floored, so the score is saturated; rescale the features or pass a smaller min_dist",
+                      "floored, so the score is saturated; pass a smaller min_dist (e.g. 1e-12; visrep rank: "
+                      "--score-options \"{tmi: {min_dist: 1e-12}}\")",
                       stacklevel=2)
     return total / x.shape[1] if normalize else total
