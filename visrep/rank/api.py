@@ -515,9 +515,14 @@ def _plot(result: dict, path: str) -> Path:
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
     for ax, n in zip(axes.flat, names):
-        pts = [(r["scores"][n], r["truth"]) for r in result["models"] if r["scores"][n] is not None]
+        pts = [(r["scores"][n], r["truth"], r.get("name", Path(r["model"]).name or r["model"]))
+               for r in result["models"] if r["scores"][n] is not None]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
+            for x, y, label in pts:  # which model is which point
+                ax.annotate(label, (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.ticklabel_format(axis="x", useOffset=False)
+        ax.locator_params(axis="x", nbins=4)
         tau = result["agreement"][n].get("weighted_tau")
         ax.set_title(f"{n}" + (f"  τw {tau:.2f}" if tau is not None else ""), fontsize=9)
         ax.set_xlabel("score", fontsize=8)
