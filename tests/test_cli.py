@@ -33,7 +33,7 @@ def _cli(*args, env=None):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["pretrain", "optim.lrr=1"], "unknown config key 'optim.lrr'; valid keys:"),
+    (["pretrain", "optim.lrr=1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys:"),
     (["pretrain", "method=simclr", "data.dataset=cifar10", "data.download=false", "data.root=/nonexistent"],
      "error:"),
     (["eval", "knn", "--model", "/nonexistent/run"], "error:"),

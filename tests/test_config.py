@@ -25,7 +25,7 @@ def test_parse_overrides_types():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; valid keys: name, lr,"),
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys: name, lr,"),
     (["trian.epochs=1"], "unknown config key 'trian'"),
     (["method=simclear"], "unknown method 'simclear' (did you mean 'simclr'?); valid choices:"),
     (["optim.name=adam"], "optim.name must be one of sgd, lars, adamw"),

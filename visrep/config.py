@@ -289,8 +289,12 @@ def from_dict(cls, data: dict, where: str = ""):
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
+        import difflib
+
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys: {', '.join(fields)}")
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'{hint}; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
