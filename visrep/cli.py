@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="own: the run's classifier; linear: a linear probe on frozen features")
     ca.add_argument("--bins", type=int, default=15)
     ca.add_argument("--plot", default=None, help="reliability diagram PNG (default: <out>.png)")
+
+    ps = sub.add_parser("study", help="studies: a grid of runs with a fair budget and the evaluations they get")
+    ssub = ps.add_subparsers(dest="verb", required=True)
+    spl = ssub.add_parser("plan", help="list and validate every run and evaluation of a study, with its cost")
+    spl.add_argument("study", help="the study's YAML file (see studies/)")
+    spl.add_argument("--json", default=None, help="also write the plan as JSON here")
 
     pr = sub.add_parser("rank", help="rank a pool of backbones on a target with transferability scores")
     pr.add_argument("--models", nargs="+", required=True,
@@ -268,6 +275,18 @@ def run(argv: list[str] | None = None) -> int:
                                        ("weight_decay", args.weight_decay)) if v is not None}
             res = api.evaluate_linear(args.model, solver=args.solver, **common, **extra)
         _print_json(res)
+        return 0
+    if args.command == "study":
+        from visrep.study import format_plan, plan
+
+        p = plan(args.study)
+        print(format_plan(p), end="")
+        if args.json:
+            from visrep.cache import atomic_write
+
+            text = json.dumps(p.to_dict(), indent=2, default=str) + "\n"
+            atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+            print(f"wrote {args.json}")
         return 0
     if args.command == "rank":
         from visrep.rank.api import format_table, rank

@@ -372,7 +372,7 @@ def validate(cfg: RunConfig) -> None:
     from visrep.models.heads import check_head_spec
     from visrep.objectives import objective_params
 
-    build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
+    policy = build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
     check_head_spec(cfg.projector, "projector")
     check_head_spec(cfg.predictor, "predictor")
     from visrep.data.masking import build_mask_generator
@@ -385,6 +385,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
     if masking is not None and cfg.decoder is None:
         raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
+    if masking is not None and policy.n_views != 1:  # the masked forward reads the first view only
+        raise ConfigError(f"masked image modelling reads one view, but view policy '{cfg.views.policy}' makes "
+                          f"{policy.n_views}; use views.policy=crop (or none)")
     if masking is not None and masking.mode == "drop" and (cfg.decoder or {}).get("type") == "linear":
         raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
     if masking is not None and masking.needs_scores and (cfg.loss_predictor is None or cfg.target.branch != "ema"):

@@ -1,0 +1,322 @@
+"""A study: a YAML grid of runs (factors over one base config), a fair budget, and the evaluations every run gets.
+
+    name: aug_vs_alg_digits
+    base: {config: configs/digits_simclr.yaml, train: {batch_size: 128}}   # a config file + overrides
+    budget: {steps: 60}              # exactly one of steps | epochs | seconds, the same for every run
+    factors:                         # every combination, in this order (or `points:`, a list of explicit ones)
+      method: [simclr, byol]
+      views.policy: [simclr, byol]   # any dotted config key: augmentation, algorithm, backbone, head, ...
+      seed: [0, 1, 2]
+    evaluations:
+      - {protocol: knn, dataset: digits}
+      - {protocol: linear, dataset: utkface, data_dir: ~/data/faces, options: {task: gender}, solver: lbfgs}
+
+`plan(study)` resolves and validates every run's config and builds its composition once (so a factor value
+that does not fit a method, e.g. the multicrop views with MAE, fails here, not halfway through the grid),
+checks every evaluation's arguments, and gives each run and evaluation a content id: a run's id hashes its
+resolved config, so two factor points that resolve to the same run are refused. Budgets are fair by
+construction: the budget is set once for the study, and a factor that changes it is refused.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visrep.errors import ConfigError
+
+BUDGETS = {"steps": "train.steps", "epochs": "train.epochs", "seconds": "train.time_budget_s"}
+BUDGET_KEYS = ("train.steps", "train.epochs", "train.time_budget_s", "train.max_steps")
+STUDY_KEYS = ("name", "base", "budget", "factors", "points", "evaluations", "out_dir")
+# Keys of an evaluation that are not arguments of its evaluate_* function.
+EVAL_KEYS = ("protocol", "dataset", "data_dir", "options")
+# Arguments a study sets itself (the model, where results go) or that would make one run differ from another.
+EVAL_RESERVED = ("source", "models", "out", "progress", "root", "dataset_options", "plot")
+
+
+def _protocols() -> dict:
+    """protocol name -> the function that runs it (its signature is what an evaluation may set)."""
+    from visrep.evaluate import api as ev
+    from visrep.rank.api import rank
+
+    return {"knn": ev.evaluate_knn, "linear": ev.evaluate_linear, "fewshot": ev.evaluate_fewshot,
+            "calibration": ev.evaluate_calibration, "classifier": ev.evaluate_classifier, "rank": rank}
+
+
+def short_hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class PlannedRun:
+    id: str
+    factors: dict                    # the factor values of this point, by dotted key
+    overrides: dict                  # base overrides + factors + budget, nested (what resolve() got)
+    config: dict                     # the resolved config (out_dir: the run's folder in the study)
+    steps: int | None                # planned optimisation steps (None: set by a time budget or the data size)
+    batch_size: int
+
+
+@dataclass
+class PlannedEvaluation:
+    id: str
+    protocol: str
+    spec: dict                       # as written in the study
+
+
+@dataclass
+class Plan:
+    name: str
+    path: str | None
+    out_dir: str
+    budget: dict
+    factor_keys: list[str]
+    runs: list[PlannedRun] = field(default_factory=list)
+    evaluations: list[PlannedEvaluation] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "out_dir": self.out_dir, "budget": self.budget,
+                "factor_keys": self.factor_keys,
+                "runs": [{"id": r.id, "factors": r.factors, "steps": r.steps, "batch_size": r.batch_size,
+                          "config": r.config} for r in self.runs],
+                "evaluations": [{"id": e.id, "protocol": e.protocol, "spec": e.spec} for e in self.evaluations],
+                "cost": self.cost()}
+
+    def cost(self) -> dict:
+        """What the grid asks for: runs, evaluations, and (for step budgets) optimisation steps and images."""
+        steps = [r.steps for r in self.runs]
+        known = all(s is not None for s in steps)
+        return {"runs": len(self.runs), "evaluations": len(self.evaluations),
+                "evaluation_jobs": len(self.runs) * len(self.evaluations),
+                "training_steps": sum(steps) if known else None,
+                "training_images": sum(r.steps * r.batch_size for r in self.runs) if known else None,
+                "training_seconds_budget": (self.budget["seconds"] * len(self.runs)
+                                            if "seconds" in self.budget else None)}
+
+
+def _load(study) -> tuple[dict, str | None, Path]:
+    from visrep.config import yaml_error_where, yaml_load
+
+    if isinstance(study, dict):
+        return copy.deepcopy(study), None, Path.cwd()
+    path = Path(study).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"no study file at '{study}'")
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"study file '{study}' is not UTF-8 text") from None
+    except Exception as e:  # yaml.YAMLError
+        raise ConfigError(f"study file '{study}' is not valid YAML at {yaml_error_where(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"study file '{study}' must be a mapping with name, base, budget, factors, evaluations")
+    return data, str(path), path.parent
+
+
+def _did_you_mean(key: str, valid) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _nested(dotted: dict) -> dict:
+    from visrep.config import deep_merge
+
+    out: dict = {}
+    for key, value in dotted.items():
+        node: dict = {}
+        cur = node
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+        out = deep_merge(out, node)
+    return out
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        full = f"{prefix}{k}"
+        keys.add(full)
+        if isinstance(v, dict):
+            keys |= _flat_keys(v, full + ".")
+    return keys
+
+
+def _points(data: dict) -> tuple[list[dict], list[str]]:
+    factors, points = data.get("factors"), data.get("points")
+    if factors is not None and points is not None:
+        raise ConfigError("a study has either factors (a grid) or points (explicit runs), not both")
+    if factors is None and points is None:
+        raise ConfigError("a study needs factors (a grid of values) or points (a list of explicit runs)")
+    if factors is not None:
+        if not isinstance(factors, dict) or not factors:
+            raise ConfigError("factors must be a non-empty mapping of config key: [values]")
+        for key, values in factors.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"factor '{key}' needs a non-empty list of values, got {values!r}")
+        keys = list(factors)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*factors.values())], keys
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
+        raise ConfigError("points must be a non-empty list of mappings of config key: value")
+    keys: list[str] = []
+    for p in points:
+        keys += [k for k in p if k not in keys]
+    return [dict(p) for p in points], keys
+
+
+def _check_evaluation(spec, i: int) -> PlannedEvaluation:
+    if not isinstance(spec, dict) or "protocol" not in spec:
+        raise ConfigError(f"evaluation {i + 1} must be a mapping with a protocol, e.g. {{protocol: knn, dataset: "
+                          f"digits}}, got {spec!r}")
+    protocols = _protocols()
+    name = spec["protocol"]
+    if name not in protocols:
+        raise ConfigError(f"evaluation {i + 1}: unknown protocol {name!r}{_did_you_mean(str(name), protocols)}; "
+                          f"valid: {', '.join(protocols)}")
+    accepted = set(inspect.signature(protocols[name]).parameters)
+    allowed = (accepted - set(EVAL_RESERVED)) | set(EVAL_KEYS)
+    for key in spec:
+        if key not in allowed:
+            raise ConfigError(f"evaluation {i + 1} ({name}): unknown key '{key}'{_did_you_mean(str(key), allowed)}; "
+                              f"valid: {', '.join(sorted(allowed))}")
+    if "options" in spec and not isinstance(spec["options"], dict):
+        raise ConfigError(f"evaluation {i + 1} ({name}): options must be a mapping of dataset options")
+    return PlannedEvaluation(id=f"{name}-{short_hash(spec)[:8]}", protocol=name, spec=dict(spec))
+
+
+def _budget(data: dict) -> dict:
+    budget = data.get("budget")
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in BUDGETS:
+        raise ConfigError("a study needs a budget, exactly one of {steps: N}, {epochs: N} or {seconds: S}, the same "
+                          f"for every run; got {budget!r}")
+    kind, value = next(iter(budget.items()))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (kind != "seconds" and not isinstance(value, int)):
+        raise ConfigError(f"budget {kind} must be a positive {'number' if kind == 'seconds' else 'integer'}, "
+                          f"got {value!r}")
+    return {kind: value}
+
+
+def _template_check(cfg, run_label: str) -> None:
+    """Build the composition once (no data, no weights) so parts that do not fit together fail at plan time."""
+    import torch
+
+    from visrep.methods import build_template
+
+    size = int(cfg.data.image_size or 32)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            build_template(cfg, size, 10, load_init=False)
+    except ConfigError as e:
+        raise ConfigError(f"{run_label}: {e}") from None
+    except (RuntimeError, ValueError, TypeError, AssertionError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{run_label}: these settings do not build ({msg})") from None
+
+
+def plan(study, *, check_build: bool = True) -> Plan:
+    """Resolve and validate a study (a YAML path or a dict): every run of the grid and every evaluation."""
+    import visrep
+    from visrep.config import deep_merge
+
+    data, path, here = _load(study)
+    unknown = [k for k in data if k not in STUDY_KEYS]
+    if unknown:
+        raise ConfigError(f"unknown study key '{unknown[0]}'{_did_you_mean(str(unknown[0]), STUDY_KEYS)}; "
+                          f"valid: {', '.join(STUDY_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or any(ch in name for ch in "/\\") or name.startswith("."):
+        raise ConfigError(f"a study needs a name usable as a folder name, got {name!r}")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"base must be a mapping (a config file under 'config' plus overrides), got {base!r}")
+    base = copy.deepcopy(base)
+    config_file = base.pop("config", None)
+    if config_file is not None:
+        p = Path(str(config_file)).expanduser()
+        config_file = str(p if p.is_absolute() or p.is_file() else here / p)
+    base = _nested(base)
+    budget = _budget(data)
+    points, keys = _points(data)
+    for key in keys:
+        if key in BUDGET_KEYS:
+            raise ConfigError(f"factor '{key}' changes the budget; a study gives every run the same budget "
+                              f"({budget}): vary it in a second study instead")
+        if key == "out_dir":
+            raise ConfigError("factor 'out_dir' is the study's to set: every run gets its own folder")
+    if any(k in _flat_keys(base) for k in BUDGET_KEYS):
+        raise ConfigError(f"set the budget once under 'budget:', not in base ({', '.join(BUDGET_KEYS)})")
+    evaluations = data.get("evaluations") or []
+    if not isinstance(evaluations, list):
+        raise ConfigError("evaluations must be a list of {protocol: ..., dataset: ...} mappings")
+    planned_evals = [_check_evaluation(e, i) for i, e in enumerate(evaluations)]
+    if len({e.id for e in planned_evals}) != len(planned_evals):
+        raise ConfigError("two evaluations of the study are the same")
+    out_dir = str(Path(data.get("out_dir") or Path("runs") / "studies" / name).expanduser())
+
+    budget_over = {"steps": {"train": {"steps": budget.get("steps")}},
+                   "epochs": {"train": {"epochs": budget.get("epochs"), "steps": None}},
+                   "seconds": {"train": {"time_budget_s": budget.get("seconds")}}}[next(iter(budget))]
+    runs, seen = [], {}
+    for i, point in enumerate(points):
+        label = "run " + ", ".join(f"{k}={v}" for k, v in point.items())
+        overrides = deep_merge(deep_merge(base, _nested(point)), budget_over)
+        try:
+            cfg = visrep.resolve(config_file, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{label}: {e}") from None
+        resolved = cfg.to_dict()
+        identity = {k: v for k, v in resolved.items() if k != "out_dir"}
+        for section, keys_ in (("train", ("progress", "log_every", "num_threads", "device")),):
+            identity[section] = {k: v for k, v in identity[section].items() if k not in keys_}
+        run_id = short_hash(identity)
+        if run_id in seen:
+            raise ConfigError(f"{label} resolves to the same run as run {seen[run_id]}: remove one of the two points")
+        seen[run_id] = ", ".join(f"{k}={v}" for k, v in point.items())
+        if check_build:
+            _template_check(cfg, label)
+        resolved["out_dir"] = str(Path(out_dir) / "runs" / run_id)
+        steps = cfg.train.steps if "steps" in budget else None
+        runs.append(PlannedRun(id=run_id, factors=dict(point), overrides=overrides, config=resolved, steps=steps,
+                               batch_size=int(cfg.train.batch_size)))
+    return Plan(name=name, path=path, out_dir=out_dir, budget=budget, factor_keys=keys, runs=runs,
+                evaluations=planned_evals)
+
+
+def format_plan(p: Plan) -> str:
+    """The table `visrep study plan` prints: one row per run with its factor values, then the evaluations and cost."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"study {p.name}: {len(p.runs)} runs, budget {p.budget}")
+    table.add_column("run")
+    for k in p.factor_keys:
+        table.add_column(k)
+    table.add_column("steps", justify="right")
+    for r in p.runs:
+        table.add_row(r.id, *[str(r.factors.get(k, "–")) for k in p.factor_keys],
+                      "–" if r.steps is None else str(r.steps))
+    console = Console(width=200, file=io.StringIO(), record=True)
+    console.print(table)
+    for e in p.evaluations:
+        args = ", ".join(f"{k}={v}" for k, v in e.spec.items() if k != "protocol")
+        console.print(f"  evaluation {e.id}: {e.protocol} ({args})", highlight=False, markup=False)
+    c = p.cost()
+    parts = [f"{c['runs']} runs", f"{c['evaluation_jobs']} evaluation jobs"]
+    if c["training_steps"] is not None:
+        parts.append(f"{c['training_steps']:,} training steps ({c['training_images']:,} images)")
+    if c["training_seconds_budget"] is not None:
+        parts.append(f"{c['training_seconds_budget']:,} s of training at most")
+    console.print("  cost: " + ", ".join(parts) + f"; runs go to {p.out_dir}/runs/<id>", highlight=False,
+                  markup=False)
+    return console.export_text()
