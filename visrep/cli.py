@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     spl = ssub.add_parser("plan", help="list and validate every run and evaluation of a study, with its cost")
     spl.add_argument("study", help="the study's YAML file (see studies/)")
     spl.add_argument("--json", default=None, help="also write the plan as JSON here")
+    srn = ssub.add_parser("run", help="run every missing run and evaluation (resumable; failures are recorded)")
+    srn.add_argument("study", help="the study's YAML file")
+    srn.add_argument("--workers", type=int, default=1, help="local worker processes (threads split between them)")
+    srn.add_argument("--executor", default="local", choices=["local"], help="where runs execute")
+    sst = ssub.add_parser("status", help="done / failed / started / pending, per run")
+    sst.add_argument("study", help="the study's YAML file")
 
     pr = sub.add_parser("rank", help="rank a pool of backbones on a target with transferability scores")
     pr.add_argument("--models", nargs="+", required=True,
@@ -275,6 +281,24 @@ def run(argv: list[str] | None = None) -> int:
                                        ("weight_decay", args.weight_decay)) if v is not None}
             res = api.evaluate_linear(args.model, solver=args.solver, **common, **extra)
         _print_json(res)
+        return 0
+    if args.command == "study" and args.verb == "run":
+        from visrep.study import run_study
+
+        res = run_study(args.study, workers=args.workers, executor=args.executor)
+        print(f"study {res['study']}: {len(res['done'])} runs done now, {len(res['skipped'])} already done, "
+              f"{len(res['failed'])} failed; results in {res['store']}")
+        for run_id, error in res["failed"].items():
+            print(f"  failed {run_id}: {error}")
+        return 1 if res["failed"] else 0
+    if args.command == "study" and args.verb == "status":
+        from visrep.study import status
+
+        st = status(args.study)
+        for r in st["runs"]:
+            factors = ", ".join(f"{k}={v}" for k, v in r["factors"].items())
+            print(f"{r['run_id']}  {r['state']:8s}  {factors}" + (f"  ({r['error']})" if r["error"] else ""))
+        print("  ".join(f"{k}: {v}" for k, v in st["counts"].items()))
         return 0
     if args.command == "study":
         from visrep.study import format_plan, plan

@@ -1,8 +1,14 @@
 """Studies: a grid of runs over one base config, a fair budget, and the evaluations each run gets.
 
-`plan` (this stage's first verb) resolves and validates a study YAML; running, the results store and the
-report are the next steps of issue 11.
+    visrep.study.plan("studies/demo.yaml")          # validate: every run and evaluation, with ids and cost
+    visrep.study.run_study("studies/demo.yaml", workers=2)   # run what is missing, resumably
+    visrep.study.status("studies/demo.yaml")        # done / failed / started / pending per run
+
+Results: each run's JSON files, collected into one SQLite store (`ResultsStore`). The report comes next.
 """
 from visrep.study.plan import Plan, PlannedEvaluation, PlannedRun, format_plan, plan
+from visrep.study.run import run_study, status
+from visrep.study.store import ResultsStore, metrics_of
 
-__all__ = ["plan", "format_plan", "Plan", "PlannedRun", "PlannedEvaluation"]
+__all__ = ["plan", "format_plan", "run_study", "status", "ResultsStore", "metrics_of", "Plan", "PlannedRun",
+           "PlannedEvaluation"]

@@ -206,15 +206,27 @@ def _budget(data: dict) -> dict:
 
 
 def _template_check(cfg, run_label: str) -> None:
-    """Build the composition once (no data, no weights) so parts that do not fit together fail at plan time."""
+    """Build the composition once (no data, no weights) and pass two random images through views, template and
+    objective, so parts that do not fit together (shapes, views, heads) fail at plan time, not in the grid."""
     import torch
 
+    from visrep.data.views import build_views
     from visrep.methods import build_template
+    from visrep.objectives import build_objective
 
     size = int(cfg.data.image_size or 32)
     try:
-        with torch.random.fork_rng(devices=[]):
-            build_template(cfg, size, 10, load_init=False)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            model = build_template(cfg, size, 10, load_init=False).train()
+            policy = build_views(cfg.views.policy, size, **cfg.views.options)
+            objective = build_objective(cfg.objective.name, **cfg.objective.params)
+            x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+            out = model(policy(x, seed=0), policy.n_global, seed=1)
+            inputs = tuple(getattr(objective, "inputs", ()))
+            if "targets" not in inputs:  # regression targets come from the data; not checked here
+                available = {"labels": torch.tensor([0, 1]), **out.extras}
+                objective(out.student, out.teacher, **{k: available[k] for k in inputs})
     except ConfigError as e:
         raise ConfigError(f"{run_label}: {e}") from None
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError) as e:
