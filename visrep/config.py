@@ -188,6 +188,17 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def read_yaml_file(path, what: str):
+    """A user's YAML file (a study, a pool), read with visrep's loader; a file that is not UTF-8 or not YAML is one
+    sentence naming `what` and, for YAML, the line and column."""
+    try:
+        return yaml_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML at {yaml_error_where(e)}") from None
+
+
 def yaml_error_where(e: yaml.YAMLError) -> str:
     """'line 3, column 7: mapping values are not allowed here' from a PyYAML error (1-based, as editors count)."""
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)

@@ -62,7 +62,7 @@ def expand_pool(models) -> list[dict]:
     """The pool as entries {"model", "backbone_options"} from: a list of names/paths or {model, backbone_options}
     mappings (per-model options, e.g. a narrow random-init ResNet beside timm models); a YAML file holding such a
     list (or {models: [...]}); a folder of runs."""
-    from visrep.config import yaml_error_where, yaml_load
+    from visrep.config import read_yaml_file
 
     items = [models] if isinstance(models, (str, dict)) else list(models)
     out: list[dict] = []
@@ -72,12 +72,7 @@ def expand_pool(models) -> list[dict]:
             continue
         p = Path(str(m)).expanduser()
         if p.is_file() and p.suffix in (".yaml", ".yml"):
-            try:
-                data = yaml_load(p.read_text(encoding="utf-8"))
-            except UnicodeDecodeError:
-                raise ConfigError(f"pool file '{m}' is not UTF-8 text") from None
-            except Exception as e:  # yaml.YAMLError
-                raise ConfigError(f"pool file '{m}' is not valid YAML at {yaml_error_where(e)}") from None
+            data = read_yaml_file(p, "pool file")
             data = data.get("models") if isinstance(data, dict) else data
             if not isinstance(data, list):
                 raise ConfigError(f"pool file '{m}' must hold a list of models (or a 'models:' list)")

@@ -100,19 +100,14 @@ class Plan:
 
 
 def _load(study) -> tuple[dict, str | None, Path]:
-    from visrep.config import yaml_error_where, yaml_load
+    from visrep.config import read_yaml_file
 
     if isinstance(study, dict):
         return copy.deepcopy(study), None, Path.cwd()
     path = Path(study).expanduser()
     if not path.is_file():
         raise ConfigError(f"no study file at '{study}'")
-    try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"study file '{study}' is not UTF-8 text") from None
-    except Exception as e:  # yaml.YAMLError
-        raise ConfigError(f"study file '{study}' is not valid YAML at {yaml_error_where(e)}") from None
+    data = read_yaml_file(path, "study file")
     if not isinstance(data, dict):
         raise ConfigError(f"study file '{study}' must be a mapping with name, base, budget, factors, evaluations")
     return data, str(path), path.parent
