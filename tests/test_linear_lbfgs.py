@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from visrep.errors import ConfigError
-from visrep.evaluate.linear import _fit_lbfgs, _held_out_split, lbfgs_probe
+from visrep.data.sources import stratified_split
+from visrep.evaluate.linear import _fit_lbfgs, lbfgs_probe
 
 
 def _blobs(n, d, c, spread, seed):
@@ -34,10 +35,10 @@ def test_the_objective_is_mean_cross_entropy_plus_l2_as_scikit_learn_solves_it()
 
 def test_held_out_split_is_stratified_seeded_and_disjoint():
     y = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
-    fit, held = _held_out_split(y, 0.2, seed=3)
+    fit, held = stratified_split(y, 0.2, seed=3)
     assert set(fit.tolist()).isdisjoint(held.tolist()) and len(fit) + len(held) == 16
     assert [int((y[held] == c).sum()) for c in range(3)] == [2, 1, 0]  # the single sample of class 2 is kept to fit
-    assert torch.equal(held, _held_out_split(y, 0.2, seed=3)[1])
+    assert torch.equal(held, stratified_split(y, 0.2, seed=3)[1])
 
 
 def test_lbfgs_probe_picks_a_penalty_on_held_out_data_and_is_deterministic():

@@ -33,7 +33,7 @@ class DataConfig:
     image_size: Optional[int] = None   # resize on load (None: the dataset's native size)
     subset: Optional[int] = None       # use a seeded subset of N training images (None: all)
     label_fraction: Optional[float] = None  # low-label training: a seeded class-balanced fraction (0.01, 0.1)
-    holdout: Optional[float] = None    # keep this seeded class-balanced fraction of the split out of training
+    holdout: Optional[float] = None    # keep this seeded fraction of every class (stratified) out of training
                                        # (model selection, e.g. rank --truth finetune's lr grid); None: train on all
     download: bool = True              # fetch cifar10/cifar100 when not found (needs internet)
     options: dict = field(default_factory=dict)  # extra source options (e.g. synthetic n, num_classes)

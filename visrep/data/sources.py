@@ -164,21 +164,13 @@ class ImageDataset:
         """
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ConfigError(f"holdout fraction must be in (0, 1), got {fraction!r}")
-        g = torch.Generator().manual_seed(int(seed))
-        held = []
-        for c in torch.unique(self.labels).tolist():
-            idx = (self.labels == c).nonzero().squeeze(1)
-            k = min(int(round(len(idx) * float(fraction))), len(idx) - 1)
-            held.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-        held = torch.cat(held).sort().values
+        fit, held = stratified_split(self.labels, float(fraction), seed)
         if len(held) == 0:
             raise DataError(f"{self.name}: {len(self)} samples are too few to hold out {fraction:.0%} of any class "
                             "and still train on every class")
-        keep = torch.ones(len(self), dtype=torch.bool)
-        keep[held] = False
         base = {k: v for k, v in self.meta.items() if k != "fingerprint"}
         tag = dict(holdout_of=self.meta.get("fingerprint"), holdout_fraction=float(fraction), holdout_seed=int(seed))
-        rest = self.select(keep.nonzero().squeeze(1), f"{self.name}[fit]", {**base, **tag, "holdout_part": "fit"})
+        rest = self.select(fit, f"{self.name}[fit]", {**base, **tag, "holdout_part": "fit"})
         return rest, self.select(held, f"{self.name}[holdout]", {**base, **tag, "holdout_part": "holdout"})
 
     def select(self, index: torch.Tensor, name: str, meta: dict | None = None) -> "ImageDataset":
@@ -204,6 +196,20 @@ class ImageDataset:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held) sorted indices: a seeded round(fraction · n_c) of each class c held out, every class keeping at
+    least one sample to fit. Shared by `ImageDataset.holdout` and the L-BFGS probe's choice of its penalty."""
+    gen = torch.Generator().manual_seed(int(seed))
+    fit, held = [], []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = min(int(round(len(idx) * fraction)), len(idx) - 1)
+        held.append(idx[:k])
+        fit.append(idx[k:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
 def resolve_root(root: str | os.PathLike | None) -> Path | None:
     """The data root: ``root`` if given, else ``$VISREP_DATA``, else None."""
     if root is not None and str(root) != "":

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visrep.data.sources import stratified_split
 from visrep.errors import ConfigError, VisrepError
 
 
@@ -182,19 +183,6 @@ def _fit_lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, ma
     return w.detach(), b.detach(), evals
 
 
-def _held_out_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded, per-class (stratified) split of the indices: (fit, held out); every class keeps >= 1 to fit."""
-    gen = torch.Generator().manual_seed(int(seed))
-    fit, held = [], []
-    for c in torch.unique(y).tolist():
-        idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        k = min(int(round(len(idx) * fraction)), len(idx) - 1)
-        held.append(idx[:k])
-        fit.append(idx[k:])
-    return torch.cat(fit).sort().values, torch.cat(held).sort().values
-
-
 def lbfgs_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                 test_labels: torch.Tensor, *, l2_grid=L2_GRID, held_out: float = 0.2, max_iter: int = 100,
                 seed: int = 0, standardize: bool = True, num_classes: int | None = None,
@@ -221,7 +209,7 @@ def lbfgs_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     x_train, y_train, x_test, y_test, num_classes = _prepared(train_feats, train_labels, test_feats, test_labels,
                                                               num_classes, standardize)
 
-    fit, held = _held_out_split(y_train, held_out, seed)
+    fit, held = stratified_split(y_train, held_out, seed)
     scores, fits, evals, prev = {}, {}, 0, None
     for l2 in grid:  # strongest penalty first: each solution is a good start for the next, weaker one
         w, b, e = _fit_lbfgs(x_train[fit], y_train[fit], num_classes, l2, max_iter, prev)

@@ -16,7 +16,7 @@ the model the score ranks first / best truth).
 - truth="linear": the L-BFGS linear probe's test top-1 (`lbfgs_probe`, Kornblith et al. 2019: L2 chosen on
   a held-out slice of the training split, refit on all of it).
 - truth="finetune": `visrep finetune` (full, AdamW, a linear head) for every learning rate of a small grid,
-  trained on the training split minus a seeded class-balanced held-out part (`data.holdout`); the rate with
+  trained on the training split minus a seeded, stratified held-out part (`data.holdout`); the rate with
   the best held-out top-1 is chosen, and that run's test top-1 is the truth. Runs are folders under
   `finetune_dir` and are resumed, so a killed `rank` continues where it stopped.
 """
@@ -232,7 +232,7 @@ def _source_probs(model: str, train, image_size: int, device, force: bool, seed:
                   options: dict | None = None, pretrained: bool = False):
     """Softmax of the model's own classifier on the training images, or None (with the reason): a visrep run's
     head, or a timm model's classifier."""
-    from visrep.evaluate.api import _has_classifier_head, _load_head
+    from visrep.evaluate.api import _load_head
 
     no_head = "needs a classifier head (a supervised or fine-tuned visrep run, or a timm:NAME model with one)"
     if str(model).startswith("timm:"):
@@ -240,9 +240,12 @@ def _source_probs(model: str, train, image_size: int, device, force: bool, seed:
         if net is None:
             return None, no_head
         return torch.softmax(_logits(net, train, image_size, device).double(), 1), None
-    if not Path(model).expanduser().exists() or not _has_classifier_head(model, force):
+    if not Path(model).expanduser().exists():
         return None, no_head
-    head, cfg, _, _, size = _load_head(model, image_size, force)
+    try:  # one verified load of the run: a run without head tensors (self-supervised, an export) has no head
+        head, cfg, _, _, size = _load_head(model, image_size, force)
+    except ConfigError:
+        return None, no_head
     if cfg.objective.name == "regression":
         return None, "needs a classifier head; this run regresses"
     return torch.softmax(_logits(head, train, size, device).double(), 1), None
@@ -255,7 +258,7 @@ def _check_finetunable(pool: list[str]) -> None:
                               "name, not a visrep run or checkpoint; use --truth linear or leave it out of the pool")
 
 
-def _finetune_truth(model: str, fingerprint: str, train_fingerprint: str, *, dataset, root, train_split, test_split,
+def _finetune_truth(model: str, fingerprint: str, train, *, dataset, root, train_split, test_split,
                     dataset_options, image_size, train_subset, test_subset, seed, device, options: dict,
                     work_dir: Path, force: bool) -> dict:
     """Fine-tune `model` for every lr of the grid on the training split minus its held-out part, choose the lr
@@ -264,7 +267,6 @@ def _finetune_truth(model: str, fingerprint: str, train_fingerprint: str, *, dat
     import json
 
     import visrep
-    from visrep.data.sources import load_dataset
     from visrep.evaluate.api import _load_head, evaluate_classifier, resolve_device
     from visrep.train.finetune import finetune
 
@@ -272,19 +274,19 @@ def _finetune_truth(model: str, fingerprint: str, train_fingerprint: str, *, dat
     # labels (content, so another root or task is another folder), image size, seed and the recipe; each lr of
     # the grid is its own run inside it, so widening the grid reuses the runs already there.
     recipe = {k: v for k, v in options.items() if k != "lrs"}
-    key = json.dumps([fingerprint, train_fingerprint, dataset, image_size, seed, recipe], sort_keys=True, default=str)
+    key = json.dumps([fingerprint, train.meta.get("fingerprint"), dataset, image_size, seed, recipe], sort_keys=True,
+                     default=str)
     slug = "".join(ch if ch.isalnum() else "_" for ch in Path(str(model)).name)[:40]
     run_root = work_dir / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    held = load_dataset(dataset, train_split, root, image_size=image_size, **dict(dataset_options or {}))
-    held = held.subset(train_subset, seed).holdout(options["holdout"], seed)[1]
+    held = train.holdout(options["holdout"], seed)[1]  # the part each run below leaves out (same split, same seed)
     dev = resolve_device(device)
     per_lr = {}
     for lr in options["lrs"]:
         out_dir = run_root / f"lr{float(lr):g}"
         cfg = visrep.resolve({
             "method": "supervised", "seed": seed, "out_dir": str(out_dir),
-            "data": {"dataset": dataset, "root": root, "split": train_split, "image_size": image_size, "subset": train_subset, "holdout": options["holdout"],
-                     "options": dict(dataset_options or {})},
+            "data": {"dataset": dataset, "root": root, "split": train_split, "image_size": image_size,
+                     "subset": train_subset, "holdout": options["holdout"], "options": dict(dataset_options or {})},
             "projector": {"type": "linear"},
             "finetune": {"init": str(model), "mode": options["mode"], "layer_decay": options["layer_decay"]},
             "optim": {"name": "adamw", "lr": float(lr), "lr_scaling": "none", "weight_decay": options["weight_decay"],
@@ -318,12 +320,11 @@ def _agreement(values: list[float | None], truth: list[float]) -> dict:
     if len(set(v)) == 1:  # e.g. H-score is C − 1 for every model when N ≤ D: it picks no model
         return {"n": len(pairs), "note": "the score is the same for every model", "kendall_tau": None,
                 "weighted_tau": None, "pearson_r": None, "top1_hit": None, "relative_top1": None}
-    constant = False
     best = max(range(len(v)), key=lambda i: v[i])
     return {"n": len(pairs),
-            "kendall_tau": None if constant else float(stats.kendalltau(v, t).statistic),
-            "weighted_tau": None if constant else float(stats.weightedtau(v, t).statistic),
-            "pearson_r": None if constant else float(stats.pearsonr(v, t).statistic),
+            "kendall_tau": float(stats.kendalltau(v, t).statistic),
+            "weighted_tau": float(stats.weightedtau(v, t).statistic),
+            "pearson_r": float(stats.pearsonr(v, t).statistic),
             "top1_hit": bool(t[best] == max(t)),
             "relative_top1": float(t[best] / max(t)) if max(t) > 0 else None}
 
@@ -365,8 +366,8 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
     from visrep.evaluate.api import _load_split, check_evaluable
 
     # The target once, before any model: a dataset mistake is the dataset's, not the first model's.
-    _train = _load_split(dataset, train_split, root, True, dict(dataset_options or {}), train_subset, seed, image_size)
-    check_evaluable(_train, _train, dataset, train_split, train_split)
+    train = _load_split(dataset, train_split, root, True, dict(dataset_options or {}), train_subset, seed, image_size)
+    check_evaluable(train, train, dataset, train_split, train_split)
     majority = None
     t0 = time.perf_counter()
     rows, score_seconds = [], {n: 0.0 for n in names}
@@ -395,12 +396,9 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
         for n in names:
             fn = SCORES.get(n)
             if fn.needs == "probs" and probs is None:  # the source classifier's pass is timed apart from the scores
-                from visrep.data.sources import load_dataset
                 from visrep.evaluate.api import resolve_device
 
                 t = time.perf_counter()
-                train = load_dataset(dataset, train_split, root, image_size=image_size,
-                                     **dict(dataset_options or {})).subset(train_subset, seed)
                 probs = _source_probs(model, train, record["image_size"], resolve_device(device), force,
                                       seed, options, pretrained)
                 row["source_classifier_seconds"] = time.perf_counter() - t
@@ -425,7 +423,7 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
 
             row["truth"] = float(lbfgs_probe(ftr, ltr, fte, lte, seed=seed, num_classes=c)["top1"])
         elif truth == "finetune":
-            found = _finetune_truth(model, row["fingerprint"], record["dataset"]["train_fingerprint"],
+            found = _finetune_truth(model, row["fingerprint"], train,
                                     dataset=dataset, root=root, train_split=train_split,
                                     test_split=test_split, dataset_options=dataset_options, image_size=image_size,
                                     train_subset=train_subset, test_subset=test_subset, seed=seed, device=device,
