@@ -115,9 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     srn = ssub.add_parser("run", help="run every missing run and evaluation (resumable; failures are recorded)")
     srn.add_argument("study", help="the study's YAML file")
     srn.add_argument("--workers", type=int, default=1, help="local worker processes (threads split between them)")
-    srn.add_argument("--executor", default="local", choices=["local"], help="where runs execute")
+    srn.add_argument("--executor", default="local", choices=["local", "slurm"],
+                     help="local: worker processes here; slurm: one submitit job per run (at most --workers at once)")
+    srn.add_argument("--executor-options", default=None,
+                     help="submitit parameters as YAML, e.g. '{slurm_partition: dev, timeout_min: 240, "
+                          "gpus_per_node: 1}' ({cluster: local} runs the slurm path on this machine)")
     sst = ssub.add_parser("status", help="done / failed / started / pending, per run")
     sst.add_argument("study", help="the study's YAML file")
+    srp = ssub.add_parser("report", help="aggregate the results into an HTML report with figures (offline)")
+    srp.add_argument("study", help="the study's YAML file")
+    srp.add_argument("--out", default=None, help="report folder (default: <study out_dir>/report)")
+    srp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over seeds")
+    srp.add_argument("--tensorboard", action="store_true",
+                     help="also export every run's factors and metrics as TensorBoard HParams")
 
     pr = sub.add_parser("rank", help="rank a pool of backbones on a target with transferability scores")
     pr.add_argument("--models", nargs="+", required=True,
@@ -285,12 +295,20 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "study" and args.verb == "run":
         from visrep.study import run_study
 
-        res = run_study(args.study, workers=args.workers, executor=args.executor)
+        res = run_study(args.study, workers=args.workers, executor=args.executor,
+                        executor_options=_yaml_mapping(args.executor_options, "--executor-options"))
         print(f"study {res['study']}: {len(res['done'])} runs done now, {len(res['skipped'])} already done, "
               f"{len(res['failed'])} failed; results in {res['store']}")
         for run_id, error in res["failed"].items():
             print(f"  failed {run_id}: {error}")
         return 1 if res["failed"] else 0
+    if args.command == "study" and args.verb == "report":
+        from visrep.study import report
+
+        res = report(args.study, out=args.out, bootstrap=args.bootstrap, tensorboard=args.tensorboard)
+        print(f"study {res['study']}: report at {res['html']} ({res['runs_reported']} runs, "
+              f"{res['tasks']} tasks; {res['missing']} run x evaluation results missing)")
+        return 0
     if args.command == "study" and args.verb == "status":
         from visrep.study import status
 

@@ -188,10 +188,11 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  download: bool = True, dataset_options: dict | None = None,
                  backbone_options: dict | None = None,
-                 force: bool = False) -> dict:
+                 force: bool = False, pretrained: bool = False) -> dict:
     """Weighted kNN accuracy (Wu et al. 2018; k=20, T=0.07 as DINO) of a backbone's frozen features.
 
-    source: checkpoint file, run directory, or `timm:NAME` / backbone name (random init, seeded by `seed`).
+    source: checkpoint file, run directory, or `timm:NAME` / backbone name (random init, seeded by `seed`;
+    `pretrained=True` loads timm's weights for a `timm:` source, which needs internet or timm's cache).
     image_size: None -> the checkpoint's recorded size, else the dataset's native size.
     train_subset / test_subset: seeded subsets (by `seed`) of N images. device: cpu | cuda | auto.
     label_fraction: low-label protocols (0.01, 0.1): the probe/bank sees only this seeded class-balanced
@@ -209,7 +210,7 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
         download=download, dataset_options=dataset_options, backbone_options=backbone_options,
-        label_fraction=label_fraction, force=force)
+        label_fraction=label_fraction, force=force, pretrained=pretrained)
     res = knn_classify(ftr, ltr, fte, lte, k=k, temperature=temperature, num_classes=c)
     res.update(similarity="cosine", weighting="exp(s/T)", reference="Wu et al. 2018 / DINO (Caron et al. 2021)")
     return _finish(record, {"protocol": "knn", **res}, t0, out)
@@ -225,7 +226,7 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
                     progress: bool = True, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None, download: bool = True,
                     dataset_options: dict | None = None, backbone_options: dict | None = None,
-                    solver: str = "sgd", force: bool = False) -> dict:
+                    solver: str = "sgd", force: bool = False, pretrained: bool = False) -> dict:
     """Linear-probe accuracy of a backbone's frozen (cached) features; see `visrep.evaluate.linear`.
 
     Same data/model arguments as `evaluate_knn`; `batch_size` is the feature-extraction batch, the probe's
@@ -245,7 +246,7 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=mean, std=std,
         download=download, dataset_options=dataset_options, backbone_options=backbone_options,
-        label_fraction=label_fraction, force=force)
+        label_fraction=label_fraction, force=force, pretrained=pretrained)
     if solver == "lbfgs":
         res = lbfgs_probe(ftr, ltr, fte, lte, seed=seed, standardize=standardize, num_classes=c)
     else:
@@ -370,7 +371,7 @@ def evaluate_fewshot(source: str, *, dataset: str = "digits", root: str | None =
                      train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
                      out: str | None = None, progress: bool = True, download: bool = True,
                      dataset_options: dict | None = None, backbone_options: dict | None = None,
-                     force: bool = False) -> dict:
+                     force: bool = False, pretrained: bool = False) -> dict:
     """n-shot accuracy (mean ± 95 % CI over seeded episodes) of frozen features; see visrep.evaluate.fewshot.
 
     Supports come from `train_split`, queries from `test_split`; one result per entry of `shots`, under
@@ -385,7 +386,8 @@ def evaluate_fewshot(source: str, *, dataset: str = "digits", root: str | None =
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
         train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
-        download=download, dataset_options=dataset_options, backbone_options=backbone_options, force=force)
+        download=download, dataset_options=dataset_options, backbone_options=backbone_options, force=force,
+        pretrained=pretrained)
     results = [fewshot_eval(ftr, ltr, fte, lte, shots=int(n), ways=ways, queries=queries, episodes=episodes,
                             seed=seed) for n in shots]
     res = {"protocol": "fewshot", "top1": results[0]["top1"], "ci95": results[0]["ci95"], "results": results}
@@ -401,7 +403,7 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
                          test_subset: int | None = None, seed: int = 0, out: str | None = None,
                          progress: bool = True, download: bool = True, dataset_options: dict | None = None,
                          backbone_options: dict | None = None,
-                         force: bool = False) -> dict:
+                         force: bool = False, pretrained: bool = False) -> dict:
     """Expected calibration error (15 equal-width bins, Guo et al. 2017) and a reliability diagram.
 
     head: "own" (a supervised / fine-tuned run's classifier), "linear" (a linear probe on frozen features,
@@ -431,7 +433,7 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
             image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
             train_subset=train_subset, test_subset=test_subset, seed=seed, progress=progress, mean=None, std=None,
             download=download, dataset_options=dataset_options, backbone_options=backbone_options,
-            label_fraction=label_fraction, force=force)
+            label_fraction=label_fraction, force=force, pretrained=pretrained)
         probe = linear_probe(ftr, ltr, fte, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                              num_classes=c, return_logits=True)
         logits = probe.pop("test_logits")

@@ -7,9 +7,16 @@
       method: [simclr, byol]
       views.policy: [simclr, byol]   # any dotted config key: augmentation, algorithm, backbone, head, ...
       seed: [0, 1, 2]
+    models:                          # optional: backbones evaluated as they are, not trained by the study
+      - {name: random_init, source: resnet18, backbone_options: {cifar_stem: true, width: 16}}
+      - {name: simclr_200ep, source: runs/cifar10}          # a visrep run folder or checkpoint, or timm:NAME
     evaluations:
       - {protocol: knn, dataset: digits}
       - {protocol: linear, dataset: utkface, data_dir: ~/data/faces, options: {task: gender}, solver: lbfgs}
+
+Relative paths (base.config, data.root, an evaluation's data_dir, a model's source) are relative to the study
+file. A study of `models` alone (Battle-of-the-Backbones style) needs no factors and no budget; in a grid study
+they are references (e.g. random init), evaluated and shown beside the grid but not part of its factor effects.
 
 `plan(study)` resolves and validates every run's config and builds its composition once (so a factor value
 that does not fit a method, e.g. the multicrop views with MAE, fails here, not halfway through the grid),
@@ -32,7 +39,8 @@ from visrep.errors import ConfigError
 
 BUDGETS = {"steps": "train.steps", "epochs": "train.epochs", "seconds": "train.time_budget_s"}
 BUDGET_KEYS = ("train.steps", "train.epochs", "train.time_budget_s", "train.max_steps")
-STUDY_KEYS = ("name", "base", "budget", "factors", "points", "evaluations", "out_dir")
+STUDY_KEYS = ("name", "base", "budget", "factors", "points", "models", "evaluations", "out_dir")
+MODEL_KEYS = ("name", "source", "backbone_options", "pretrained")
 # Keys of an evaluation that are not arguments of its evaluate_* function.
 EVAL_KEYS = ("protocol", "dataset", "data_dir", "options")
 # Arguments a study sets itself (the model, where results go) or that would make one run differ from another.
@@ -60,6 +68,11 @@ class PlannedRun:
     config: dict                     # the resolved config (out_dir: the run's folder in the study)
     steps: int | None                # planned optimisation steps (None: set by a time budget or the data size)
     batch_size: int
+    model: dict | None = None        # a `models:` entry (source, backbone_options, pretrained): evaluated, not trained
+
+    @property
+    def trained(self) -> bool:
+        return self.model is None
 
 
 @dataclass
@@ -83,19 +96,19 @@ class Plan:
         return {"name": self.name, "path": self.path, "out_dir": self.out_dir, "budget": self.budget,
                 "factor_keys": self.factor_keys,
                 "runs": [{"id": r.id, "factors": r.factors, "steps": r.steps, "batch_size": r.batch_size,
-                          "config": r.config} for r in self.runs],
+                          "config": r.config, "model": r.model} for r in self.runs],
                 "evaluations": [{"id": e.id, "protocol": e.protocol, "spec": e.spec} for e in self.evaluations],
                 "cost": self.cost()}
 
     def cost(self) -> dict:
         """What the grid asks for: runs, evaluations, and (for step budgets) optimisation steps and images."""
-        steps = [r.steps for r in self.runs]
-        known = all(s is not None for s in steps)
-        return {"runs": len(self.runs), "evaluations": len(self.evaluations),
+        trained = [r for r in self.runs if r.trained]
+        known = all(r.steps is not None for r in trained)
+        return {"runs": len(trained), "models": len(self.runs) - len(trained), "evaluations": len(self.evaluations),
                 "evaluation_jobs": len(self.runs) * len(self.evaluations),
-                "training_steps": sum(steps) if known else None,
-                "training_images": sum(r.steps * r.batch_size for r in self.runs) if known else None,
-                "training_seconds_budget": (self.budget["seconds"] * len(self.runs)
+                "training_steps": sum(r.steps for r in trained) if known else None,
+                "training_images": sum(r.steps * r.batch_size for r in trained) if known else None,
+                "training_seconds_budget": (self.budget["seconds"] * len(trained)
                                             if "seconds" in self.budget else None)}
 
 
@@ -111,6 +124,12 @@ def _load(study) -> tuple[dict, str | None, Path]:
     if not isinstance(data, dict):
         raise ConfigError(f"study file '{study}' must be a mapping with name, base, budget, factors, evaluations")
     return data, str(path), path.parent
+
+
+def _relative_to(path, here: Path) -> str:
+    """A path as written in a study: `~` expanded, and relative to the study file's folder when relative."""
+    p = Path(str(path)).expanduser()
+    return str(p if p.is_absolute() else here / p)
 
 
 def _did_you_mean(key: str, valid) -> str:
@@ -165,6 +184,42 @@ def _points(data: dict) -> tuple[list[dict], list[str]]:
     for p in points:
         keys += [k for k in p if k not in keys]
     return [dict(p) for p in points], keys
+
+
+def _models(data: dict, here: Path) -> list[PlannedRun]:
+    """The study's `models:` entries, checked: each is evaluated as it is (no training)."""
+    from visrep.evaluate.api import _looks_like_path
+
+    entries = data.get("models")
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("models must be a non-empty list of {name: ..., source: ...} mappings")
+    out, names = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry.get("source"):
+            raise ConfigError(f"model {i + 1} must be a mapping with a name and a source (a run folder, a checkpoint, "
+                              f"timm:NAME or a backbone name), got {entry!r}")
+        unknown = [k for k in entry if k not in MODEL_KEYS]
+        if unknown:
+            raise ConfigError(f"model '{entry['name']}': unknown key '{unknown[0]}'"
+                              f"{_did_you_mean(str(unknown[0]), MODEL_KEYS)}; valid: {', '.join(MODEL_KEYS)}")
+        if entry["name"] in names:
+            raise ConfigError(f"two models are named '{entry['name']}'")
+        names.add(entry["name"])
+        options = entry.get("backbone_options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"model '{entry['name']}': backbone_options must be a mapping")
+        source = str(entry["source"])
+        written = {"source": source, "backbone_options": options, "pretrained": bool(entry.get("pretrained", False))}
+        if _looks_like_path(source):
+            source = _relative_to(source, here)
+            if not Path(source).exists():
+                raise ConfigError(f"model '{entry['name']}': no run folder or checkpoint at '{source}'")
+        model = {**written, "source": source}
+        out.append(PlannedRun(id="m-" + short_hash(written), factors={"model": entry["name"]}, overrides={},
+                              config={}, steps=None, batch_size=0, model=model))
+    return out
 
 
 def _check_evaluation(spec, i: int) -> PlannedEvaluation:
@@ -251,6 +306,12 @@ def plan(study, *, check_build: bool = True) -> Plan:
         p = Path(str(config_file)).expanduser()
         config_file = str(p if p.is_absolute() or p.is_file() else here / p)
     base = _nested(base)
+    models = _models(data, here)
+    if models and data.get("factors") is None and data.get("points") is None:
+        # Models alone: nothing is trained, so there is no grid and no budget.
+        if data.get("budget") is not None:
+            raise ConfigError("a study of models alone trains nothing: remove its budget, or add factors to train")
+        return _finish(name, path, data, here, base, config_file, {}, ["model"], [], models)
     budget = _budget(data)
     points, keys = _points(data)
     for key in keys:
@@ -261,13 +322,7 @@ def plan(study, *, check_build: bool = True) -> Plan:
             raise ConfigError("factor 'out_dir' is the study's to set: every run gets its own folder")
     if any(k in _flat_keys(base) for k in BUDGET_KEYS):
         raise ConfigError(f"set the budget once under 'budget:', not in base ({', '.join(BUDGET_KEYS)})")
-    evaluations = data.get("evaluations") or []
-    if not isinstance(evaluations, list):
-        raise ConfigError("evaluations must be a list of {protocol: ..., dataset: ...} mappings")
-    planned_evals = [_check_evaluation(e, i) for i, e in enumerate(evaluations)]
-    if len({e.id for e in planned_evals}) != len(planned_evals):
-        raise ConfigError("two evaluations of the study are the same")
-    out_dir = str(Path(data.get("out_dir") or Path("runs") / "studies" / name).expanduser())
+    out_dir = _out_dir(data, name)
 
     budget_over = {"steps": {"train": {"steps": budget.get("steps")}},
                    "epochs": {"train": {"epochs": budget.get("epochs"), "steps": None}},
@@ -291,10 +346,37 @@ def plan(study, *, check_build: bool = True) -> Plan:
         if check_build:
             _template_check(cfg, label)
         resolved["out_dir"] = str(Path(out_dir) / "runs" / run_id)
+        # Relative data paths are relative to the study file; the id above hashes them as written, so a moved
+        # clone keeps its run ids.
+        if resolved["data"].get("root"):
+            resolved["data"]["root"] = _relative_to(resolved["data"]["root"], here)
         steps = cfg.train.steps if "steps" in budget else None
         runs.append(PlannedRun(id=run_id, factors=dict(point), overrides=overrides, config=resolved, steps=steps,
                                batch_size=int(cfg.train.batch_size)))
-    return Plan(name=name, path=path, out_dir=out_dir, budget=budget, factor_keys=keys, runs=runs,
+    return _finish(name, path, data, here, base, config_file, budget, keys, runs, models)
+
+
+def _out_dir(data: dict, name: str) -> str:
+    return str(Path(data.get("out_dir") or Path("runs") / "studies" / name).expanduser())
+
+
+def _finish(name, path, data, here, base, config_file, budget, keys, runs, models) -> Plan:
+    """Check the evaluations and put the plan together (trained runs first, then the models)."""
+    evaluations = data.get("evaluations") or []
+    if not isinstance(evaluations, list):
+        raise ConfigError("evaluations must be a list of {protocol: ..., dataset: ...} mappings")
+    if not evaluations and models and not runs:
+        raise ConfigError("a study of models alone needs at least one evaluation")
+    planned_evals = [_check_evaluation(e, i) for i, e in enumerate(evaluations)]
+    for e in planned_evals:  # ids hash the spec as written; the path used is relative to the study file
+        if e.spec.get("data_dir"):
+            e.spec = {**e.spec, "data_dir": _relative_to(e.spec["data_dir"], here)}
+    if len({e.id for e in planned_evals}) != len(planned_evals):
+        raise ConfigError("two evaluations of the study are the same")
+    out_dir = _out_dir(data, name)
+    for m in models:
+        m.config = {"out_dir": str(Path(out_dir) / "runs" / m.id)}
+    return Plan(name=name, path=path, out_dir=out_dir, budget=budget, factor_keys=keys, runs=runs + models,
                 evaluations=planned_evals)
 
 
@@ -305,14 +387,17 @@ def format_plan(p: Plan) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"study {p.name}: {len(p.runs)} runs, budget {p.budget}")
+    keys = p.factor_keys + (["model"] if "model" not in p.factor_keys and any(not r.trained for r in p.runs) else [])
+    n_trained = sum(r.trained for r in p.runs)
+    title = f"study {p.name}: {n_trained} runs, budget {p.budget}" if p.budget else f"study {p.name}: models"
+    table = Table(title=title)
     table.add_column("run")
-    for k in p.factor_keys:
+    for k in keys:
         table.add_column(k)
     table.add_column("steps", justify="right")
     for r in p.runs:
-        table.add_row(r.id, *[str(r.factors.get(k, "–")) for k in p.factor_keys],
-                      "–" if r.steps is None else str(r.steps))
+        steps = "–" if r.steps is None else str(r.steps)
+        table.add_row(r.id, *[str(r.factors.get(k, "–")) for k in keys], steps if r.trained else "not trained")
     console = Console(width=200, file=io.StringIO(), record=True)
     console.print(table)
     for e in p.evaluations:
@@ -320,6 +405,8 @@ def format_plan(p: Plan) -> str:
         console.print(f"  evaluation {e.id}: {e.protocol} ({args})", highlight=False, markup=False)
     c = p.cost()
     parts = [f"{c['runs']} runs", f"{c['evaluation_jobs']} evaluation jobs"]
+    if c["models"]:
+        parts.insert(1, f"{c['models']} model" + ("s" if c["models"] > 1 else ""))
     if c["training_steps"] is not None:
         parts.append(f"{c['training_steps']:,} training steps ({c['training_images']:,} images)")
     if c["training_seconds_budget"] is not None:

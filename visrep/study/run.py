@@ -1,6 +1,7 @@
 """Run a study: every missing run and evaluation, resumably, on N local worker processes; and its status.
 
     visrep study run studies/demo.yaml --workers 2
+    visrep study run studies/demo.yaml --executor slurm --executor-options '{slurm_partition: dev, gpus_per_node: 1}'
     visrep study status studies/demo.yaml
 
 Layout under the study's out_dir:
@@ -37,15 +38,30 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _evaluate(spec: dict, run_dir: Path, out: Path) -> dict:
+def _evaluate(spec: dict, source: str, out: Path, model: dict | None = None) -> dict:
+    """One evaluation of one backbone: a study's run folder, or a `models:` entry (source + backbone options)."""
     from visrep.study.plan import _protocols
 
     kwargs = {k: v for k, v in spec.items() if k not in ("protocol", "data_dir", "options")}
     kwargs.update(root=spec.get("data_dir"), dataset_options=spec.get("options"), out=str(out), progress=False)
+    if model is not None:
+        if model.get("backbone_options"):
+            kwargs["backbone_options"] = model["backbone_options"]
+        if model.get("pretrained"):
+            kwargs["pretrained"] = True
     fn = _protocols()[spec["protocol"]]
     if spec["protocol"] == "rank":
-        return fn([str(run_dir)], **kwargs)
-    return fn(str(run_dir), **kwargs)
+        return fn([source], **kwargs)
+    return fn(source, **kwargs)
+
+
+def backbone_params(source: str, model: dict | None = None) -> int:
+    """Parameters of the backbone that the evaluations see (the cost axis of the report)."""
+    from visrep.evaluate.api import _load_model
+
+    options = (model or {}).get("backbone_options") or None
+    net, _ = _load_model(source, None, "student", 0, options)
+    return int(sum(p.numel() for p in net.parameters()))
 
 
 def run_one(job: dict) -> dict:
@@ -63,22 +79,29 @@ def run_one(job: dict) -> dict:
         torch.set_num_threads(threads)
     status = {"run_id": job["id"], "factors": job["factors"], "state": "failed", "error": None}
     t0 = time.perf_counter()
+    model = job.get("model")
     try:
-        cfg = config_from_json(json.dumps(job["config"]))
-        if threads:
-            cfg.train.num_threads = threads
-        cfg.train.progress = False
-        resume = (run_dir / "checkpoints" / "last.safetensors").is_file()
-        summary = pretrain(cfg, resume=resume, quiet=True)
-        status.update(steps=summary.get("steps", summary.get("step")), train_seconds=summary.get("loop_seconds"),
-                      stop_reason=summary.get("stop_reason") or summary.get("already_finished"))
+        if model is None:
+            cfg = config_from_json(json.dumps(job["config"]))
+            if threads:
+                cfg.train.num_threads = threads
+            cfg.train.progress = False
+            resume = (run_dir / "checkpoints" / "last.safetensors").is_file()
+            summary = pretrain(cfg, resume=resume, quiet=True)
+            status.update(steps=summary.get("steps", summary.get("step")), train_seconds=summary.get("loop_seconds"),
+                          stop_reason=summary.get("stop_reason") or summary.get("already_finished"))
+            source = str(run_dir)
+        else:  # a `models:` entry: evaluated as it is
+            status.update(steps=0, train_seconds=0.0, model=model)
+            source = model["source"]
+        status["backbone_params"] = backbone_params(source, model)
         store = ResultsStore(job["store"], job["study"])
         for ev in job["evaluations"]:
             out = run_dir / "eval" / f"{ev['id']}.json"
             if out.is_file():
                 result = json.loads(out.read_text())
             else:
-                result = _evaluate(ev["spec"], run_dir, out)
+                result = _evaluate(ev["spec"], source, out, model)
             store.record(job["id"], job["factors"], ev["id"], ev["protocol"], result)
         status["state"] = "done"
     except VisrepError as e:
@@ -95,8 +118,8 @@ def run_one(job: dict) -> dict:
 def _jobs(p, threads: int) -> list[dict]:
     evaluations = [{"id": e.id, "protocol": e.protocol, "spec": e.spec} for e in p.evaluations]
     store = str(Path(p.out_dir) / "results.sqlite")
-    return [{"id": r.id, "factors": r.factors, "config": r.config, "evaluations": evaluations, "store": store,
-             "study": p.name, "threads": threads} for r in p.runs]
+    return [{"id": r.id, "factors": r.factors, "config": r.config, "model": r.model, "evaluations": evaluations,
+             "store": store, "study": p.name, "threads": threads} for r in p.runs]
 
 
 def _done(job: dict) -> bool:
@@ -129,20 +152,78 @@ def _prepare_out_dir(p) -> None:
     ResultsStore(out / "results.sqlite", p.name)  # created now, so a foreign or old store is refused before work
 
 
-def run_study(study, *, workers: int = 1, executor: str = "local", retry_failed: bool = True,
-              progress: bool = True) -> dict:
+# submitit's update_parameters keys that a study may set (generic ones, plus any slurm_* / local_* key).
+SUBMITIT_KEYS = ("cluster", "timeout_min", "mem_gb", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node",
+                 "name", "stderr_to_stdout")
+
+
+def _check_executor_options(options) -> dict:
+    options = dict(options or {})
+    for key in options:
+        if key not in SUBMITIT_KEYS and not key.startswith(("slurm_", "local_")):
+            import difflib
+
+            close = difflib.get_close_matches(str(key), SUBMITIT_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown executor option '{key}'{hint}; valid: {', '.join(SUBMITIT_KEYS)} or any "
+                              "slurm_*/local_* parameter of submitit")
+    if options.get("cluster", "slurm") not in ("slurm", "local", "debug"):
+        raise ConfigError(f"executor option cluster must be slurm, local or debug, got {options['cluster']!r}")
+    return options
+
+
+def _submit(p, todo: list[dict], workers: int, options: dict, bar) -> list[dict]:
+    """Run the jobs through submitit (the launcher of the DINOv2 and MAE codebases): one Slurm job per run, as a
+    job array of at most `workers` at a time. cluster=local/debug runs the same path on this machine (tests)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--executor slurm needs submitit (pip install submitit)") from None
+    options = dict(options)
+    cluster = options.pop("cluster", "slurm")
+    folder = Path(p.out_dir) / "submitit" / "%j"  # on Slurm the study's folder must be on a shared filesystem
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    ex.update_parameters(name=options.pop("name", f"visrep-{p.name}"), slurm_array_parallelism=workers, **options)
+    jobs = ex.map_array(run_one, todo)
+    results = []
+    for job, spec in zip(jobs, todo):
+        try:
+            results.append(job.result())
+        except Exception as e:  # noqa: BLE001 - the job died (time limit, memory, node): record it, go on
+            msg = str(e).strip().splitlines()
+            status = {"run_id": spec["id"], "factors": spec["factors"], "state": "failed",
+                      "error": f"the {cluster} job {job.job_id} ended without a result: "
+                               f"{msg[-1] if msg else type(e).__name__}", "submitit_job": str(job.job_id)}
+            run_dir = Path(spec["config"]["out_dir"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(_status_path(run_dir), status)
+            results.append(status)
+        bar.update(1)
+    return results
+
+
+def run_study(study, *, workers: int = 1, executor: str = "local", executor_options: dict | None = None,
+              retry_failed: bool = True, progress: bool = True) -> dict:
     """Run every missing run and evaluation of `study` (a YAML path or dict). Returns {"done", "failed", "skipped"}
-    run ids and the path of the results store."""
+    run ids and the path of the results store.
+
+    executor: "local" (`workers` processes on this machine) or "slurm" (one submitit job per run, at most
+    `workers` at once; executor_options are submitit's parameters, e.g. {slurm_partition: dev, timeout_min: 240,
+    gpus_per_node: 1, cpus_per_task: 10}; {cluster: local} or {cluster: debug} runs the same path here)."""
     from visrep.study.plan import plan
 
-    if executor != "local":
-        raise ConfigError(f"executor must be 'local' (slurm through submitit comes next), got {executor!r}")
+    if executor not in ("local", "slurm"):
+        raise ConfigError(f"executor must be local or slurm, got {executor!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    if executor_options and executor != "slurm":
+        raise ConfigError("executor options are submitit's: give them with --executor slurm")
+    options = _check_executor_options(executor_options)
     p = plan(study)
     _prepare_out_dir(p)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = _jobs(p, threads=max(1, cores // workers))
+    threads = int(options.get("cpus_per_task") or 0) if executor == "slurm" else max(1, cores // workers)
+    jobs = _jobs(p, threads=threads)
     todo, skipped = [], []
     for job in jobs:
         if _done(job):
@@ -155,7 +236,10 @@ def run_study(study, *, workers: int = 1, executor: str = "local", retry_failed:
 
     results = []
     with tqdm(total=len(todo), desc=f"study {p.name}", unit="run", disable=not progress) as bar:
-        if workers == 1:
+        if executor == "slurm":
+            if todo:
+                results = _submit(p, todo, workers, options, bar)
+        elif workers == 1:
             for job in todo:
                 results.append(run_one(job))
                 bar.update(1)
