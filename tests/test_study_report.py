@@ -166,6 +166,27 @@ def test_a_study_of_models_alone_needs_no_budget(tmp_path):
         plan({**spec, "models": [{"name": "x", "source": "resnet18", "backbone_option": {}}]})
 
 
+def test_models_from_another_studys_finished_runs(tmp_path):
+    import yaml
+
+    grid = tiny(tmp_path / "grid")
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump({"name": "pool", "out_dir": str(tmp_path / "pool"),
+                                    "models": [{"from_study": "grid.yaml", "where": {"seed": 0}}],
+                                    "evaluations": [{"protocol": "knn", "dataset": "synthetic", "options": SYN}]}))
+    with pytest.raises(ConfigError, match="have not run .* run `visrep study run"):
+        plan(str(pool))
+    run_study(grid, progress=False)
+    p = plan(str(pool))
+    assert [r.factors["model"] for r in p.runs] == ["tiny:simclr", "tiny:byol"]
+    assert all(Path(r.model["source"]).is_dir() for r in p.runs)
+    assert run_study(str(pool), progress=False)["failed"] == {}
+    with pytest.raises(ConfigError, match="has no factor 'sed' .*did you mean 'seed'"):
+        plan({"name": "x", "models": [{"from_study": str(tmp_path / "grid.yaml"), "where": {"sed": 0}}],
+              "evaluations": [{"protocol": "knn", "dataset": "digits"}]})
+
+
 @pytest.mark.parametrize("cluster", ["debug", "local"])
 def test_the_slurm_path_through_submitits_local_executors(tmp_path, cluster):
     spec = tiny(tmp_path / "s", steps=2)

@@ -41,6 +41,7 @@ BUDGETS = {"steps": "train.steps", "epochs": "train.epochs", "seconds": "train.t
 BUDGET_KEYS = ("train.steps", "train.epochs", "train.time_budget_s", "train.max_steps")
 STUDY_KEYS = ("name", "base", "budget", "factors", "points", "models", "evaluations", "out_dir")
 MODEL_KEYS = ("name", "source", "backbone_options", "pretrained")
+FROM_STUDY_KEYS = ("from_study", "where")
 # Keys of an evaluation that are not arguments of its evaluate_* function.
 EVAL_KEYS = ("protocol", "dataset", "data_dir", "options")
 # Arguments a study sets itself (the model, where results go) or that would make one run differ from another.
@@ -196,11 +197,12 @@ def _models(data: dict, here: Path) -> list[PlannedRun]:
     if not isinstance(entries, list) or not entries:
         raise ConfigError("models must be a non-empty list of {name: ..., source: ...} mappings")
     out, names = [], set()
+    entries = [e for entry in entries for e in _expand_from_study(entry, here)]
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry.get("source"):
             raise ConfigError(f"model {i + 1} must be a mapping with a name and a source (a run folder, a checkpoint, "
                               f"timm:NAME or a backbone name), got {entry!r}")
-        unknown = [k for k in entry if k not in MODEL_KEYS]
+        unknown = [k for k in entry if k not in MODEL_KEYS + ("identity",)]
         if unknown:
             raise ConfigError(f"model '{entry['name']}': unknown key '{unknown[0]}'"
                               f"{_did_you_mean(str(unknown[0]), MODEL_KEYS)}; valid: {', '.join(MODEL_KEYS)}")
@@ -211,7 +213,8 @@ def _models(data: dict, here: Path) -> list[PlannedRun]:
         if not isinstance(options, dict):
             raise ConfigError(f"model '{entry['name']}': backbone_options must be a mapping")
         source = str(entry["source"])
-        written = {"source": source, "backbone_options": options, "pretrained": bool(entry.get("pretrained", False))}
+        written = {"source": entry.get("identity", source), "backbone_options": options,
+                   "pretrained": bool(entry.get("pretrained", False))}
         if _looks_like_path(source):
             source = _relative_to(source, here)
             if not Path(source).exists():
@@ -219,6 +222,39 @@ def _models(data: dict, here: Path) -> list[PlannedRun]:
         model = {**written, "source": source}
         out.append(PlannedRun(id="m-" + short_hash(written), factors={"model": entry["name"]}, overrides={},
                               config={}, steps=None, batch_size=0, model=model))
+    return out
+
+
+def _expand_from_study(entry, here: Path) -> list:
+    """`{from_study: other.yaml, where: {seed: 0}}`: the finished trained runs of another study as models, named
+    by that study's name and their factor values (the ones `where` does not fix)."""
+    if not isinstance(entry, dict) or "from_study" not in entry:
+        return [entry]
+    unknown = [k for k in entry if k not in FROM_STUDY_KEYS]
+    if unknown:
+        raise ConfigError(f"models: unknown key '{unknown[0]}' beside from_study"
+                          f"{_did_you_mean(str(unknown[0]), FROM_STUDY_KEYS)}; valid: {', '.join(FROM_STUDY_KEYS)}")
+    where = entry.get("where") or {}
+    if not isinstance(where, dict):
+        raise ConfigError("models: where must be a mapping of factor: value, e.g. {seed: 0}")
+    other = plan(_relative_to(entry["from_study"], here), check_build=False)
+    unknown = [k for k in where if k not in other.factor_keys]
+    if unknown:
+        raise ConfigError(f"models: study '{other.name}' has no factor '{unknown[0]}'"
+                          f"{_did_you_mean(str(unknown[0]), other.factor_keys)}; its factors: "
+                          f"{', '.join(other.factor_keys)}")
+    chosen = [r for r in other.runs if r.trained and all(r.factors.get(k) == v for k, v in where.items())]
+    if not chosen:
+        raise ConfigError(f"models: no run of study '{other.name}' has {where}")
+    missing = [r.id for r in chosen if not (Path(r.config["out_dir"]) / "checkpoints" / "last.safetensors").is_file()]
+    if missing:
+        raise ConfigError(f"models: {len(missing)} of the {len(chosen)} runs of study '{other.name}' have not run "
+                          f"(e.g. {missing[0]}); run `visrep study run {other.path}` first")
+    out = []
+    for r in chosen:
+        label = "/".join(str(v) for k, v in r.factors.items() if k not in where) or r.id
+        out.append({"name": f"{other.name}:{label}", "source": str(Path(r.config["out_dir"]).resolve()),
+                    "identity": f"study:{other.name}:{r.id}"})
     return out
 
 
