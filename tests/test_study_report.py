@@ -74,10 +74,9 @@ def test_per_task_means_and_the_aggregate_with_bootstrap_intervals():
     assert by["a"]["mean_z"] == pytest.approx((1.162476 + 0.707107) / 2, abs=1e-5)
     assert by["b"]["mean_z"] == pytest.approx((0.116248 + 0.707107) / 2, abs=1e-5)
     assert by["c"]["mean_rank"] == pytest.approx(3.0) and by["a"]["mean_rank"] == pytest.approx(1.25)
-    # b's seeds agree and c has one seed, so only a's resamples move; intervals hold the point estimate
-    for r in res["rows"]:
-        assert r["mean_z_ci"][0] <= r["mean_z"] + 1e-9 and r["mean_z"] - 1e-9 <= r["mean_z_ci"][1]
-    assert by["a"]["mean_z_ci"][0] < by["a"]["mean_z_ci"][1]
+    # a's seeds differ, so its resamples move (and with them everyone's z); c has one seed: no interval of its own
+    assert by["a"]["mean_z_ci"][0] < by["a"]["mean_z_ci"][1] and by["c"]["mean_z_ci"] is None
+    assert by["a"]["seeds"] == 2 and by["c"]["seeds"] == 1
 
 
 def test_task_correlation_is_spearman_over_configurations():
@@ -102,9 +101,40 @@ def test_factor_effects_contrasts_ranges_and_which_factor_is_larger():
     assert e["views"]["contrasts"][0]["ci95"] == pytest.approx(0.0, abs=1e-9)  # additive: every pair differs by .05
     assert e["views"]["range"] == pytest.approx(0.05) and e["method"]["range"] == pytest.approx(0.01)
     assert e["views"]["level_means"] == pytest.approx({"light": 0.505, "strong": 0.555})
+    # effect sd: var_ddof1(.505, .555) = .00125, minus the noise of a level mean: pooled s² = 4e-6 (seeds -.002, 0,
+    # .002), 2 configurations of 3 seeds per level -> 4e-6 * (2/3) / 2² = 6.667e-7 -> sqrt(.00124933) = .035346
+    assert e["views"]["effect_sd"] == pytest.approx(0.035346, abs=1e-6)
+    assert e["method"]["effect_sd"] == pytest.approx((0.00005 - 4e-6 / 6) ** 0.5, abs=1e-7)  # .0070238
     (c,) = fx["comparisons"]
-    assert (c["a"], c["b"]) == ("method", "views") and c["difference"] == pytest.approx(-0.04)
+    assert (c["a"], c["b"]) == ("method", "views") and c["difference"] == pytest.approx(0.0070238 - 0.035346, abs=1e-6)
     assert c["ci95"][1] < 0 and c["p_a_larger"] == 0.0  # the views move results more, outside the noise
+
+
+def test_effect_sizes_do_not_favour_the_factor_with_more_levels():
+    # no effect at all: 4 methods x 2 views x 3 seeds of pure noise. The range of 4 noisy means beats the range of
+    # 2 by chance; the noise-corrected effect sd does not, so the comparison rarely claims a winner.
+    rng = np.random.default_rng(0)
+    claims = 0
+    for trial in range(20):
+        runs = [{"factors": {"method": m, "views": v, "seed": s}, "values": {"t": float(rng.normal(0.5, 0.01))}}
+                for m in "abcd" for v in "xy" for s in range(3)]
+        (c,) = agg.factor_effects(runs, ["method", "views", "seed"], ["t"], bootstrap=200, seed=trial)["comparisons"]
+        claims += c["ci95"][0] > 0 or c["ci95"][1] < 0
+    assert claims <= 3
+
+
+def test_without_replicates_there_are_no_intervals_and_list_values_are_levels():
+    runs = [{"factors": {"backbone.options": {"width": w}, "views": v}, "values": {"t": x}}
+            for (w, v), x in zip([(8, "a"), (8, "b"), (16, "a"), (16, "b")], [0.1, 0.2, 0.3, 0.5])]
+    fx = agg.factor_effects(runs, ["backbone.options", "views"], ["t"], bootstrap=100)
+    e = {x["factor"]: x for x in fx["effects"]}
+    assert e["backbone.options"]["levels"] == ["{'width': 8}", "{'width': 16}"]
+    assert e["backbone.options"]["contrasts"][0]["mean"] == pytest.approx(0.25)
+    assert e["views"]["effect_sd"] is None and e["views"]["effect_sd_ci"] is None and not fx["comparisons"]
+    t = agg.build_table([{"factors": {"m": m}, "task": "t", "value": v} for m, v in (("a", 1.0), ("b", 2.0))],
+                        {"t": 1.0}, lambda f: f["m"])
+    res = agg.aggregate(t, bootstrap=100)
+    assert res["bootstrap"] == 0 and all(r["mean_z_ci"] is None for r in res["rows"])
 
 
 def test_weighted_tau_of_a_perfect_and_a_reversed_score():
@@ -148,16 +178,19 @@ def test_report_writes_every_part_and_rerunning_it_duplicates_nothing(tmp_path):
 
 def test_a_study_of_models_alone_needs_no_budget(tmp_path):
     spec = {"name": "pool", "out_dir": str(tmp_path / "pool"),
-            "models": [{"name": f"w{w}", "source": "resnet18", "backbone_options": {"cifar_stem": True, "width": w}}
-                       for w in (4, 8, 16)],
+            "models": [{"name": f"w{w}" if w != 4 else "w<i>4</i>", "source": "resnet18",
+                        "backbone_options": {"cifar_stem": True, "width": w}} for w in (4, 8, 16)],
             "evaluations": [{"protocol": "knn", "dataset": "synthetic", "options": SYN}]}
     p = plan(spec)
     assert p.factor_keys == ["model"] and [r.trained for r in p.runs] == [False] * 3 and not p.budget
     assert run_study(spec, progress=False)["failed"] == {}
     out = report(spec, bootstrap=20)
     numbers = json.loads(Path(out["json"]).read_text())
-    assert sorted(numbers["per_task"]["knn synthetic"]) == ["w16", "w4", "w8"]
-    assert numbers["cost"]["w16"]["backbone_params"] > numbers["cost"]["w4"]["backbone_params"]
+    assert set(numbers["per_task"]["knn synthetic"]) == {"w16", "w<i>4</i>", "w8"}
+    assert numbers["cost"]["w16"]["backbone_params"] > numbers["cost"]["w<i>4</i>"]["backbone_params"]
+    html = Path(out["html"]).read_text()
+    assert "w&lt;i&gt;4&lt;/i&gt;" in html and "<i>4</i>" not in html  # names are escaped, not markup
+    assert numbers["aggregate"]["bootstrap"] == 0  # one result per model: no intervals claimed
     with pytest.raises(ConfigError, match="trains nothing"):
         plan({**spec, "budget": {"steps": 3}})
     with pytest.raises(ConfigError, match="no run folder or checkpoint"):
@@ -191,7 +224,7 @@ def test_models_from_another_studys_finished_runs(tmp_path):
 def test_the_slurm_path_through_submitits_local_executors(tmp_path, cluster):
     spec = tiny(tmp_path / "s", steps=2)
     spec["factors"] = {"method": ["simclr"], "seed": [0, 1]}
-    res = run_study(spec, workers=2, executor="slurm", executor_options={"cluster": cluster, "timeout_min": 10})
+    res = run_study(spec, workers=2, executor="slurm", executor_options={"cluster": cluster})  # default time limit
     assert len(res["done"]) == 2 and not res["failed"], res
     assert status(spec)["counts"]["done"] == 2
     if cluster == "local":  # real subprocesses, with submitit's logs in the study's folder
@@ -207,6 +240,8 @@ def test_executor_options_are_checked(tmp_path):
         run_study(spec, executor_options={"timeout_min": 5})
     with pytest.raises(ConfigError, match="executor must be local or slurm"):
         run_study(spec, executor="kubernetes")
+    with pytest.raises(ConfigError, match="submitit refused the executor options"):
+        run_study(spec, executor="slurm", executor_options={"cluster": "local", "timeout_min": "soon"})
 
 
 # --- the demo study, end to end, in a real browser ---------------------------------------------------------------

@@ -16,7 +16,8 @@ Across tasks, as "Battle of the Backbones" (Goldblum et al., NeurIPS 2023) aggre
     is -1 for lower-is-better metrics. Intervals: percentile bootstrap, resampling each configuration's seeds
     with replacement (a seed is one trained run, so its values on all tasks move together).
 
-Task-to-task agreement: Spearman's ρ between the configurations' means on two tasks.
+Task-to-task agreement: Spearman's ρ between the configurations' means on two tasks, each oriented so that
+higher is better (an ECE task is negated first).
 
 Factor effects, as "Augmentations vs Algorithms" (Morningstar et al. 2024) asks "how much is due to the
 augmentation and how much to the algorithm": for a factor F with levels l_0 (the reference, first listed), l_1, ...
@@ -24,17 +25,22 @@ augmentation and how much to the algorithm": for a factor F with levels l_0 (the
     contrast(l) = mean over matched pairs of  x(F = l, others) - x(F = l_0, others)
 
 where a matched pair shares every other factor value and the seed (so it averages over the other factors), with
-a t interval over the pairs; and the factor's effect size is the range of its level means,
+a t interval over the pairs. The level means m_F(l) are marginal: the mean over the configurations at level l
+of each configuration's mean over seeds. Their range describes the spread, but the range of k noisy means grows
+with k and with the noise, so factors are compared by a noise-corrected effect size (the between-level variance
+component of a fixed-effects ANOVA):
 
-    range_F = max_l m_F(l) - min_l m_F(l),   m_F(l) = mean of x over the runs with F = l,
+    effect_sd_F = sqrt(max(0, var_{ddof 1}(m_F(l) over l) - mean_l Var[m_F(l)])),
+    Var[m_F(l)] = s² · Σ_{c at l} (1/n_c) / C_l²,   s² = the pooled within-configuration variance over seeds,
 
-with a bootstrap interval (seeds resampled as above). A factor whose range is larger moves results more; the
-difference range_A - range_B of two factors gets its interval from the same resamples, which answers "is the
-augmentation effect larger than the algorithm effect" (the range of noisy means is biased upwards, so read a
-factor's own relevance from its contrasts' intervals, which may include 0, not from range_F > 0).
+which is unbiased for the spread of the true level means whatever the number of levels; its interval is a
+percentile bootstrap (seeds resampled within each configuration), and the difference effect_sd_A - effect_sd_B
+of two factors gets its interval from the same resamples: "is the augmentation effect larger than the algorithm
+effect" is answered only when that interval excludes 0. Without replicates (one seed) there are no intervals.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -151,21 +157,25 @@ def aggregate(table: Table, bootstrap: int = 1000, seed: int = 0) -> dict:
     signs = np.array([table.signs[t] for t in table.tasks])
     z, rank = zscores_and_ranks(table.means(configs), signs)
     rng = np.random.default_rng(seed)
+    seeds = {c: len(set().union(*[set(table.values[c][t]) for t in table.tasks])) for c in configs}
+    # no replicates anywhere: nothing to resample, so no interval (a zero-width one would claim certainty)
+    n_boot = int(bootstrap) if any(n > 1 for n in seeds.values()) else 0
     zb, rb = [], []
-    for _ in range(int(bootstrap)):
+    for _ in range(n_boot):
         zz, rr = zscores_and_ranks(_resampled_means(table, configs, rng), signs)
         zb.append(zz)
         rb.append(rr)
-    zb, rb = (np.array(zb), np.array(rb)) if bootstrap else (None, None)
+    zb, rb = (np.array(zb), np.array(rb)) if n_boot else (None, None)
     rows = []
     for i, c in enumerate(configs):
-        row = {"config": c, "mean_z": float(z[i]), "mean_rank": float(rank[i])}
-        if zb is not None:
+        row = {"config": c, "mean_z": float(z[i]), "mean_rank": float(rank[i]), "seeds": seeds[c],
+               "mean_z_ci": None, "mean_rank_ci": None}
+        if zb is not None and seeds[c] > 1:  # a one-seed configuration has no interval of its own
             row["mean_z_ci"] = [float(np.percentile(zb[:, i], 2.5)), float(np.percentile(zb[:, i], 97.5))]
             row["mean_rank_ci"] = [float(np.percentile(rb[:, i], 2.5)), float(np.percentile(rb[:, i], 97.5))]
         rows.append(row)
     rows.sort(key=lambda r: (-r["mean_z"], r["mean_rank"]))
-    return {"rows": rows, "excluded": [c for c in table.configs if c not in configs], "bootstrap": int(bootstrap)}
+    return {"rows": rows, "excluded": [c for c in table.configs if c not in configs], "bootstrap": n_boot}
 
 
 def task_correlation(table: Table) -> dict:
@@ -184,20 +194,45 @@ def task_correlation(table: Table) -> dict:
     return out
 
 
-def _level_means(runs: list[tuple[dict, float]], f: str, levels: list) -> dict:
-    out = {}
-    for lv in levels:
-        xs = [x for fac, x in runs if fac.get(f) == lv]
-        if xs:
-            out[lv] = float(np.mean(xs))
-    return out
+def _key(value) -> str:
+    """A factor value as a hashable key (values may be lists or mappings, e.g. backbone options)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _cells(have: list[tuple[dict, float]], seed_key: str) -> dict:
+    """configuration (every factor but the seed) -> (its factor values, [its runs' values])."""
+    cells: dict = {}
+    for fac, x in have:
+        key = _key({k: v for k, v in fac.items() if k != seed_key})
+        cells.setdefault(key, ({k: v for k, v in fac.items() if k != seed_key}, []))[1].append(x)
+    return cells
+
+
+def _effect(cells: dict, f: str, levels: list[str]) -> tuple[dict, float | None]:
+    """Marginal level means (the mean of the configurations' means at each level, so a missing run does not
+    re-weight the other factors) and the noise-corrected effect sd (module docstring); None without replicates."""
+    per_level: dict = {lv: [] for lv in levels}
+    for fac, xs in cells.values():
+        per_level[_key(fac.get(f))].append(xs)
+    means = {lv: float(np.mean([np.mean(xs) for xs in groups])) for lv, groups in per_level.items() if groups}
+    if len(means) < len(levels):
+        return means, None
+    dof = sum(len(xs) - 1 for _, xs in cells.values())
+    if dof == 0:
+        return means, None
+    pooled = sum(float(np.sum((np.asarray(xs) - np.mean(xs)) ** 2)) for _, xs in cells.values()) / dof
+    noise = np.mean([pooled * sum(1.0 / len(xs) for xs in groups) / len(groups) ** 2
+                     for groups in per_level.values()])
+    between = float(np.var(list(means.values()), ddof=1)) - float(noise)
+    return means, math.sqrt(max(between, 0.0))
 
 
 def factor_effects(runs: list[dict], factor_keys: list[str], tasks: list[str], bootstrap: int = 1000,
                    seed: int = 0, seed_key: str = "seed") -> dict:
-    """Per factor (seed excluded, at least two levels) and task: level means, paired contrasts against the first
-    level with t intervals, and the range of level means with a bootstrap interval over seeds; and, per task and
-    pair of factors, the difference of their ranges with an interval from the same resamples.
+    """Per factor (seed excluded, at least two levels) and task: marginal level means, paired contrasts against
+    the first level with t intervals, the range of the level means, and the noise-corrected effect sd with a
+    bootstrap interval over seeds; and, per task and pair of factors, the difference of their effect sds with an
+    interval from the same resamples. Intervals need replicates (two or more seeds of a configuration).
 
     runs: {"factors": {...}, "values": {task: value}} for the trained runs of the grid.
     Returns {"effects": [...], "comparisons": [...]}.
@@ -211,56 +246,55 @@ def factor_effects(runs: list[dict], factor_keys: list[str], tasks: list[str], b
     """
     factors = []
     for f in [k for k in factor_keys if k != seed_key]:
-        levels = []
+        levels, names = [], {}
         for r in runs:
-            if r["factors"].get(f) not in levels:
-                levels.append(r["factors"].get(f))
+            k = _key(r["factors"].get(f))
+            if k not in names:
+                levels.append(k)
+                names[k] = str(r["factors"].get(f))
         if len(levels) >= 2:
-            factors.append((f, levels))
+            factors.append((f, levels, names))
     rng = np.random.default_rng(seed)
     effects, comparisons = [], []
     for t in tasks:
         have = [(r["factors"], float(r["values"][t])) for r in runs if t in r["values"]]
+        cells = _cells(have, seed_key)
+        replicated = any(len(xs) > 1 for _, xs in cells.values())
         present = []
-        for f, levels in factors:
-            level_means = _level_means(have, f, levels)
+        for f, levels, names in factors:
+            level_means, sd = _effect(cells, f, levels)
             if len(level_means) < len(levels):
-                continue
+                continue  # a level has no result on this task
             # matched pairs: the same other factors and seed, F at level l vs the reference level
             groups: dict = {}
             for fac, x in have:
-                key = tuple(sorted((k, str(v)) for k, v in fac.items() if k != f))
-                groups.setdefault(key, {})[fac.get(f)] = x
+                groups.setdefault(_key({k: v for k, v in fac.items() if k != f}), {})[_key(fac.get(f))] = x
             contrasts = []
             for lv in levels[1:]:
                 d = [g[lv] - g[levels[0]] for g in groups.values() if lv in g and levels[0] in g]
-                contrasts.append({"level": str(lv), "reference": str(levels[0]), "pairs": len(d),
+                contrasts.append({"level": names[lv], "reference": names[levels[0]], "pairs": len(d),
                                   "mean": float(np.mean(d)) if d else None, "ci95": t_ci95(d)})
-            effects.append({"factor": f, "task": t, "levels": [str(lv) for lv in levels],
-                            "level_means": {str(k): v for k, v in level_means.items()}, "contrasts": contrasts,
-                            "range": max(level_means.values()) - min(level_means.values()), "range_ci": None,
-                            "runs": len(have)})
+            effects.append({"factor": f, "task": t, "levels": [names[lv] for lv in levels],
+                            "level_means": {names[k]: v for k, v in level_means.items()}, "contrasts": contrasts,
+                            "range": max(level_means.values()) - min(level_means.values()),
+                            "effect_sd": sd, "effect_sd_ci": None, "runs": len(have)})
             present.append((f, levels, effects[-1]))
-        if not present or not bootstrap:
+        if not present or not bootstrap or not replicated:
             continue
-        # bootstrap: within each configuration (every factor but the seed) draw its runs with replacement; the
-        # same resample serves every factor, so differences between factors get an interval too
-        cells: dict = {}
-        for fac, x in have:
-            cells.setdefault(tuple(sorted((k, str(v)) for k, v in fac.items() if k != seed_key)), []).append((fac, x))
+        # bootstrap: within each configuration draw its runs with replacement; the same resample serves every
+        # factor, so differences between factors get an interval too
         boot = np.zeros((int(bootstrap), len(present)))
         for b in range(int(bootstrap)):
-            sample = [m[i] for m in cells.values() for i in rng.integers(0, len(m), len(m))]
+            sample = {k: (fac, [xs[i] for i in rng.integers(0, len(xs), len(xs))]) for k, (fac, xs) in cells.items()}
             for j, (f, levels, _) in enumerate(present):
-                lm = _level_means(sample, f, levels)
-                boot[b, j] = max(lm.values()) - min(lm.values())
+                boot[b, j] = _effect(sample, f, levels)[1] or 0.0
         for j, (_, _, e) in enumerate(present):
-            e["range_ci"] = [float(np.percentile(boot[:, j], 2.5)), float(np.percentile(boot[:, j], 97.5))]
+            e["effect_sd_ci"] = [float(np.percentile(boot[:, j], 2.5)), float(np.percentile(boot[:, j], 97.5))]
         for i in range(len(present)):
             for j in range(i + 1, len(present)):
                 d = boot[:, i] - boot[:, j]
                 comparisons.append({"task": t, "a": present[i][0], "b": present[j][0],
-                                    "difference": present[i][2]["range"] - present[j][2]["range"],
+                                    "difference": present[i][2]["effect_sd"] - present[j][2]["effect_sd"],
                                     "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
                                     "p_a_larger": float(np.mean(d > 0))})
     return {"effects": effects, "comparisons": comparisons}

@@ -43,7 +43,7 @@ STUDY_KEYS = ("name", "base", "budget", "factors", "points", "models", "evaluati
 MODEL_KEYS = ("name", "source", "backbone_options", "pretrained")
 FROM_STUDY_KEYS = ("from_study", "where")
 # Keys of an evaluation that are not arguments of its evaluate_* function.
-EVAL_KEYS = ("protocol", "dataset", "data_dir", "options")
+EVAL_KEYS = ("protocol", "dataset", "data_dir", "options", "metric")  # metric: the one the report judges by
 # Arguments a study sets itself (the model, where results go) or that would make one run differ from another.
 EVAL_RESERVED = ("source", "models", "out", "progress", "root", "dataset_options", "plot")
 
@@ -208,6 +208,8 @@ def _models(data: dict, here: Path) -> list[PlannedRun]:
                               f"{_did_you_mean(str(unknown[0]), MODEL_KEYS)}; valid: {', '.join(MODEL_KEYS)}")
         if entry["name"] in names:
             raise ConfigError(f"two models are named '{entry['name']}'")
+        if not isinstance(entry.get("pretrained", False), bool):
+            raise ConfigError(f"model '{entry['name']}': pretrained must be true or false, got {entry['pretrained']!r}")
         names.add(entry["name"])
         options = entry.get("backbone_options") or {}
         if not isinstance(options, dict):
@@ -220,9 +222,24 @@ def _models(data: dict, here: Path) -> list[PlannedRun]:
             if not Path(source).exists():
                 raise ConfigError(f"model '{entry['name']}': no run folder or checkpoint at '{source}'")
         model = {**written, "source": source}
+        if any(m.model["source"] == source and m.model["backbone_options"] == options
+               and m.model["pretrained"] == written["pretrained"] for m in out):
+            raise ConfigError(f"model '{entry['name']}' is the same backbone as another model of the study: "
+                              "remove one of the two")
         out.append(PlannedRun(id="m-" + short_hash(written), factors={"model": entry["name"]}, overrides={},
                               config={}, steps=None, batch_size=0, model=model))
     return out
+
+
+_EXPANDING: set = set()  # study files being expanded (a from_study cycle is an error, not a recursion)
+
+
+def _finished(run_dir: Path) -> bool:
+    """A run a study has finished: its status says done (a checkpoint alone may be a run still training)."""
+    try:
+        return json.loads((run_dir / "study_status.json").read_text()).get("state") == "done"
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _expand_from_study(entry, here: Path) -> list:
@@ -237,7 +254,14 @@ def _expand_from_study(entry, here: Path) -> list:
     where = entry.get("where") or {}
     if not isinstance(where, dict):
         raise ConfigError("models: where must be a mapping of factor: value, e.g. {seed: 0}")
-    other = plan(_relative_to(entry["from_study"], here), check_build=False)
+    target = str(Path(_relative_to(entry["from_study"], here)).resolve())
+    if target in _EXPANDING:
+        raise ConfigError(f"models: from_study '{entry['from_study']}' refers back to a study that includes it")
+    _EXPANDING.add(target)
+    try:
+        other = plan(target, check_build=False)
+    finally:
+        _EXPANDING.discard(target)
     unknown = [k for k in where if k not in other.factor_keys]
     if unknown:
         raise ConfigError(f"models: study '{other.name}' has no factor '{unknown[0]}'"
@@ -246,7 +270,7 @@ def _expand_from_study(entry, here: Path) -> list:
     chosen = [r for r in other.runs if r.trained and all(r.factors.get(k) == v for k, v in where.items())]
     if not chosen:
         raise ConfigError(f"models: no run of study '{other.name}' has {where}")
-    missing = [r.id for r in chosen if not (Path(r.config["out_dir"]) / "checkpoints" / "last.safetensors").is_file()]
+    missing = [r.id for r in chosen if not _finished(Path(r.config["out_dir"]))]
     if missing:
         raise ConfigError(f"models: {len(missing)} of the {len(chosen)} runs of study '{other.name}' have not run "
                           f"(e.g. {missing[0]}); run `visrep study run {other.path}` first")
@@ -339,8 +363,7 @@ def plan(study, *, check_build: bool = True) -> Plan:
     base = copy.deepcopy(base)
     config_file = base.pop("config", None)
     if config_file is not None:
-        p = Path(str(config_file)).expanduser()
-        config_file = str(p if p.is_absolute() or p.is_file() else here / p)
+        config_file = _relative_to(config_file, here)
     base = _nested(base)
     models = _models(data, here)
     if models and data.get("factors") is None and data.get("points") is None:

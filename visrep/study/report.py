@@ -139,8 +139,9 @@ def _fig_aggregate(rows: list[dict], out: Path) -> str:
     for ax, key, title in ((a1, "mean_z", "mean z-score across tasks (higher is better)"),
                            (a2, "mean_rank", "mean rank across tasks (1 is best)")):
         v = np.array([r[key] for r in rows])
-        ci = np.array([r.get(f"{key}_ci", [r[key], r[key]]) for r in rows])
-        ax.errorbar(v, y, xerr=[v - ci[:, 0], ci[:, 1] - v], fmt="o", capsize=3)
+        ci = np.array([r.get(f"{key}_ci") or [r[key], r[key]] for r in rows])
+        # a percentile interval need not contain its point estimate: clip, never a negative error bar
+        ax.errorbar(v, y, xerr=[np.maximum(v - ci[:, 0], 0), np.maximum(ci[:, 1] - v, 0)], fmt="o", capsize=3)
         ax.set_yticks(y, [_short(r["config"]) for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
@@ -179,15 +180,17 @@ def _fig_effects(effects: list[dict], tasks: list[str], out: Path) -> str:
             e = next((e for e in effects if e["factor"] == f and e["task"] == t), None)
             if e is None:
                 continue
+            value = e["effect_sd"] if e["effect_sd"] is not None else e["range"]
             ys.append(i + (k - (len(factors) - 1) / 2) * width)
-            vs.append(e["range"])
-            ci = e["range_ci"] or [e["range"], e["range"]]
-            lo.append(e["range"] - ci[0])
-            hi.append(ci[1] - e["range"])
+            vs.append(value)
+            ci = e["effect_sd_ci"] or [value, value]
+            lo.append(max(value - ci[0], 0.0))
+            hi.append(max(ci[1] - value, 0.0))
         ax.barh(ys, vs, height=width, xerr=[lo, hi], capsize=3, label=f)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("range of the factor's level means (bootstrap 95 % CI over seeds)")
+    ax.set_xlabel("effect sd: noise-corrected spread of the factor's level means (bootstrap 95 % CI over seeds;\n"
+                  "the range of the level means where a study has one seed)")
     ax.set_title("factor effects: how much each factor moves each task", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
@@ -208,8 +211,8 @@ def _fig_cost(points: list[dict], y_label: str, out: Path) -> str:
             ax.annotate(_short(p["config"], 18), (p[key], p["y"]), fontsize=6, alpha=0.8)
         ax.set_xlabel(name)
         ax.grid(alpha=0.3)
-        xs = [p[key] for p in pts if p[key] > 0]
-        if xs and max(xs) > 20 * min(xs):
+        xs = [p[key] for p in pts]
+        if xs and min(xs) > 0 and max(xs) > 20 * min(xs):  # zeros (models: no training) stay on a linear axis
             ax.set_xscale("log")
         ax.xaxis.set_major_formatter(EngFormatter())
     axes[0].set_ylabel(y_label)
@@ -235,6 +238,7 @@ def _fig_tau(taus: dict, out: Path) -> str:
 
 def _rank_taus(p, collected: dict, labels: dict) -> dict:
     """For every rank evaluation with a truth: τw of each score against the truth over configurations."""
+    label_of = _labels(p, _only_models(p))
     out = {}
     for e in p.evaluations:
         if e.protocol != "rank":
@@ -245,7 +249,7 @@ def _rank_taus(p, collected: dict, labels: dict) -> dict:
             rows = (res or {}).get("models") or []
             if not rows or rows[0].get("truth") is None:
                 continue
-            c = _config_label(item["run"].factors, item["run"].trained, _only_models(p))
+            c = label_of[json.dumps(item["run"].factors, sort_keys=True, default=str)]
             per_config.setdefault(c, []).append(rows[0])
         if len(per_config) < 3:
             continue
@@ -253,7 +257,7 @@ def _rank_taus(p, collected: dict, labels: dict) -> dict:
         truth = [np.mean([r["truth"] for r in rows]) for rows in per_config.values()]
         out[labels[e.id]] = {}
         for s in scores:
-            vals = [[r["scores"].get(s) for r in rows] for rows in per_config.values()]
+            vals = [[(r.get("scores") or {}).get(s) for r in rows] for rows in per_config.values()]
             if any(v is None for vs in vals for v in vs):
                 continue
             out[labels[e.id]][s] = agg.weighted_tau([np.mean(v) for v in vals], truth)
@@ -274,7 +278,10 @@ def _export_tensorboard(collected: dict, labels: dict, out: Path) -> Path:
     """One TensorBoard run per study run: its factor values as hparams, every metric of every evaluation."""
     from torch.utils.tensorboard import SummaryWriter
 
+    import shutil
+
     root = out / "tensorboard"
+    shutil.rmtree(root, ignore_errors=True)  # a second report must not add a second copy of every run
     for item in collected["runs"]:
         r = item["run"]
         metrics = {}
@@ -296,7 +303,7 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
     import matplotlib
 
     matplotlib.use("Agg")
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader
 
     from visrep.study.plan import plan
 
@@ -315,7 +322,8 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
     labels = {e.id: _task_label(e.spec, used) for e in p.evaluations}
     primary = {e.id: _primary(e) for e in p.evaluations}
     signs = {labels[e.id]: primary[e.id][1] for e in p.evaluations}
-    records, run_values, cost = [], [], {}
+    label_of = _labels(p, only_models)
+    records, run_values, cost, no_metric = [], [], {}, set()
     for item in collected["runs"]:
         r = item["run"]
         values = {}
@@ -325,14 +333,20 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
                 continue
             from visrep.study.store import metrics_of
 
-            v = metrics_of(res).get(primary[e.id][0])
+            metrics = metrics_of(res)
+            v = metrics.get(primary[e.id][0])
+            if v is None and not e.spec.get("metric") and "mae" in metrics:  # a regression head: judged by MAE
+                primary[e.id] = ("mae", -1.0)
+                signs[labels[e.id]] = -1.0
+                v = metrics["mae"]
             if v is None:
+                no_metric.add(labels[e.id])
                 continue
             values[labels[e.id]] = v
             records.append({"factors": r.factors, "task": labels[e.id], "value": v, "trained": r.trained})
         if r.trained and values:
             run_values.append({"factors": r.factors, "values": values})
-        c = _config_label(r.factors, r.trained, only_models)
+        c = label_of[json.dumps(r.factors, sort_keys=True, default=str)]
         st = item["status"]
         if st.get("state") == "done" and st.get("backbone_params") is None:  # a status from before it was recorded
             from visrep.study.run import backbone_params
@@ -347,11 +361,7 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
                 cost[c][k].append(float(st[k]))
     if not records:
         raise ConfigError(f"study '{p.name}' has no finished evaluation yet; `visrep study status` shows its runs")
-    trained_of = {}
-    for r in p.runs:
-        trained_of[_config_label(r.factors, r.trained, only_models)] = r.trained
-    label_of = {json.dumps(r.factors, sort_keys=True, default=str): _config_label(r.factors, r.trained, only_models)
-                for r in p.runs}
+    trained_of = {label_of[json.dumps(r.factors, sort_keys=True, default=str)]: r.trained for r in p.runs}
     table = agg.build_table(records, signs, lambda f: label_of[json.dumps(f, sort_keys=True, default=str)])
     summary = agg.per_task(table)
     ranking = agg.aggregate(table, bootstrap=bootstrap)
@@ -384,13 +394,16 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
         figures["rank_tau"] = _fig_tau(taus, out)
 
     long_rows = []
+    in_plan = ({r.id for r in p.runs}, set(labels))
     for row in collected["store"].rows():
+        if row["run_id"] not in in_plan[0] or row["evaluation_id"] not in in_plan[1]:
+            continue  # runs or evaluations since removed from the study stay in the store, not in the report
         f = json.loads(row["factors"])
         long_rows.append({"run_id": row["run_id"], **{k: str(f.get(k, "")) for k in _all_keys(p)},
                           "evaluation": labels.get(row["evaluation_id"], row["evaluation_id"]),
                           "evaluation_id": row["evaluation_id"], "protocol": row["protocol"],
                           "metric": row["metric"], "value": row["value"], "fingerprint": row["fingerprint"] or ""})
-    csv_path = collected["store"].export_csv(out / "results.csv")
+    csv_path = collected["store"].export_csv(out / "results.csv", run_ids=in_plan[0], evaluation_ids=in_plan[1])
     parquet_path = _export_parquet(long_rows, out / "results.parquet")
     tb_path = _export_tensorboard(collected, labels, out) if tensorboard else None
 
@@ -404,11 +417,12 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
         "cost": {c: {k: (float(np.mean(v)) if isinstance(v, list) and v else v) for k, v in d.items()}
                  for c, d in cost.items()},
         "missing_results": collected["missing"],
+        "tasks_without_their_metric": sorted(no_metric - set(table.tasks)),
         "generated_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "report.json").write_text(json.dumps(numbers, indent=2, default=str) + "\n")
 
-    env = Environment(loader=PackageLoader("visrep.study", "templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("visrep.study", "templates"), autoescape=True)
     definition = Path(p.path).read_text() if p.path else json.dumps(study, indent=2, default=str)
     html = env.get_template("report.html.j2").render(
         p=p, numbers=numbers, figures=figures, long_rows=long_rows, long_keys=_all_keys(p), tables=table,
@@ -423,6 +437,28 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
             "aggregate": ranking, "factor_effects": effects, "factor_comparisons": comparisons}
 
 
+def _labels(p, only_models: bool) -> dict:
+    """factor values (as JSON) -> configuration label (seeds share one). Values alone ("simclr / byol") unless two
+    configurations would share a label (points with different keys): then key=value pairs."""
+    def conf(r):
+        return json.dumps({k: v for k, v in r.factors.items() if k != "seed"}, sort_keys=True, default=str)
+
+    labels = {json.dumps(r.factors, sort_keys=True, default=str): (conf(r), _config_label(r.factors, r.trained,
+                                                                                          only_models))
+              for r in p.runs}
+    seen: dict = {}
+    for c, lab in labels.values():
+        seen.setdefault(lab, set()).add(c)
+    if all(len(v) == 1 for v in seen.values()):
+        return {k: lab for k, (_, lab) in labels.items()}
+    out = {}
+    for r in p.runs:
+        parts = ", ".join(f"{k}={v}" for k, v in r.factors.items() if k != "seed") or "all runs"
+        out[json.dumps(r.factors, sort_keys=True, default=str)] = parts if r.trained else labels[
+            json.dumps(r.factors, sort_keys=True, default=str)][1]
+    return out
+
+
 def _only_models(p) -> bool:
     return not any(r.trained for r in p.runs)
 
@@ -435,19 +471,22 @@ def _all_keys(p) -> list[str]:
 
 
 def _reading(effects: list[dict], comparisons: list[dict], tasks: list[str]) -> list[str]:
-    """One sentence per task: how much each factor moves it, which contrasts exclude 0, and whether the largest
-    factor's range is larger than the next one's (the interval of their difference)."""
+    """One sentence per task: each factor's effect sd and contrasts, and whether the larger effect is larger than
+    the next one (the interval of their difference)."""
     lines = []
     for t in tasks:
-        es = sorted([e for e in effects if e["task"] == t], key=lambda e: -e["range"])
+        es = sorted([e for e in effects if e["task"] == t], key=lambda e: -(e["effect_sd"] or 0.0))
         if not es:
             continue
         parts = []
         for e in es:
             sig = [c for c in e["contrasts"] if c["ci95"] is not None and abs(c["mean"]) > c["ci95"]]
-            ci = f" (95 % CI {e['range_ci'][0]:.4f} to {e['range_ci'][1]:.4f})" if e["range_ci"] else ""
-            parts.append(f"{e['factor']} moves it by {e['range']:.4f}{ci}, "
-                         f"{len(sig)} of {len(e['contrasts'])} contrasts exclude 0")
+            if e["effect_sd"] is None:
+                size = f"level means span {e['range']:.4f} (one seed: no interval)"
+            else:
+                ci = e["effect_sd_ci"]
+                size = f"effect sd {e['effect_sd']:.4f}" + (f" (95 % CI {ci[0]:.4f} to {ci[1]:.4f})" if ci else "")
+            parts.append(f"{e['factor']}: {size}, {len(sig)} of {len(e['contrasts'])} contrasts exclude 0")
         line = f"{t}: " + "; ".join(parts)
         if len(es) >= 2:
             c = next((c for c in comparisons if c["task"] == t and {c["a"], c["b"]} == {es[0]["factor"],
@@ -455,8 +494,12 @@ def _reading(effects: list[dict], comparisons: list[dict], tasks: list[str]) -> 
             if c is not None:
                 sign = 1 if c["a"] == es[0]["factor"] else -1
                 lo, hi = sorted((sign * c["ci95"][0], sign * c["ci95"][1]))
-                verdict = ("so its effect is the larger one" if lo > 0 else
-                           "an interval that includes 0, so this study cannot say which effect is larger")
+                if lo > 0:
+                    verdict = f"so {es[0]['factor']} moves this task more"
+                elif hi < 0:
+                    verdict = f"so {es[1]['factor']} moves this task more"
+                else:
+                    verdict = "an interval that includes 0, so this study cannot say which moves it more"
                 line += (f". {es[0]['factor']} minus {es[1]['factor']}: {sign * c['difference']:+.4f} "
                          f"(95 % CI {lo:+.4f} to {hi:+.4f}), {verdict}")
         lines.append(line + ".")

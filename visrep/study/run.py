@@ -42,7 +42,7 @@ def _evaluate(spec: dict, source: str, out: Path, model: dict | None = None) -> 
     """One evaluation of one backbone: a study's run folder, or a `models:` entry (source + backbone options)."""
     from visrep.study.plan import _protocols
 
-    kwargs = {k: v for k, v in spec.items() if k not in ("protocol", "data_dir", "options")}
+    kwargs = {k: v for k, v in spec.items() if k not in ("protocol", "data_dir", "options", "metric")}
     kwargs.update(root=spec.get("data_dir"), dataset_options=spec.get("options"), out=str(out), progress=False)
     if model is not None:
         if model.get("backbone_options"):
@@ -152,6 +152,7 @@ def _prepare_out_dir(p) -> None:
     ResultsStore(out / "results.sqlite", p.name)  # created now, so a foreign or old store is refused before work
 
 
+DEFAULT_TIMEOUT_MIN = 24 * 60
 # submitit's update_parameters keys that a study may set (generic ones, plus any slurm_* / local_* key).
 SUBMITIT_KEYS = ("cluster", "timeout_min", "mem_gb", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node",
                  "name", "stderr_to_stdout")
@@ -160,6 +161,8 @@ SUBMITIT_KEYS = ("cluster", "timeout_min", "mem_gb", "nodes", "tasks_per_node", 
 def _check_executor_options(options) -> dict:
     options = dict(options or {})
     for key in options:
+        if not isinstance(key, str):
+            raise ConfigError(f"executor option names are text, got {key!r}")
         if key not in SUBMITIT_KEYS and not key.startswith(("slurm_", "local_")):
             import difflib
 
@@ -181,10 +184,31 @@ def _submit(p, todo: list[dict], workers: int, options: dict, bar) -> list[dict]
         raise ConfigError("--executor slurm needs submitit (pip install submitit)") from None
     options = dict(options)
     cluster = options.pop("cluster", "slurm")
+    # submitit's own default time limit is a few minutes, which would kill every real run: a day unless told
+    options.setdefault("timeout_min", DEFAULT_TIMEOUT_MIN)
+    options.setdefault("slurm_array_parallelism", workers)
+    options.setdefault("name", f"visrep-{p.name}")
     folder = Path(p.out_dir) / "submitit" / "%j"  # on Slurm the study's folder must be on a shared filesystem
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    ex.update_parameters(name=options.pop("name", f"visrep-{p.name}"), slurm_array_parallelism=workers, **options)
-    jobs = ex.map_array(run_one, todo)
+    try:
+        ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        ex.update_parameters(**options)
+    except (AssertionError, NameError, TypeError, ValueError) as e:
+        raise ConfigError(f"submitit refused the executor options {options} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'a value of the wrong type'})") from None
+    # Slurm runs `workers` array tasks at a time; the local executors ignore that, so submit in waves of `workers`
+    waves = [todo] if cluster == "slurm" else [todo[i:i + workers] for i in range(0, len(todo), workers)]
+    results = []
+    for wave in waves:
+        try:
+            jobs = ex.map_array(run_one, wave)
+        except OSError as e:  # e.g. no sbatch on this machine
+            raise ConfigError(f"could not submit to {cluster} ({e.strerror or e}); is this a Slurm login node?") from None
+        results += _wait(jobs, wave, cluster, bar)
+    return results
+
+
+def _wait(jobs, todo: list[dict], cluster: str, bar) -> list[dict]:
+    """Each job's status: its own, or `failed` with submitit's last log line when the job died without one."""
     results = []
     for job, spec in zip(jobs, todo):
         try:
@@ -222,7 +246,11 @@ def run_study(study, *, workers: int = 1, executor: str = "local", executor_opti
     p = plan(study)
     _prepare_out_dir(p)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = int(options.get("cpus_per_task") or 0) if executor == "slurm" else max(1, cores // workers)
+    local_cores = max(1, cores // workers)
+    if executor == "slurm":  # a job's threads: its cpus_per_task, or on this machine its share of the cores
+        threads = int(options.get("cpus_per_task") or (0 if options.get("cluster", "slurm") == "slurm" else local_cores))
+    else:
+        threads = local_cores
     jobs = _jobs(p, threads=threads)
     todo, skipped = [], []
     for job in jobs:

@@ -95,9 +95,11 @@ class ResultsStore:
             db.row_factory = sqlite3.Row
             return [dict(r) for r in db.execute("SELECT * FROM results ORDER BY run_id, evaluation_id, metric")]
 
-    def export_csv(self, path: str | Path) -> Path:
-        """The long table with one column per factor (factor values spelled out) instead of the JSON column."""
-        rows = self.rows()
+    def export_csv(self, path: str | Path, run_ids=None, evaluation_ids=None) -> Path:
+        """The long table with one column per factor (factor values spelled out) instead of the JSON column;
+        optionally only the given runs and evaluations."""
+        rows = [r for r in self.rows() if (run_ids is None or r["run_id"] in run_ids)
+                and (evaluation_ids is None or r["evaluation_id"] in evaluation_ids)]
         factor_keys: list[str] = []
         for r in rows:
             factor_keys += [k for k in json.loads(r["factors"]) if k not in factor_keys]
