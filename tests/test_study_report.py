@@ -252,7 +252,7 @@ def _chromium():
 
 def _browse(html: Path, *flags) -> subprocess.CompletedProcess:
     return subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--enable-logging=stderr", "--v=0", *flags, html.as_uri()],
+                           "--enable-logging=stderr", "--v=0", *flags, html.resolve().as_uri()],
                           capture_output=True, text=True, timeout=120)
 
 
