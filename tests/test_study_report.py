@@ -13,20 +13,9 @@ from visrep.errors import ConfigError
 from visrep.study import aggregate as agg
 from visrep.study import plan, report, run_study, status
 
-SYN = {"n": 64, "num_classes": 4}
+from test_study_run import SYN, tiny  # the same tiny synthetic study
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny(out_dir, steps=3, **extra):
-    return {"name": "tiny", "out_dir": str(out_dir),
-            "base": {"data": {"dataset": "synthetic", "image_size": 16, "options": SYN},
-                     "backbone": {"name": "resnet18", "options": {"cifar_stem": True, "width": 8}},
-                     "train": {"batch_size": 32, "deterministic": True},
-                     "monitor": {"knn_every": 0, "rankme_every": 0}},
-            "budget": {"steps": steps}, "factors": {"method": ["simclr", "byol"], "seed": [0, 1]},
-            "evaluations": [{"protocol": "knn", "dataset": "synthetic", "options": SYN},
-                            {"protocol": "linear", "dataset": "synthetic", "options": SYN, "solver": "lbfgs"}],
-            **extra}
 
 
 # --- the formulas, on cases small enough to compute by hand ------------------------------------------------------
