@@ -204,6 +204,14 @@ def test_models_from_another_studys_finished_runs(tmp_path):
     assert [r.factors["model"] for r in p.runs] == ["tiny:simclr", "tiny:byol"]
     assert all(Path(r.model["source"]).is_dir() for r in p.runs)
     assert run_study(str(pool), progress=False)["failed"] == {}
+    from visrep.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["study", "report", str(pool), "--bootstrap", "5", "--out", str(tmp_path / "rep")])
+    assert done.value.code == 0 and "tiny:byol" in (tmp_path / "rep" / "index.html").read_text()
+    with pytest.raises(SystemExit) as done:  # a YAML mistake in the options: one sentence, no traceback
+        main(["study", "run", str(pool), "--executor", "slurm", "--executor-options", "{cluster: [local"])
+    assert done.value.code != 0
     with pytest.raises(ConfigError, match="has no factor 'sed' .*did you mean 'seed'"):
         plan({"name": "x", "models": [{"from_study": str(tmp_path / "grid.yaml"), "where": {"sed": 0}}],
               "evaluations": [{"protocol": "knn", "dataset": "digits"}]})
