@@ -26,6 +26,8 @@ import numpy as np
 
 from visrep.errors import ConfigError
 from visrep.study import aggregate as agg
+from visrep.study.run import _status_path, _write_json, backbone_params
+from visrep.study.store import ResultsStore, metrics_of
 
 FIGURE_DPI = 110
 
@@ -55,9 +57,6 @@ def _config_label(factors: dict, trained: bool, only_models: bool = False) -> st
 
 def collect(p) -> dict:
     """Record every finished evaluation JSON of the plan into the store; return what the report needs per run."""
-    from visrep.study.run import _status_path
-    from visrep.study.store import ResultsStore
-
     store = ResultsStore(Path(p.out_dir) / "results.sqlite", p.name)
     runs = []
     missing = 0
@@ -286,8 +285,6 @@ def _export_tensorboard(collected: dict, labels: dict, out: Path) -> Path:
         r = item["run"]
         metrics = {}
         for eid, res in item["results"].items():
-            from visrep.study.store import metrics_of
-
             for m, v in metrics_of(res).items():
                 metrics[f"{labels[eid]}/{m}"] = v
         if not metrics:
@@ -331,8 +328,6 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
             res = item["results"].get(e.id)
             if res is None:
                 continue
-            from visrep.study.store import metrics_of
-
             metrics = metrics_of(res)
             v = metrics.get(primary[e.id][0])
             if v is None and not e.spec.get("metric") and "mae" in metrics:  # a regression head: judged by MAE
@@ -343,16 +338,16 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
                 no_metric.add(labels[e.id])
                 continue
             values[labels[e.id]] = v
-            records.append({"factors": r.factors, "task": labels[e.id], "value": v, "trained": r.trained})
+            records.append({"factors": r.factors, "task": labels[e.id], "value": v})
         if r.trained and values:
             run_values.append({"factors": r.factors, "values": values})
         c = label_of[json.dumps(r.factors, sort_keys=True, default=str)]
         st = item["status"]
         if st.get("state") == "done" and st.get("backbone_params") is None:  # a status from before it was recorded
-            from visrep.study.run import backbone_params
 
             try:
                 st["backbone_params"] = backbone_params(r.model["source"] if r.model else r.config["out_dir"], r.model)
+                _write_json(_status_path(Path(r.config["out_dir"])), st)  # counted once, not at every report
             except Exception:  # noqa: BLE001 - the cost axis is optional; the accuracy numbers are not
                 pass
         cost.setdefault(c, {"steps": [], "train_seconds": [], "backbone_params": [], "model": not r.trained})
@@ -414,7 +409,7 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
         "per_task": summary, "aggregate": ranking,
         "task_correlation": [{"a": a, "b": b, "spearman": v} for (a, b), v in corr.items()],
         "factor_effects": effects, "factor_comparisons": comparisons, "rank_weighted_tau": taus,
-        "cost": {c: {k: (float(np.mean(v)) if isinstance(v, list) and v else v) for k, v in d.items()}
+        "cost": {c: {k: ((float(np.mean(v)) if v else None) if isinstance(v, list) else v) for k, v in d.items()}
                  for c, d in cost.items()},
         "missing_results": collected["missing"],
         "tasks_without_their_metric": sorted(no_metric - set(table.tasks)),
