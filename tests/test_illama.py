@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 import visrep
 from visrep.errors import ConfigError
+from visrep.methods import METHODS
 from visrep.models import build_backbone
 from visrep.models import illama as il
 
-from conftest import tiny_overrides
+from conftest import preset_overrides, tiny_overrides
 
 
 def _attn(q, k, v, mask):
@@ -153,32 +154,14 @@ def test_illama_trains_with_joint_embedding_and_supervised_presets(tmp_path, met
     assert s["steps"] == 4 and math.isfinite(s["final_loss"])
 
 
-ALL_PRESETS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav",
-               "mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised", "supervised_gcr"]
-
-
 @pytest.mark.parametrize("backbone", ["illama_tiny", "vit_tiny"])
-@pytest.mark.parametrize("method", ALL_PRESETS)
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_preset_runs_with_vit_and_illama(tmp_path, method, backbone):
     """One step of every method with a 1-block ViT / iLLaMA (the preset's heads shrunk), then a kNN eval."""
-    from test_train import _small_heads
-
-    over = tiny_overrides(tmp_path, method=method)
+    over = preset_overrides(tmp_path, method)
     over["backbone"] = {"name": backbone, "options": {"depth": 1}}
     over["train"].update(epochs=1, max_steps=1)
     over["monitor"]["knn_every"] = 0
-    if method in ("mae", "simmim", "hpm", "hpm_loss_pred_only", "supervised", "supervised_gcr"):
-        over.pop("projector")
-        dec = {"type": "mae", "dim": 16, "depth": 1, "heads": 2}
-        if method not in ("simmim", "supervised", "supervised_gcr"):
-            over["decoder"] = dec
-        if method.startswith("hpm"):
-            over["loss_predictor"] = dec
-    else:
-        heads = _small_heads(method)
-        over.update({k: v for k, v in heads.items() if k != "objective"})
-        if "objective" in heads:
-            over["objective"] = heads["objective"]
     s = visrep.pretrain(visrep.resolve(over), quiet=True)
     assert s["steps"] == 1 and math.isfinite(s["final_loss"])
     res = visrep.evaluate_knn(s["out_dir"], dataset="synthetic", dataset_options={"n": 64, "num_classes": 4},

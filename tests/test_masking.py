@@ -135,8 +135,12 @@ def test_hpm_loss_is_reconstruction_plus_prediction_and_t_is_detached():
     pred = torch.zeros(1, 2, 3, requires_grad=True)
     tgt = torch.tensor([[[1.0] * 3, [2.0] * 3]])
     m, lp = torch.tensor([[True, True]]), torch.zeros(1, 2, requires_grad=True)
-    loss = HPMLoss(norm_pix=False)([pred], [tgt], mask=m, loss_pred=lp)
+    terms = HPMLoss(norm_pix=False)([pred], [tgt], mask=m, loss_pred=lp)
+    loss = terms["loss"]
     assert loss.item() == pytest.approx((1 + 4) / 2 + math.log(2), rel=1e-6)
+    # the two terms, logged as they are: ℓ_rec = (1 + 4)/2, ℓ_pred = log 2 (uniform softmax over 2 patches)
+    assert terms["reconstruction"].item() == pytest.approx(2.5) and terms["loss_prediction"].item() == pytest.approx(math.log(2))
+    assert not terms["reconstruction"].requires_grad
     loss.backward()
     # reconstruction gradient only: d/dpred of mean over 2 patches of mean_k (pred − t)² = 2(pred − t)/(2·3)
     assert torch.allclose(pred.grad, -(tgt / 3.0))
@@ -189,13 +193,6 @@ def _mim_overrides(tmp_path, method, backbone="vit_tiny", **extra):
         over["loss_predictor"] = dec
     over.update(extra)
     return over
-
-
-@pytest.mark.parametrize("method", ["mae", "simmim", "hpm", "hpm_loss_pred_only"])
-def test_mim_presets_train_in_the_one_loop(tmp_path, method):
-    cfg = visrep.resolve(_mim_overrides(tmp_path, method))
-    s = visrep.pretrain(cfg, quiet=True)
-    assert s["steps"] == 4 and math.isfinite(s["final_loss"])
 
 
 def test_hpm_resume_equals_uninterrupted_run(tmp_path):

@@ -8,41 +8,20 @@ from safetensors.torch import load_file
 
 import visrep
 from visrep.errors import ConfigError, TrainingError, VisrepError
+from visrep.methods import METHODS
 from visrep.train.checkpoint import load_checkpoint, strip_prefix
 
-from conftest import tiny_overrides
+from conftest import preset_overrides, tiny_overrides
 
-PRESETS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav"]
-
-
-def _small_heads(method):
-    # Keep the presets' structure but shrink their widths so a test step takes milliseconds.
-    if method == "dino":
-        return {"projector": {"type": "dino", "hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64},
-                "objective": {"params": {"out_dim": 64}}}
-    if method == "swav":
-        return {"projector": {"type": "swav", "hidden_dim": 32, "out_dim": 16, "num_prototypes": 20}}
-    if method == "moco_v2":
-        return {"objective": {"params": {"queue_size": 128, "out_dim": 16}}}
-    out = {"projector": {"hidden_dim": 32, "out_dim": 16}}
-    if method in ("byol", "moco_v3", "simsiam"):
-        out["predictor"] = {"hidden_dim": 32, "out_dim": 16}
-    return out
-
-
-@pytest.mark.parametrize("method", PRESETS)
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_preset_trains_with_the_same_loop(tmp_path, method):
-    heads = _small_heads(method)
-    over = tiny_overrides(tmp_path, method=method, **heads)
-    if "type" in heads.get("projector", {}):
-        over["projector"] = heads["projector"]  # replace, not merge: dino/swav heads take other options
-    over["train"]["epochs"] = 1
-    cfg = visrep.resolve(over)
-    summary = visrep.pretrain(cfg, quiet=True)
+    """Every registered method (a new preset is tested automatically), through `pretrain`: steps, monitors, log."""
+    over = preset_overrides(tmp_path, method, train={"epochs": 1})
+    summary = visrep.pretrain(visrep.resolve(over), quiet=True)
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     assert "knn_top1" in summary["history"][-1]
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("loss" in l for l in lines)
+    assert [l["step"] for l in lines if "loss" in l] == [1, 2]
 
 
 def _weights(run_dir):
@@ -52,9 +31,9 @@ def _weights(run_dir):
 @pytest.mark.parametrize("method", ["byol", "moco_v2"])
 def test_resume_equals_uninterrupted_run(tmp_path, method):
     """Stop after epoch 1 (as a kill would leave it), resume: final weights equal an uninterrupted run."""
-    full = visrep.resolve(tiny_overrides(tmp_path / "a", method=method, **_small_heads(method)))
+    full = visrep.resolve(preset_overrides(tmp_path / "a", method))
     visrep.pretrain(full, quiet=True)
-    part = tiny_overrides(tmp_path / "b", method=method, **_small_heads(method))
+    part = preset_overrides(tmp_path / "b", method)
     part["train"]["max_steps"] = 2
     s1 = visrep.pretrain(visrep.resolve(part), quiet=True)
     assert s1["stop_reason"] == "max_steps" and s1["steps"] == 2
@@ -150,7 +129,7 @@ def test_checkpoint_is_safetensors_and_backbone_loads_into_timm(tmp_path):
 
 
 def test_gradient_clipping_and_schedules(tmp_path, monkeypatch):
-    from visrep.train.loop import Schedules
+    from visrep.train.state import Schedules
 
     calls = []
     real = torch.nn.utils.clip_grad_norm_

@@ -407,6 +407,9 @@ def validate(cfg: RunConfig) -> None:
     from visrep.models.lora import check_lora_spec
 
     build_mixing(cfg.mixing, num_classes=2)
+    if cfg.mixing is not None and policy.n_views != 1:
+        raise ConfigError(f"mixing needs a one-view policy (e.g. views.policy=crop), '{cfg.views.policy}' makes "
+                          f"{policy.n_views} views")
     ft = cfg.finetune
     check_lora_spec(ft.lora)
     if ft.layer_decay is not None and not 0 < ft.layer_decay <= 1:

@@ -49,6 +49,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def any_rank_flags(flags: torch.Tensor, info: DistInfo) -> list[bool]:
+    """Several stop flags (a float tensor on the device) agreed across processes in one collective and one host
+    sync: each is true everywhere if it is true on any process."""
+    if info.world_size > 1:
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in flags.tolist()]
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     from visrep.errors import ConfigError
 
