@@ -89,10 +89,11 @@ class OptimConfig:
     exclude_bias_norm: bool = True     # no weight decay / LARS adaptation for biases and norm layers
     clip_grad: Optional[float] = None  # max global grad norm (None: no clipping)
     # Riemannian SGD for parameters on a manifold (the GCR head's class subspaces); it follows the same
-    # warm-up + cosine shape as the main lr, from `manifold_lr` (None: the main optimiser's lr).
+    # warm-up + cosine shape as the main lr, from `manifold_lr` (None: the main optimiser's lr), batch-scaled
+    # like the main lr (GCR's official code: the bases' group lr = the scaled lr x its lr factor).
     manifold_lr: Optional[float] = None
     manifold_momentum: float = 0.9
-    manifold_qr_every: int = 10        # re-orthonormalise the bases with QR every N steps
+    manifold_qr_every: int = 5         # re-orthonormalise the bases with QR every N steps, from the first (GCR)
 
 
 @dataclass

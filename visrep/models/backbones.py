@@ -106,7 +106,8 @@ def _illama(size: str):
     dim, depth, heads = ILLAMA_SIZES[size]
     build.__doc__ = (f"iLLaMA-{size.capitalize()} {dim}/{depth}/{heads} (Wang et al. 2024, causal LLaMA blocks); "
                      "options: image_size, patch_size, rope (1d | 2d), soft_mask (none | constant | linear), "
-                     "soft_mask_ratio, soft_mask_epochs.")
+                     "soft_mask_ratio, soft_mask_epochs, soft_mask_form (official | renormalised), pos_embed "
+                     "(learned | none), qkv_bias, drop_path; defaults: the official recipe of this size.")
     return build
 
 

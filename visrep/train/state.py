@@ -40,8 +40,8 @@ class Schedules:
         scale = cfg.train.batch_size / 256 if o.lr_scaling == "linear" else 1.0
         warmup = round(o.warmup_epochs * steps_per_epoch)
         self.lr = warmup_cosine(o.lr * scale, o.min_lr * scale, total, warmup)
-        # Riemannian SGD (manifold parameters): the same shape, from its own base lr (not batch-scaled).
-        m_lr = o.lr * scale if o.manifold_lr is None else o.manifold_lr
+        # Riemannian SGD (manifold parameters): the same shape and batch scaling, from its own base lr.
+        m_lr = (o.lr if o.manifold_lr is None else o.manifold_lr) * scale
         self.manifold_lr = warmup_cosine(m_lr, m_lr * (o.min_lr / o.lr if o.lr else 0.0), total, warmup)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         self.wd = warmup_cosine(o.weight_decay, wd_end, total, 0)
