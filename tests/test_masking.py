@@ -69,10 +69,27 @@ def test_hard_patches_takes_the_top_predicted_then_random():
 
 def test_alpha_schedule_rises_linearly_from_0_to_half():
     a = HardPatchesMask.alpha_at
+    # per step (alpha_schedule=step): α = 0.5·t/T
     assert a(0, 100) == 0.0 and a(50, 100) == 0.25 and a(100, 100) == 0.5 and a(25, 100) == 0.125
+    # per epoch (official): α = 0.5·(e + 1)/E; 12 epochs of 10 steps: step 30 is epoch 3 -> 0.5·4/12
+    assert a(30, 120, 0.5, steps_per_epoch=10) == pytest.approx(0.5 * 4 / 12)
+    assert a(39, 120, 0.5, steps_per_epoch=10) == a(30, 120, 0.5, steps_per_epoch=10)  # constant within an epoch
+    assert a(0, 120, 0.5, steps_per_epoch=10) == pytest.approx(0.5 / 12) and a(119, 120, 0.5, 10) == 0.5
     gen = HardPatchesMask(ratio=0.75)
     gen.set_progress(30, 120, 10)
+    assert gen.alpha == pytest.approx(0.5 * 4 / 12)
+    gen = HardPatchesMask(ratio=0.75, alpha_schedule="step")
+    gen.set_progress(30, 120, 10)
     assert gen.alpha == pytest.approx(0.125)
+
+
+def test_linear_teacher_momentum_per_epoch_as_in_hpm():
+    from visrep.train.schedules import momentum_schedule
+
+    # 0.999 -> 0.9999 linearly over the first 100 epochs, constant within an epoch, then 0.9999
+    m = momentum_schedule(0.999, 0.9999, 300, "linear", steps_per_epoch=2, epochs=100)
+    assert m[0] == m[1] == pytest.approx(0.999) and m[2] == pytest.approx(0.999 + 0.0009 / 100)
+    assert m[100] == pytest.approx(0.999 + 0.0009 / 2) and m[200] == m[299] == pytest.approx(0.9999)
 
 
 def test_mask_config_errors_are_one_sentence():
@@ -226,3 +243,43 @@ def test_mim_config_mistakes_fail_at_config_time(tmp_path):
     over["backbone"] = {"name": "resnet18", "options": {"cifar_stem": True, "width": 8}}
     with pytest.raises(ConfigError, match="needs a ViT-style backbone"):
         visrep.pretrain(visrep.resolve(over), quiet=True)
+
+
+def test_hpm_preset_matches_the_official_code(tmp_path):
+    """Raw-pixel targets, linear per-epoch teacher momentum 0.999 -> 0.9999 over 100 epochs, a loss predictor
+    that shares the reconstructor's input layers and predicts p·p·3 values averaged, the class token in both
+    decoders, xavier init and LayerNorm eps 1e-6."""
+    from visrep.methods import build_template
+
+    cfg = visrep.resolve(_mim_overrides(tmp_path, "hpm"))
+    assert cfg.objective.params["norm_pix"] is False
+    assert (cfg.target.momentum, cfg.target.momentum_end, cfg.target.momentum_schedule, cfg.target.momentum_epochs) \
+        == (0.999, 0.9999, "linear", 100)
+    torch.manual_seed(0)
+    model = build_template(cfg, 16, 4)
+    dec, lp = model.decoder, model.loss_predictor
+    assert not hasattr(lp, "embed") and not hasattr(lp, "mask_token") and lp.pred.out_features == 4 * 4 * 3
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in dec.modules() if isinstance(m, torch.nn.Linear))
+    w = dec.pred.weight
+    assert float(w.abs().max()) <= math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier-uniform bound
+    assert all(m.eps == 1e-6 for m in (*dec.modules(), *lp.modules()) if isinstance(m, torch.nn.LayerNorm))
+    # the loss prediction is a function of the shared input layers: its gradient reaches decoder.embed
+    out = model.train()([torch.rand(2, 3, 16, 16)], 1, seed=0)
+    out.extras["loss_pred"].sum().backward()
+    assert float(dec.embed.weight.grad.abs().sum()) > 0 and float(dec.mask_token.grad.abs().sum()) > 0
+    assert out.extras["loss_pred"].shape == (2, 16)
+
+
+def test_mae_decoder_reads_the_class_token_and_drops_it_from_its_output():
+    from visrep.models.decoders import MAEDecoder
+
+    torch.manual_seed(0)
+    dec = MAEDecoder(8, out_dim=5, dim=8, depth=1, heads=2).eval()
+    tokens, cls = torch.randn(2, 4, 8), torch.randn(2, 8)
+    x = dec.embed_input(tokens, None, (2, 2), cls)
+    assert x.shape == (2, 5, 8) and torch.allclose(x[:, 0], dec.embed(cls))  # class token first, position zeros
+    out = dec(tokens, None, (2, 2), cls)
+    assert out.shape == (2, 4, 5)
+    assert not torch.allclose(out, dec(tokens, None, (2, 2), cls + 1.0))       # it attends to the class token
+    no_cls = MAEDecoder(8, out_dim=5, dim=8, depth=1, heads=2, cls_token=False).eval()
+    assert torch.equal(no_cls(tokens, None, (2, 2), cls), no_cls(tokens, None, (2, 2), cls + 1.0))

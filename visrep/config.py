@@ -56,6 +56,8 @@ class TargetConfig:
     branch: str = "none"               # none | stopgrad | ema  (where the objective's targets come from)
     momentum: float = 0.99             # EMA teacher momentum at step 0 (BYOL: 0.996 for ImageNet, 0.99 CIFAR)
     momentum_end: float = 1.0          # cosine-increased to this value at the last step (BYOL)
+    momentum_schedule: str = "cosine"  # cosine (BYOL) | linear (per epoch, to momentum_end at momentum_epochs; HPM)
+    momentum_epochs: Optional[float] = None  # linear: epochs to reach momentum_end (None: the whole run)
 
 
 @dataclass
@@ -393,6 +395,8 @@ def validate(cfg: RunConfig) -> None:
     masking = build_mask_generator(cfg.masking)
     check_decoder_spec(cfg.decoder, "decoder")
     check_decoder_spec(cfg.loss_predictor, "loss_predictor")
+    if (cfg.decoder or {}).get("share_input"):
+        raise ConfigError("decoder.share_input is for a loss_predictor (it reads the decoder's input layers)")
     if masking is None and (cfg.decoder is not None or cfg.loss_predictor is not None):
         raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
     if masking is not None and cfg.decoder is None:
@@ -424,6 +428,10 @@ def validate(cfg: RunConfig) -> None:
                           "differ from the one eval --label-fraction draws; use one of them")
     if cfg.data.label_fraction is not None and not 0 < cfg.data.label_fraction <= 1:
         raise ConfigError(f"data.label_fraction must be in (0, 1], got {cfg.data.label_fraction}")
+    if cfg.target.momentum_schedule not in ("cosine", "linear"):
+        raise ConfigError(f"target.momentum_schedule must be cosine or linear, got {cfg.target.momentum_schedule!r}")
+    if cfg.target.momentum_epochs is not None and not cfg.target.momentum_epochs > 0:
+        raise ConfigError(f"target.momentum_epochs must be > 0, got {cfg.target.momentum_epochs}")
     if cfg.optim.manifold_qr_every < 1:
         raise ConfigError(f"optim.manifold_qr_every must be at least 1, got {cfg.optim.manifold_qr_every}")
     valid = objective_params(cfg.objective.name)

@@ -9,7 +9,8 @@ Masked image modelling (`masking` set; one view):
 
     view ──► mask generator ──► backbone (visible tokens, or mask tokens) ──► decoder ──► student [pred]
       └──────────────────────────────────────────────── patchified pixels ──► teacher [target]
-                                  backbone tokens ──► loss_predictor ──► extras["loss_pred"]  (HPM)
+                                  backbone tokens ──► loss_predictor ──► extras["loss_pred"]  (HPM; with
+                                  share_input it reads the decoder's embedded tokens, as the official code)
     EMA teacher (backbone + loss_predictor) on the full view ──► per-patch scores ──► hard_patches masks
 
 `objective(student, teacher, **inputs)` turns the two lists into a loss; `inputs` are the extras the
@@ -60,12 +61,21 @@ class Template(nn.Module):
                                   "(its masks come from the EMA teacher's loss predictions)")
         elif decoder is not None or loss_predictor is not None:
             raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
+        # HPM's loss predictor may read the reconstruction decoder's embedded input (its `share_input`).
+        self.shared_input = bool(getattr(loss_predictor, "share_input", False))
+        if self.shared_input and not hasattr(decoder, "embed_input"):
+            raise ConfigError("loss_predictor.share_input needs a decoder with input layers (decoder.type=mae)")
+        if self.shared_input and decoder.dim != loss_predictor.dim:
+            raise ConfigError(f"loss_predictor.share_input reads the decoder's tokens, so its dim must be the "
+                              f"decoder's ({decoder.dim}), got {loss_predictor.dim}")
         if target == "ema":
             # The teacher is a frozen copy, updated only by `update_teacher` (BYOL/MoCo/DINO momentum encoder).
             self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
             self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
             if loss_predictor is not None:
                 self.teacher_loss_predictor = copy.deepcopy(loss_predictor).requires_grad_(False)
+            if self.shared_input:  # the teacher's loss predictor reads the EMA decoder's input layers
+                self.teacher_decoder = copy.deepcopy(decoder).requires_grad_(False)
 
     def student_modules(self):
         parts = (self.backbone, self.projector, self.predictor, self.decoder, self.loss_predictor, self.mask_embedding)
@@ -75,6 +85,8 @@ class Template(nn.Module):
         pairs = [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
         if self.loss_predictor is not None:
             pairs.append((self.loss_predictor, self.teacher_loss_predictor))
+        if self.shared_input:
+            pairs.append((self.decoder, self.teacher_decoder))
         return pairs
 
     def forward(self, views: list[torch.Tensor], n_global: int, seed: int = 0) -> TemplateOutput:
@@ -101,16 +113,30 @@ class Template(nn.Module):
         scores = None
         if self.masking.needs_scores:  # HPM: the EMA teacher predicts each patch's loss on the full image
             with torch.no_grad():
-                tokens, _ = encode_masked(self.teacher_backbone, x)
-                scores = self.teacher_loss_predictor(tokens, None, grid).squeeze(-1)
+                tokens, cls = encode_masked(self.teacher_backbone, x)
+                scores = self._predict_loss(self.teacher_decoder if self.shared_input else None,
+                                            self.teacher_loss_predictor, tokens, None, grid, cls)
         mask = self.masking(x.shape[0], grid, gen, scores)
         token = self.mask_embedding.mask_token if self.mask_embedding is not None else None
-        tokens, pooled = encode_masked(self.backbone, x, mask, token)
+        tokens, cls = encode_masked(self.backbone, x, mask, token)  # cls: the pooled (class) token
         extras = {"mask": mask}
-        if self.loss_predictor is not None:
-            extras["loss_pred"] = self.loss_predictor(tokens, mask, grid).squeeze(-1)
-        pred = self.decoder(tokens, mask, grid)
-        return TemplateOutput([pred], [patchify(x, p)], pooled.detach(), extras)
+        if self.shared_input:  # one embedded input, two heads (official HPM)
+            embedded = self.decoder.embed_input(tokens, mask, grid, cls)
+            pred = self.decoder.head(embedded, grid)
+            extras["loss_pred"] = self.loss_predictor.head(embedded, grid).mean(-1)
+        else:
+            pred = self.decoder(tokens, mask, grid, cls)
+            if self.loss_predictor is not None:
+                extras["loss_pred"] = self._predict_loss(None, self.loss_predictor, tokens, mask, grid, cls)
+        return TemplateOutput([pred], [patchify(x, p)], cls.detach(), extras)
+
+    @staticmethod
+    def _predict_loss(decoder, loss_predictor, tokens, mask, grid, cls) -> torch.Tensor:
+        """[B, L] predicted per-patch losses: the predictor's outputs averaged (official HPM: p·p·3 values per
+        patch, averaged; with out_dim 1 the one value), from the decoder's embedded input when shared."""
+        if decoder is not None:
+            return loss_predictor.head(decoder.embed_input(tokens, mask, grid, cls), grid).mean(-1)
+        return loss_predictor(tokens, mask, grid, cls).mean(-1)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -170,7 +196,8 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, load_in
     if masking is not None:
         p, width = patch_size_of(backbone), embed_dim_of(backbone)
         decoder = build_decoder(cfg.decoder, width, p * p * 3, "decoder")
-        loss_predictor = build_decoder(cfg.loss_predictor, width, 1, "loss_predictor")
+        # official HPM: the loss predictor also predicts p·p·3 values per patch, averaged to one score
+        loss_predictor = build_decoder(cfg.loss_predictor, width, p * p * 3, "loss_predictor")
     elif cfg.decoder is not None or cfg.loss_predictor is not None:
         raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
     return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)

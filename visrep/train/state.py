@@ -45,7 +45,9 @@ class Schedules:
         self.manifold_lr = warmup_cosine(m_lr, m_lr * (o.min_lr / o.lr if o.lr else 0.0), total, warmup)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         self.wd = warmup_cosine(o.weight_decay, wd_end, total, 0)
-        self.momentum = momentum_schedule(cfg.target.momentum, cfg.target.momentum_end, total)
+        t = cfg.target
+        self.momentum = momentum_schedule(t.momentum, t.momentum_end, total, t.momentum_schedule, steps_per_epoch,
+                                          t.momentum_epochs)
         self.objective = {
             name: linear_warmup_constant(s.get("start", 0.0), s.get("end", 0.0), total,
                                          round(s.get("warmup_epochs", 0.0) * steps_per_epoch))
