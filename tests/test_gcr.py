@@ -147,7 +147,7 @@ def test_manifold_lr_is_batch_scaled_like_the_main_lr():
 def test_gcr_training_keeps_bases_orthonormal_and_out_of_weight_decay(tmp_path):
     from visrep import api
     from visrep.methods import build_template
-    from visrep.models.loading import load_run
+    from visrep.runs import load_run
     from visrep.train.optim import build_param_groups
 
     over = tiny_overrides(tmp_path, method="supervised", projector={"type": "gcr", "k": 3},
@@ -172,7 +172,7 @@ def test_gcr_training_keeps_bases_orthonormal_and_out_of_weight_decay(tmp_path):
 
 def test_gcr_run_resumes_exactly(tmp_path):
     from visrep import api
-    from visrep.models.loading import load_run
+    from visrep.runs import load_run
 
     def cfg(out, **train):
         return api.resolve(tiny_overrides(tmp_path, out_dir=str(tmp_path / out), method="supervised",

@@ -214,7 +214,7 @@ def _mim_overrides(tmp_path, method, backbone="vit_tiny", **extra):
 
 def test_hpm_resume_equals_uninterrupted_run(tmp_path):
     """Masks (seeded per step), α_t, the EMA teacher and the optimizer all resume exactly."""
-    from visrep.train.checkpoint import load_checkpoint
+    from visrep.checkpoint import load_checkpoint
 
     visrep.pretrain(visrep.resolve(_mim_overrides(tmp_path / "a", "hpm")), quiet=True)
     part = _mim_overrides(tmp_path / "b", "hpm")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import visrep
 from visrep.errors import ConfigError, TrainingError, VisrepError
 from visrep.methods import METHODS
-from visrep.train.checkpoint import load_checkpoint, strip_prefix
+from visrep.checkpoint import load_checkpoint, strip_prefix
 
 from conftest import preset_overrides, tiny_overrides
 

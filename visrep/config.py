@@ -21,7 +21,16 @@ from typing import Any, Optional
 
 import yaml
 
+from visrep.data.masking import build_mask_generator
+from visrep.data.mixing import build_mixing
+from visrep.data.sources import SOURCES
+from visrep.data.views import VIEWS, build_views
 from visrep.errors import ConfigError
+from visrep.methods import METHODS
+from visrep.models.decoders import check_decoder_spec
+from visrep.models.heads import check_head_spec
+from visrep.models.lora import check_lora_spec
+from visrep.objectives import OBJECTIVES, objective_params
 
 
 @dataclass
@@ -326,7 +335,6 @@ def from_dict(cls, data: dict, where: str = ""):
 def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | None = None,
                    base: dict | None = None) -> RunConfig:
     """DEFAULTS < preset(method) < YAML < overrides  ->  validated RunConfig."""
-    from visrep.methods import METHODS  # late import: methods import config
 
     user = load_yaml(yaml_path) if yaml_path else {}
     if base:
@@ -364,10 +372,6 @@ def _swappable(preset: dict, user: dict) -> dict:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that need the registries."""
-    from visrep.data.sources import SOURCES
-    from visrep.data.views import VIEWS
-    from visrep.objectives import OBJECTIVES
-
     SOURCES.get(cfg.data.dataset)
     VIEWS.get(cfg.views.policy)
     OBJECTIVES.get(cfg.objective.name)
@@ -382,15 +386,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.batch_size must be at least 2, got {cfg.train.batch_size}")
     _check_ranges(cfg)
     # Cheap parts are built here so a bad option fails before any data is decoded (and in --print-config).
-    from visrep.data.views import build_views
-    from visrep.models.heads import check_head_spec
-    from visrep.objectives import objective_params
-
     policy = build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
     check_head_spec(cfg.projector, "projector")
     check_head_spec(cfg.predictor, "predictor")
-    from visrep.data.masking import build_mask_generator
-    from visrep.models.decoders import check_decoder_spec
 
     masking = build_mask_generator(cfg.masking)
     check_decoder_spec(cfg.decoder, "decoder")
@@ -408,8 +406,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
     if masking is not None and masking.needs_scores and (cfg.loss_predictor is None or cfg.target.branch != "ema"):
         raise ConfigError(f"masking '{cfg.masking['name']}' needs a loss_predictor section and target.branch=ema")
-    from visrep.data.mixing import build_mixing
-    from visrep.models.lora import check_lora_spec
 
     build_mixing(cfg.mixing, num_classes=2)
     if cfg.mixing is not None and policy.n_views != 1:

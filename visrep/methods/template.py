@@ -164,30 +164,26 @@ class MaskToken(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
 
-def build_template(cfg, image_size: int, num_classes: int | None = None, load_init: bool = True,
-                   force: bool = False) -> Template:
-    """Backbone + heads + masking + target branch from a RunConfig.
+def build_backbone_of(cfg, image_size: int) -> nn.Module:
+    """The backbone `cfg.backbone` names, at random init, for images of `image_size`."""
+    opts = dict(cfg.backbone.options)
+    opts.setdefault("image_size", image_size)
+    return build_backbone(cfg.backbone.name, **opts)
+
+
+def build_template(cfg, image_size: int, num_classes: int | None = None, backbone: nn.Module | None = None) -> Template:
+    """Backbone + heads + masking + target branch from a RunConfig: the composition only.
 
     num_classes: out_dim of a classifier head left without one (classes, or regression targets).
-    Fine-tuning (`cfg.finetune`): with `load_init` the backbone starts from `finetune.init`'s weights; with
-    mode `lora` it is wrapped in peft LoRA adapters (also when rebuilding a saved LoRA run, so its state
-    dict loads as saved).
+    backbone: a backbone built already (default: `build_backbone_of(cfg, image_size)` at random init); fine-tuning
+    passes one that starts from a run's weights or carries LoRA adapters (`visrep.runs.build_model`).
     """
     from visrep.data.masking import build_mask_generator
     from visrep.models.decoders import build_decoder
     from visrep.models.masked import embed_dim_of, patch_size_of
 
-    opts = dict(cfg.backbone.options)
-    opts.setdefault("image_size", image_size)
-    backbone = build_backbone(cfg.backbone.name, **opts)
+    backbone = build_backbone_of(cfg, image_size) if backbone is None else backbone
     dim = feature_dim(backbone)
-    ft = cfg.finetune
-    if ft.init and load_init:
-        load_init_weights(backbone, ft.init, ft.branch, force=force)
-    if ft.mode == "lora":
-        from visrep.models.lora import apply_lora
-
-        backbone = apply_lora(backbone, ft.lora)
     projector = build_head(cfg.projector, dim, num_classes)
     out_dim = getattr(projector, "out_dim", dim)
     predictor = build_head(cfg.predictor, out_dim, num_classes)
@@ -201,22 +197,3 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, load_in
     elif cfg.decoder is not None or cfg.loss_predictor is not None:
         raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
     return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)
-
-
-def load_init_weights(backbone: nn.Module, source: str, branch: str = "student", force: bool = False) -> None:
-    """Copy the `branch` backbone of a visrep checkpoint, run directory or export into `backbone`
-    (fine-tuning; a LoRA run's adapters are merged first)."""
-    from pathlib import Path
-
-    from visrep.models.loading import load_backbone
-
-    if not Path(source).expanduser().exists():
-        raise ConfigError(f"finetune.init: no checkpoint or run directory at '{source}'")
-    pretrained, _ = load_backbone(str(Path(source).expanduser()), branch=branch, force=force)
-    try:
-        backbone.load_state_dict(pretrained.state_dict())
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise ConfigError(f"finetune.init '{source}' does not fit backbone {type(backbone).__name__} "
-                          f"({lines[1].strip() if len(lines) > 1 else e}); use the backbone and image size it "
-                          "was trained with") from None

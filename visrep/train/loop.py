@@ -32,10 +32,10 @@ from visrep.config import RunConfig
 from visrep.data.batches import EpochBatches
 from visrep.errors import ConfigError, TrainingError
 from visrep.objectives import loss_terms
-from visrep.train.checkpoint import (CheckpointError, check_resume_meta, clean_stale_temps, first_non_finite,
+from visrep.checkpoint import (CheckpointError, check_resume_meta, clean_stale_temps, first_non_finite,
                                      load_checkpoint, save_checkpoint)
-from visrep.train.distributed import (any_rank, any_rank_flags, resolve_device, setup_distributed,
-                                      teardown_distributed)
+from visrep.device import resolve_device
+from visrep.train.distributed import any_rank, any_rank_flags, setup_distributed, teardown_distributed
 from visrep.train.monitor import FeatureMonitor
 from visrep.train.runlog import RunLog
 from visrep.train.state import TrainState, build_state, checkpoint_contents, load_state, load_training_data

@@ -6,7 +6,7 @@ schedules, the online probe and the other per-step schedules. Nothing in it depe
 method is only the choice of those parts (see `visrep.methods.presets`).
 
 A checkpoint is `TrainState.stateful()`, a {prefix: module or optimizer} mapping, plus the RNG state and the
-metadata; `save`/`load` write and read it generically (`visrep.train.checkpoint.state_to_tensors`).
+metadata; `save`/`load` write and read it generically (`visrep.checkpoint.state_to_tensors`).
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
     """Every part of a run, from its config and training set, ready for step 0 (or for `load`)."""
     from visrep.data.mixing import build_batch_transforms
     from visrep.data.views import build_views
-    from visrep.methods import build_template
     from visrep.objectives import build_objective
+    from visrep.runs import build_model
     from visrep.train.monitor import OnlineProbe
 
     image_size = int(train.images.shape[-1])
@@ -146,7 +146,7 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
             raise ConfigError(f"objective.schedules.{name}: objective '{cfg.objective.name}' has no attribute "
                               f"'{name}' to schedule")
     # A resumed run's weights come from its checkpoint, so finetune.init is not read again (it may have moved).
-    model = build_template(cfg, image_size, num_outputs, load_init=load_init, force=force).to(device)
+    model = build_model(cfg, image_size, num_outputs, load_init=load_init, force=force).to(device)
     objective = objective.to(device)
     batch_transforms = build_batch_transforms(cfg.mixing, num_classes)
     # Parts whose behaviour follows training progress (iLLaMA's soft mask, HPM's α_t) expose
@@ -190,7 +190,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 def checkpoint_contents(state: TrainState, reason: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a checkpoint of `state` at `state.step`."""
-    from visrep.train.checkpoint import state_to_tensors
+    from visrep.checkpoint import state_to_tensors
 
     tensors, meta = state_to_tensors(state.stateful())
     tensors.update(_rng_tensors())
@@ -204,7 +204,7 @@ def checkpoint_contents(state: TrainState, reason: str) -> tuple[dict[str, torch
 
 def load_state(state: TrainState, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Restore a checkpoint written by `checkpoint_contents` into a freshly built state (strict)."""
-    from visrep.train.checkpoint import state_from_tensors
+    from visrep.checkpoint import state_from_tensors
 
     state_from_tensors(state.stateful(), tensors, meta)
     if "scaler" in meta:
