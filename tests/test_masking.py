@@ -283,3 +283,19 @@ def test_mae_decoder_reads_the_class_token_and_drops_it_from_its_output():
     assert not torch.allclose(out, dec(tokens, None, (2, 2), cls + 1.0))       # it attends to the class token
     no_cls = MAEDecoder(8, out_dim=5, dim=8, depth=1, heads=2, cls_token=False).eval()
     assert torch.equal(no_cls(tokens, None, (2, 2), cls), no_cls(tokens, None, (2, 2), cls + 1.0))
+
+
+@pytest.mark.parametrize("pos_embed", ["learn", "sincos"])
+def test_encode_masked_without_a_mask_is_timms_own_forward(pos_embed):
+    """`encode_masked` reaches into timm's ViT (_pos_embed, patch_drop, norm_pre); unmasked it must give exactly
+    what timm's forward_features / forward_head give, so a timm release that changes those internals fails here."""
+    from visrep.models.masked import encode_masked
+
+    torch.manual_seed(0)
+    bb = build_backbone("vit_tiny", image_size=16, patch_size=4, depth=2, pos_embed=pos_embed).eval()
+    x = torch.randn(2, 3, 16, 16)
+    tokens, pooled = encode_masked(bb, x)
+    full = bb.forward_features(x)
+    torch.testing.assert_close(tokens, full[:, bb.num_prefix_tokens:])
+    torch.testing.assert_close(pooled, bb.forward_head(full, pre_logits=True))
+    torch.testing.assert_close(pooled, bb(x))
