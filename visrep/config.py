@@ -27,6 +27,7 @@ from visrep.data.sources import SOURCES
 from visrep.data.views import VIEWS, build_views
 from visrep.errors import ConfigError
 from visrep.methods import METHODS
+from visrep.methods.template import check_masking
 from visrep.models.decoders import check_decoder_spec
 from visrep.models.heads import check_head_spec
 from visrep.models.lora import check_lora_spec
@@ -395,17 +396,11 @@ def validate(cfg: RunConfig) -> None:
     check_decoder_spec(cfg.loss_predictor, "loss_predictor")
     if (cfg.decoder or {}).get("share_input"):
         raise ConfigError("decoder.share_input is for a loss_predictor (it reads the decoder's input layers)")
-    if masking is None and (cfg.decoder is not None or cfg.loss_predictor is not None):
-        raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
-    if masking is not None and cfg.decoder is None:
-        raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
-    if masking is not None and policy.n_views != 1:  # the masked forward reads the first view only
-        raise ConfigError(f"masked image modelling reads one view, but view policy '{cfg.views.policy}' makes "
-                          f"{policy.n_views}; use views.policy=crop (or none)")
-    if masking is not None and masking.mode == "drop" and (cfg.decoder or {}).get("type") == "linear":
-        raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
-    if masking is not None and masking.needs_scores and (cfg.loss_predictor is None or cfg.target.branch != "ema"):
-        raise ConfigError(f"masking '{cfg.masking['name']}' needs a loss_predictor section and target.branch=ema")
+    dec, lp = cfg.decoder or {}, cfg.loss_predictor or {}
+    check_masking(masking, decoder_type=dec.get("type"), loss_predictor=cfg.loss_predictor is not None,
+                  target=cfg.target.branch, n_views=policy.n_views, views=cfg.views.policy,
+                  share_input=bool(lp.get("share_input")), decoder_dim=dec.get("dim", 512),
+                  loss_predictor_dim=lp.get("dim", 512))
 
     build_mixing(cfg.mixing, num_classes=2)
     if cfg.mixing is not None and policy.n_views != 1:

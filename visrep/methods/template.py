@@ -37,6 +37,32 @@ class TemplateOutput:
     extras: dict = field(default_factory=dict)  # mask, loss_pred: inputs an objective may name
 
 
+def check_masking(masking, *, decoder_type: str | None, loss_predictor: bool, target: str, n_views: int | None = None,
+                  views: str = "", share_input: bool = False, decoder_dim: int | None = None,
+                  loss_predictor_dim: int | None = None) -> None:
+    """The rules of the masked-image-modelling fields, written once: `visrep.config.validate` checks a config
+    with them before anything is built, and `Template` checks the parts it is given."""
+    if masking is None:
+        if decoder_type is not None or loss_predictor:
+            raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
+        return
+    if decoder_type is None:
+        raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
+    if n_views is not None and n_views != 1:  # the masked forward reads the first view only
+        raise ConfigError(f"masked image modelling reads one view, but view policy '{views}' makes {n_views}; use "
+                          "views.policy=crop (or none)")
+    if masking.mode == "drop" and decoder_type == "linear":
+        raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
+    if masking.needs_scores and (not loss_predictor or target != "ema"):
+        raise ConfigError("masking 'hard_patches' needs a loss_predictor section and target.branch=ema (its masks "
+                          "come from the EMA teacher's loss predictions)")
+    if share_input and decoder_type != "mae":
+        raise ConfigError("loss_predictor.share_input needs a decoder with input layers (decoder.type=mae)")
+    if share_input and decoder_dim is not None and loss_predictor_dim is not None and decoder_dim != loss_predictor_dim:
+        raise ConfigError(f"loss_predictor.share_input reads the decoder's tokens, so its dim must be the decoder's "
+                          f"({decoder_dim}), got {loss_predictor_dim}")
+
+
 class Template(nn.Module):
     def __init__(self, backbone: nn.Module, projector: nn.Module | None, predictor: nn.Module | None,
                  target: str = "none", masking: nn.Module | None = None, decoder: nn.Module | None = None,
@@ -48,26 +74,18 @@ class Template(nn.Module):
         self.target = target
         self.masking, self.decoder, self.loss_predictor = masking, decoder, loss_predictor
         self.mask_embedding = None
+        check_masking(masking, decoder_type=getattr(decoder, "kind", None) if decoder is not None else None,
+                      loss_predictor=loss_predictor is not None, target=target,
+                      share_input=bool(getattr(loss_predictor, "share_input", False)),
+                      decoder_dim=getattr(decoder, "dim", None), loss_predictor_dim=getattr(loss_predictor, "dim", None))
         if masking is not None:
             from visrep.models.masked import embed_dim_of, patch_size_of
 
-            if decoder is None:
-                raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
             self.patch_size = patch_size_of(backbone)
             if masking.mode == "token":  # SimMIM's learned mask token, in the encoder's input space
                 self.mask_embedding = MaskToken(embed_dim_of(backbone))
-            if masking.needs_scores and (loss_predictor is None or target != "ema"):
-                raise ConfigError("masking 'hard_patches' needs a loss_predictor section and target.branch=ema "
-                                  "(its masks come from the EMA teacher's loss predictions)")
-        elif decoder is not None or loss_predictor is not None:
-            raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
         # HPM's loss predictor may read the reconstruction decoder's embedded input (its `share_input`).
         self.shared_input = bool(getattr(loss_predictor, "share_input", False))
-        if self.shared_input and not hasattr(decoder, "embed_input"):
-            raise ConfigError("loss_predictor.share_input needs a decoder with input layers (decoder.type=mae)")
-        if self.shared_input and decoder.dim != loss_predictor.dim:
-            raise ConfigError(f"loss_predictor.share_input reads the decoder's tokens, so its dim must be the "
-                              f"decoder's ({decoder.dim}), got {loss_predictor.dim}")
         if target == "ema":
             # The teacher is a frozen copy, updated only by `update_teacher` (BYOL/MoCo/DINO momentum encoder).
             self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
@@ -194,6 +212,4 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, backbon
         decoder = build_decoder(cfg.decoder, width, p * p * 3, "decoder")
         # official HPM: the loss predictor also predicts p·p·3 values per patch, averaged to one score
         loss_predictor = build_decoder(cfg.loss_predictor, width, p * p * 3, "loss_predictor")
-    elif cfg.decoder is not None or cfg.loss_predictor is not None:
-        raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
     return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)

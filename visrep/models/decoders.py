@@ -41,6 +41,8 @@ class MAEDecoder(nn.Module):
     HPM code's loss predictor shares `decoder_embed`, `mask_token` and `decoder_pos_embed`. The template wires it.
     """
 
+    kind = "mae"
+
     def __init__(self, in_dim: int, *, out_dim: int, dim: int = 512, depth: int = 8, heads: int = 16,
                  mlp_ratio: float = 4.0, cls_token: bool = True, init: str = "xavier", norm_eps: float = 1e-6,
                  share_input: bool = False):
@@ -117,6 +119,8 @@ class LinearDecoder(nn.Module):
 
     Needs every patch token, so it pairs with `masking.mode: token`.
     """
+
+    kind = "linear"
 
     def __init__(self, in_dim: int, *, out_dim: int):
         super().__init__()
