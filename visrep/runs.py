@@ -118,6 +118,15 @@ def _merged_lora_backbone(run: "RebuiltRun", branch: str) -> tuple[nn.Module, di
             "backbone": run.cfg.backbone.name, "lora_merged": True}
     return model.eval(), info
 
+def run_path(source, field: str = "") -> str:
+    """The expanded path of a run folder or checkpoint file, or the one error for a missing one (`field` names
+    the config key it came from, e.g. "finetune.init")."""
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{field + ': ' if field else ''}no checkpoint or run directory at '{source}'")
+    return str(path)
+
+
 @dataclass
 class RebuiltRun:
     """A run's template with its trained weights (eval mode), and what it was loaded from."""
@@ -144,9 +153,7 @@ class RebuiltRun:
 
 def rebuild_run(source, *, image_size: int | None = None, force: bool = False) -> RebuiltRun:
     """Load a run (`load_run`) and rebuild its whole template (backbone, heads; LoRA adapters as trained)."""
-    if not Path(str(source)).expanduser().exists():
-        raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    path = str(Path(str(source)).expanduser())
+    path = run_path(source)
     tensors, meta, cfg = load_run(path, force=force)
     return RebuiltRun.of(path, tensors, meta, cfg, image_size)
 
@@ -170,9 +177,7 @@ def build_model(cfg: RunConfig, image_size: int, num_outputs: int | None = None,
 def load_init_weights(backbone: nn.Module, source: str, branch: str = "student", force: bool = False) -> None:
     """Copy the `branch` backbone of a visrep checkpoint, run directory or export into `backbone`
     (fine-tuning; a LoRA run's adapters are merged first)."""
-    if not Path(source).expanduser().exists():
-        raise ConfigError(f"finetune.init: no checkpoint or run directory at '{source}'")
-    pretrained, _ = load_backbone(str(Path(source).expanduser()), branch=branch, force=force)
+    pretrained, _ = load_backbone(run_path(source, "finetune.init"), branch=branch, force=force)
     try:
         backbone.load_state_dict(pretrained.state_dict())
     except RuntimeError as e:

@@ -50,15 +50,13 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_model(source: str, image_size: int | None, branch: str, seed: int, options: dict | None = None,
                 force: bool = False, pretrained: bool = False):
-    from visrep.runs import load_backbone
+    from visrep.runs import load_backbone, run_path
 
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise ConfigError(f"model source must be a checkpoint path, run directory or timm:NAME, got {source!r}")
     source = str(source)
-    if _looks_like_path(source) and not Path(source).expanduser().exists():
-        raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    if source.startswith("~"):
-        source = str(Path(source).expanduser())
+    if _looks_like_path(source):
+        source = run_path(source)
     # Random-init backbones are built under a fixed seed (without touching the caller's RNG), so a
     # random-init baseline is reproducible and its features cache like any other model's.
     with torch.random.fork_rng(devices=[]):
@@ -273,11 +271,9 @@ def _load_head(source: str, image_size: int | None, force: bool = False):
     fine-tuned run; raises ConfigError for runs without a classifier/regression head."""
     from torch import nn
 
-    from visrep.runs import RebuiltRun, load_run
+    from visrep.runs import RebuiltRun, load_run, run_path
 
-    if not Path(str(source)).expanduser().exists():
-        raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    path = str(Path(str(source)).expanduser())
+    path = run_path(source)
     tensors, meta, cfg = load_run(path, force=force)
     kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
     if kind not in _classifier_head_names():

@@ -31,7 +31,7 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
     have moved with the run, or been deleted). force: load an init that fails its integrity check.
     """
     from visrep.evaluate.api import _classifier_head_names
-    from visrep.runs import load_run
+    from visrep.runs import load_run, run_path
     from visrep.checkpoint import read_checkpoint_meta
 
     cfg = copy.deepcopy(cfg)
@@ -55,10 +55,7 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
         if cfg.data.image_size is None:
             cfg.data.image_size = src.data.image_size
     elif init:
-        path = Path(init).expanduser()
-        if not path.exists():
-            raise ConfigError(f"finetune.init: no checkpoint or run directory at '{init}'")
-        _, meta, src = load_run(str(path), force=force)
+        _, meta, src = load_run(run_path(init, "finetune.init"), force=force)
         cfg.backbone = copy.deepcopy(src.backbone)
         size = meta.get("image_size")
         if cfg.data.image_size is None and size:
