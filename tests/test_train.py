@@ -98,6 +98,29 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
     assert meta["step"] == 2 and all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
 
 
+def test_nan_between_logging_steps_is_caught_before_the_next_checkpoint(tmp_path, monkeypatch):
+    """The loss is read on logging steps and epoch ends only (no host sync per step): a NaN at step 2 with
+    log_every=10 is caught at the end of epoch 2, named with its own step, and no checkpoint is written from the
+    weights that saw it."""
+    from visrep.objectives.contrastive import NTXentLoss
+
+    calls = {"n": 0}
+    real = NTXentLoss.forward
+
+    def flaky(self, student, teacher):
+        calls["n"] += 1
+        loss = real(self, student, teacher)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(NTXentLoss, "forward", flaky)
+    cfg = visrep.resolve(tiny_overrides(tmp_path, train={"log_every": 10}))
+    with pytest.raises(TrainingError, match="the loss became nan at step 2"):
+        visrep.pretrain(cfg, quiet=True)
+    assert calls["n"] == 4  # the rest of the epoch ran; the check came at its end
+    tensors, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 2 and all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     cfg = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"epochs": 1, "precision": "bf16"}}))
     s = visrep.pretrain(cfg, quiet=True)
