@@ -205,3 +205,14 @@ def test_every_preset_runs_with_vit_and_illama(tmp_path, method, backbone):
     res = visrep.evaluate_knn(s["out_dir"], dataset="synthetic", dataset_options={"n": 64, "num_classes": 4},
                               image_size=16, progress=False, cache_dir=False)
     assert 0.0 <= res["top1"] <= 1.0
+
+
+def test_the_ema_teacher_has_no_drop_path():
+    from visrep.methods import build_template
+
+    cfg = visrep.resolve({"method": "byol", "backbone": {"name": "illama_small", "options": {"depth": 3}},
+                          "data": {"image_size": 32}})
+    model = build_template(cfg, 32, 10)
+    student = [m.drop_prob for m in model.backbone.modules() if hasattr(m, "drop_prob")]
+    teacher = [m.drop_prob for m in model.teacher_backbone.modules() if hasattr(m, "drop_prob")]
+    assert max(student) == pytest.approx(0.1) and teacher and max(teacher) == 0.0

@@ -225,3 +225,21 @@ def test_missing_test_split_fails_before_training(tmp_path):
     with pytest.raises(VisrepError, match="kNN monitor cannot load split 'tset'"):
         visrep.pretrain(visrep.resolve(over), quiet=True)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_saved_under_other_defaults_is_not_resumed(tmp_path):
+    """Defaults changed (iLLaMA, HPM/MAE decoders, GCR): an unfinished run saved before is refused with one
+    sentence, not resumed into a different trajectory; a finished one is still reported as finished."""
+    from visrep.checkpoint import save_checkpoint
+
+    over = tiny_overrides(tmp_path)
+    over["train"]["max_steps"] = 2
+    visrep.pretrain(visrep.resolve(over), quiet=True)
+    path = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    tensors, meta = load_checkpoint(path)
+    meta.pop("defaults_version")
+    meta.pop("sha256", None)
+    save_checkpoint(path, tensors, meta)
+    with pytest.raises(ConfigError, match="defaults differ"):
+        visrep.pretrain(visrep.resolve(tiny_overrides(tmp_path)), resume=True, quiet=True)
+    assert visrep.pretrain(visrep.resolve(over), resume=True, quiet=True)["already_finished"] == "max_steps"

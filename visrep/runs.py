@@ -32,9 +32,6 @@ def load_run(source, *, force: bool = False) -> tuple[dict, dict, "RunConfig"]:
     The file is verified (content hash, metadata schema; `force=True` loads a file that fails its hash), and
     weights holding NaN/Inf are refused: they come from a diverged run and would give meaningless numbers.
     """
-    import json
-
-
     tensors, meta = load_checkpoint(source, force=force)
     if "config" not in meta:
         raise VisrepError(f"'{source}' is not a visrep checkpoint (no config in its metadata)")
@@ -72,7 +69,13 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
         state = strip_prefix(tensors, prefix)
         if not state:
             raise VisrepError(f"checkpoint '{source}' has no {branch} backbone weights")
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            raise VisrepError(f"checkpoint '{source}' does not fit the {cfg.backbone.name} its config describes "
+                              f"({lines[1].strip() if len(lines) > 1 else lines[0]}); a run written by an older "
+                              "visrep may need that version to load") from None
         info = {"source": str(source), "kind": "checkpoint", "branch": branch, "image_size": size,
                 "fingerprint": weights_fingerprint(state), "epoch": meta.get("epoch"),
                 "method": cfg.method, "backbone": cfg.backbone.name}

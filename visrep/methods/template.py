@@ -74,7 +74,8 @@ class Template(nn.Module):
         self.target = target
         self.masking, self.decoder, self.loss_predictor = masking, decoder, loss_predictor
         self.mask_embedding = None
-        check_masking(masking, decoder_type=getattr(decoder, "kind", None) if decoder is not None else None,
+        check_masking(masking, decoder_type=getattr(decoder, "kind", type(decoder).__name__) if decoder is not None
+                      else None,
                       loss_predictor=loss_predictor is not None, target=target,
                       share_input=bool(getattr(loss_predictor, "share_input", False)),
                       decoder_dim=getattr(decoder, "dim", None), loss_predictor_dim=getattr(loss_predictor, "dim", None))
@@ -89,6 +90,9 @@ class Template(nn.Module):
         if target == "ema":
             # The teacher is a frozen copy, updated only by `update_teacher` (BYOL/MoCo/DINO momentum encoder).
             self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
+            for m in self.teacher_backbone.modules():  # the teacher runs without stochastic depth (DINO, BYOL)
+                if hasattr(m, "drop_prob"):
+                    m.drop_prob = 0.0
             self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
             if loss_predictor is not None:
                 self.teacher_loss_predictor = copy.deepcopy(loss_predictor).requires_grad_(False)

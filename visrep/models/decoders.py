@@ -5,7 +5,8 @@ Config (the `decoder:` and `loss_predictor:` sections):
     {type: mae, dim: 512, depth: 8, heads: 16}     MAE's asymmetric decoder (He et al. 2022)
     {type: linear}                                  SimMIM's one-layer prediction head (Xie et al. 2022)
 
-`out_dim` defaults to the pixels of one patch (p·p·3) for a decoder and to 1 for a loss predictor.
+`out_dim` defaults to the pixels of one patch (p·p·3), for a loss predictor too (official HPM: its p·p·3
+outputs per patch are averaged into one score; `out_dim: 1` predicts the score directly).
 A decoder is called as `decoder(tokens, mask, grid, cls)`: `tokens` are the encoder's patch tokens, only
 the visible ones when the encoder dropped the masked patches (mask given and `mode: drop`), all L
 otherwise; `cls` the encoder's class token [B, D]. It returns [B, L, out_dim] in raster order.

@@ -174,6 +174,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
         done = _finished(resumed[1], cfg)
         if done:
             return _existing_summary(out_dir, resumed[1], done)
+        _check_defaults_version(resumed[1])  # a finished run is only reported, so only an unfinished one is refused
     if dist.is_main:
         clean_stale_temps(ckpt_path.parent)  # leftovers of checkpoint writes that a kill interrupted
 
@@ -197,6 +198,9 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
 
     def checkpoint(reason: str, collective: bool = True) -> None:
         nonlocal last_saved
+        if int(state.bad_step) >= 0:  # never a checkpoint from weights that saw a non-finite loss
+            raise TrainingError(f"the loss became {float(state.bad_loss)} at step {int(state.bad_step)}; "
+                                f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad")
         tensors, meta = checkpoint_contents(state, reason)
         # The guard covers what is saved: every parameter and buffer (BatchNorm statistics diverge before the
         # loss does). Every rank checks its own state, so all stop together under torchrun.
@@ -267,7 +271,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
             if epoch_end:
                 _run_monitors(state, monitor, log, knn_on, rankme_on, done == total, last_loss)
             if last or (epoch_end and ((done // spe) % tc.checkpoint_every == 0 or done == total)):
-                checkpoint("epoch" if stop_reason == "completed" else stop_reason)
+                checkpoint(stop_reason if last and stop_reason != "completed" else "epoch")
             if last:
                 break
     except KeyboardInterrupt:
@@ -305,6 +309,16 @@ def _run_monitors(state: TrainState, monitor, log: RunLog, knn_on: bool, rankme_
     log.record(state.history[-1], state.step, "monitor", ("knn_top1", "rankme"))
     log.bar.set_postfix(loss=f"{last_loss:.3f}", **{("knn" if k == "knn_top1" else k): f"{res[k]:.3f}"
                                                     for k in ("knn_top1", "rankme") if k in res})
+
+
+def _check_defaults_version(meta: dict) -> None:
+    from visrep.version import DEFAULTS_VERSION
+
+    if meta.get("defaults_version", 1) != DEFAULTS_VERSION:
+        raise ConfigError(f"cannot resume: this run was saved by a visrep whose defaults differ (defaults version "
+                          f"{meta.get('defaults_version', 1)}, now {DEFAULTS_VERSION}: iLLaMA, the MAE/HPM decoders "
+                          "and GCR now follow their official code), so its config would now train differently; "
+                          "finish it with that version or start a new out_dir")
 
 
 def _check_resumable(meta: dict, cfg: RunConfig) -> None:

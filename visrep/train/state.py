@@ -6,7 +6,7 @@ schedules, the online probe and the other per-step schedules. Nothing in it depe
 method is only the choice of those parts (see `visrep.methods.presets`).
 
 A checkpoint is `TrainState.stateful()`, a {prefix: module or optimizer} mapping, plus the RNG state and the
-metadata; `save`/`load` write and read it generically (`visrep.checkpoint.state_to_tensors`).
+metadata; `checkpoint_contents` / `load_state` write and read it generically (`visrep.checkpoint.state_to_tensors`).
 """
 from __future__ import annotations
 
@@ -195,7 +195,9 @@ def checkpoint_contents(state: TrainState, reason: str) -> tuple[dict[str, torch
     tensors, meta = state_to_tensors(state.stateful())
     tensors.update(_rng_tensors())
     spe = state.steps_per_epoch
-    meta = {"config": state.cfg.to_dict(), "step": state.step, "epoch": state.step / spe, "steps_per_epoch": spe,
+    from visrep.version import DEFAULTS_VERSION
+
+    meta = {"config": state.cfg.to_dict(), "defaults_version": DEFAULTS_VERSION, "step": state.step, "epoch": state.step / spe, "steps_per_epoch": spe,
             "total_steps": state.total_steps, **state.info, **meta, "history": state.history, "reason": reason}
     if state.scaler.is_enabled():
         meta["scaler"] = state.scaler.state_dict()
