@@ -42,7 +42,7 @@ import torch  # noqa: E402
 def features(args):
     from visrep.evaluate.features import extract_features
     from visrep.models.backbones import build_backbone
-    from visrep.train.checkpoint import weights_fingerprint
+    from visrep.checkpoint import weights_fingerprint
 
     train = common.load_cifar10("train", args.data).subset(args.train_subset, 0)
     test = common.load_cifar10("test", args.data).subset(args.test_subset, 0)

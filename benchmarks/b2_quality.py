@@ -110,7 +110,7 @@ def visrep_config(args, method: str, out_dir: str, plan: dict):
 
 def run_visrep(args, method: str, plan: dict, work: Path) -> dict:
     import visrep
-    from visrep.models import load_backbone
+    from visrep.runs import load_backbone
 
     out_dir = work / f"visrep_{method}"
     if out_dir.exists():

@@ -60,3 +60,37 @@ def fake_utk_archive(path: Path) -> Path:
         _add(tf, "utkface-96/UTKFace/24_0_1_20170116220224657 .jpg.chip.jpg", _jpeg(96, 96))  # stray space
         _add(tf, "utkface-96/UTKFace/30_0_1_20170116220224658.jpg.chip.jpg", b"not a jpeg")    # corrupt
     return path
+
+
+def preset_overrides(tmp_path, method, **extra):
+    """`tiny_overrides` for any registered method, keeping its preset's structure but shrinking it: narrow
+    projector/predictor/prototype widths, a short queue, and for masked image modelling a 2-block ViT with
+    patch 4 and one-block decoders. Works for a method registered from a test file too."""
+    from visrep.config import deep_merge
+    from visrep.methods import METHODS
+
+    preset = METHODS.get(method).config
+    over = tiny_overrides(tmp_path, method=method)
+    over.pop("projector")
+    small = {"hidden_dim": 32, "out_dim": 16}
+    proj = preset.get("projector")
+    if isinstance(proj, dict) and proj.get("type") == "mlp":
+        over["projector"] = small
+    elif isinstance(proj, dict) and proj.get("type") == "dino":
+        over["projector"] = {"hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64}
+    elif isinstance(proj, dict) and proj.get("type") == "swav":
+        over["projector"] = {"hidden_dim": 32, "out_dim": 16, "num_prototypes": 20}
+    if isinstance(preset.get("predictor"), dict):
+        over["predictor"] = small
+    params = (preset.get("objective") or {}).get("params", {})
+    shrink = {k: v for k, v in (("queue_size", 128), ("out_dim", over.get("projector", {}).get("out_dim", 16)))
+              if k in params}
+    if shrink:
+        over["objective"] = {"params": shrink}
+    if preset.get("masking"):
+        over["backbone"] = {"name": "vit_tiny", "options": {"depth": 2, "patch_size": 4}}
+        dec = {"type": "mae", "dim": 32, "depth": 1, "heads": 2}
+        for part in ("decoder", "loss_predictor"):
+            if (preset.get(part) or {}).get("type") == "mae":
+                over[part] = dec
+    return deep_merge(over, extra)

@@ -269,7 +269,7 @@ def test_evaluate_knn_from_checkpoint_uses_its_image_size(tmp_path):
     from visrep.config import RunConfig
     from visrep.evaluate import evaluate_knn
     from visrep.models import build_backbone
-    from visrep.train.checkpoint import add_prefix, save_checkpoint
+    from visrep.checkpoint import add_prefix, save_checkpoint
 
     cfg = RunConfig()
     cfg.method = "simclr"
@@ -316,7 +316,7 @@ def test_one_changed_pixel_in_a_middle_image_is_another_cache_entry(tmp_path):
 
 
 def test_random_init_options_that_add_no_weights_still_change_the_fingerprint():
-    from visrep.models.loading import load_backbone
+    from visrep.runs import load_backbone
 
     _, avg = load_backbone("timm:resnet18", image_size=32)
     _, mx = load_backbone("timm:resnet18", image_size=32, options={"global_pool": "max"})

@@ -118,10 +118,36 @@ def test_qr_keeps_the_subspace():
     assert bool((torch.diagonal(Q.t() @ S) > 0).all())  # signs fixed: Q stays close to S (diag R > 0)
 
 
+def test_qr_runs_at_step_0_and_every_qr_every_steps_as_in_the_official_code():
+    """A basis of length 2 with a zero gradient stays put under the geodesic step; only QR rescales it to 1, and
+    it does so at steps 0, 5, 10, ... (counted before the step)."""
+    S = torch.nn.Parameter(torch.tensor([[2.0], [0.0]]))
+    opt = RiemannianSGD([S], lr=0.1, momentum=0.0, qr_every=5)
+    lengths = []
+    for step in range(11):
+        S.grad = torch.zeros(2, 1)
+        opt.step()
+        lengths.append(round(float(S.data.norm()), 6))
+        S.data.mul_(2.0)  # knock it off the manifold again
+    assert lengths == [1.0, 2.0, 4.0, 8.0, 16.0, 1.0, 2.0, 4.0, 8.0, 16.0, 1.0]
+
+
+def test_manifold_lr_is_batch_scaled_like_the_main_lr():
+    from visrep import api
+    from visrep.train.state import Schedules
+
+    cfg = api.resolve({"method": "supervised_gcr", "train": {"batch_size": 64, "epochs": 10},
+                       "optim": {"lr": 0.1, "manifold_lr": 0.2, "warmup_epochs": 1, "min_lr": 0.0}})
+    sch = Schedules(cfg, steps_per_epoch=4)
+    # after warm-up: base lr × batch/256 for both (GCR: the bases' group lr is the scaled lr × its factor)
+    assert sch.lr[4] == pytest.approx(0.1 * 64 / 256) and sch.manifold_lr[4] == pytest.approx(0.2 * 64 / 256)
+    assert api.resolve({"method": "supervised_gcr"}).optim.manifold_qr_every == 5
+
+
 def test_gcr_training_keeps_bases_orthonormal_and_out_of_weight_decay(tmp_path):
     from visrep import api
     from visrep.methods import build_template
-    from visrep.models.loading import load_run
+    from visrep.runs import load_run
     from visrep.train.optim import build_param_groups
 
     over = tiny_overrides(tmp_path, method="supervised", projector={"type": "gcr", "k": 3},
@@ -146,7 +172,7 @@ def test_gcr_training_keeps_bases_orthonormal_and_out_of_weight_decay(tmp_path):
 
 def test_gcr_run_resumes_exactly(tmp_path):
     from visrep import api
-    from visrep.models.loading import load_run
+    from visrep.runs import load_run
 
     def cfg(out, **train):
         return api.resolve(tiny_overrides(tmp_path, out_dir=str(tmp_path / out), method="supervised",

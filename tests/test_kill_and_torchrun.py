@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import visrep
-from visrep.train.checkpoint import strip_prefix
+from visrep.checkpoint import strip_prefix
 
 from conftest import tiny_overrides
 

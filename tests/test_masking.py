@@ -69,10 +69,27 @@ def test_hard_patches_takes_the_top_predicted_then_random():
 
 def test_alpha_schedule_rises_linearly_from_0_to_half():
     a = HardPatchesMask.alpha_at
+    # per step (alpha_schedule=step): α = 0.5·t/T
     assert a(0, 100) == 0.0 and a(50, 100) == 0.25 and a(100, 100) == 0.5 and a(25, 100) == 0.125
+    # per epoch (official): α = 0.5·(e + 1)/E; 12 epochs of 10 steps: step 30 is epoch 3 -> 0.5·4/12
+    assert a(30, 120, 0.5, steps_per_epoch=10) == pytest.approx(0.5 * 4 / 12)
+    assert a(39, 120, 0.5, steps_per_epoch=10) == a(30, 120, 0.5, steps_per_epoch=10)  # constant within an epoch
+    assert a(0, 120, 0.5, steps_per_epoch=10) == pytest.approx(0.5 / 12) and a(119, 120, 0.5, 10) == 0.5
     gen = HardPatchesMask(ratio=0.75)
     gen.set_progress(30, 120, 10)
+    assert gen.alpha == pytest.approx(0.5 * 4 / 12)
+    gen = HardPatchesMask(ratio=0.75, alpha_schedule="step")
+    gen.set_progress(30, 120, 10)
     assert gen.alpha == pytest.approx(0.125)
+
+
+def test_linear_teacher_momentum_per_epoch_as_in_hpm():
+    from visrep.train.schedules import momentum_schedule
+
+    # 0.999 -> 0.9999 linearly over the first 100 epochs, constant within an epoch, then 0.9999
+    m = momentum_schedule(0.999, 0.9999, 300, "linear", steps_per_epoch=2, epochs=100)
+    assert m[0] == m[1] == pytest.approx(0.999) and m[2] == pytest.approx(0.999 + 0.0009 / 100)
+    assert m[100] == pytest.approx(0.999 + 0.0009 / 2) and m[200] == m[299] == pytest.approx(0.9999)
 
 
 def test_mask_config_errors_are_one_sentence():
@@ -135,8 +152,12 @@ def test_hpm_loss_is_reconstruction_plus_prediction_and_t_is_detached():
     pred = torch.zeros(1, 2, 3, requires_grad=True)
     tgt = torch.tensor([[[1.0] * 3, [2.0] * 3]])
     m, lp = torch.tensor([[True, True]]), torch.zeros(1, 2, requires_grad=True)
-    loss = HPMLoss(norm_pix=False)([pred], [tgt], mask=m, loss_pred=lp)
+    terms = HPMLoss(norm_pix=False)([pred], [tgt], mask=m, loss_pred=lp)
+    loss = terms["loss"]
     assert loss.item() == pytest.approx((1 + 4) / 2 + math.log(2), rel=1e-6)
+    # the two terms, logged as they are: ℓ_rec = (1 + 4)/2, ℓ_pred = log 2 (uniform softmax over 2 patches)
+    assert terms["reconstruction"].item() == pytest.approx(2.5) and terms["loss_prediction"].item() == pytest.approx(math.log(2))
+    assert not terms["reconstruction"].requires_grad
     loss.backward()
     # reconstruction gradient only: d/dpred of mean over 2 patches of mean_k (pred − t)² = 2(pred − t)/(2·3)
     assert torch.allclose(pred.grad, -(tgt / 3.0))
@@ -191,16 +212,9 @@ def _mim_overrides(tmp_path, method, backbone="vit_tiny", **extra):
     return over
 
 
-@pytest.mark.parametrize("method", ["mae", "simmim", "hpm", "hpm_loss_pred_only"])
-def test_mim_presets_train_in_the_one_loop(tmp_path, method):
-    cfg = visrep.resolve(_mim_overrides(tmp_path, method))
-    s = visrep.pretrain(cfg, quiet=True)
-    assert s["steps"] == 4 and math.isfinite(s["final_loss"])
-
-
 def test_hpm_resume_equals_uninterrupted_run(tmp_path):
     """Masks (seeded per step), α_t, the EMA teacher and the optimizer all resume exactly."""
-    from visrep.train.checkpoint import load_checkpoint
+    from visrep.checkpoint import load_checkpoint
 
     visrep.pretrain(visrep.resolve(_mim_overrides(tmp_path / "a", "hpm")), quiet=True)
     part = _mim_overrides(tmp_path / "b", "hpm")
@@ -229,3 +243,59 @@ def test_mim_config_mistakes_fail_at_config_time(tmp_path):
     over["backbone"] = {"name": "resnet18", "options": {"cifar_stem": True, "width": 8}}
     with pytest.raises(ConfigError, match="needs a ViT-style backbone"):
         visrep.pretrain(visrep.resolve(over), quiet=True)
+
+
+def test_hpm_preset_matches_the_official_code(tmp_path):
+    """Raw-pixel targets, linear per-epoch teacher momentum 0.999 -> 0.9999 over 100 epochs, a loss predictor
+    that shares the reconstructor's input layers and predicts p·p·3 values averaged, the class token in both
+    decoders, xavier init and LayerNorm eps 1e-6."""
+    from visrep.methods import build_template
+
+    cfg = visrep.resolve(_mim_overrides(tmp_path, "hpm"))
+    assert cfg.objective.params["norm_pix"] is False
+    assert (cfg.target.momentum, cfg.target.momentum_end, cfg.target.momentum_schedule, cfg.target.momentum_epochs) \
+        == (0.999, 0.9999, "linear", 100)
+    torch.manual_seed(0)
+    model = build_template(cfg, 16, 4)
+    dec, lp = model.decoder, model.loss_predictor
+    assert not hasattr(lp, "embed") and not hasattr(lp, "mask_token") and lp.pred.out_features == 4 * 4 * 3
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in dec.modules() if isinstance(m, torch.nn.Linear))
+    w = dec.pred.weight
+    assert float(w.abs().max()) <= math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier-uniform bound
+    assert all(m.eps == 1e-6 for m in (*dec.modules(), *lp.modules()) if isinstance(m, torch.nn.LayerNorm))
+    # the loss prediction is a function of the shared input layers: its gradient reaches decoder.embed
+    out = model.train()([torch.rand(2, 3, 16, 16)], 1, seed=0)
+    out.extras["loss_pred"].sum().backward()
+    assert float(dec.embed.weight.grad.abs().sum()) > 0 and float(dec.mask_token.grad.abs().sum()) > 0
+    assert out.extras["loss_pred"].shape == (2, 16)
+
+
+def test_mae_decoder_reads_the_class_token_and_drops_it_from_its_output():
+    from visrep.models.decoders import MAEDecoder
+
+    torch.manual_seed(0)
+    dec = MAEDecoder(8, out_dim=5, dim=8, depth=1, heads=2).eval()
+    tokens, cls = torch.randn(2, 4, 8), torch.randn(2, 8)
+    x = dec.embed_input(tokens, None, (2, 2), cls)
+    assert x.shape == (2, 5, 8) and torch.allclose(x[:, 0], dec.embed(cls))  # class token first, position zeros
+    out = dec(tokens, None, (2, 2), cls)
+    assert out.shape == (2, 4, 5)
+    assert not torch.allclose(out, dec(tokens, None, (2, 2), cls + 1.0))       # it attends to the class token
+    no_cls = MAEDecoder(8, out_dim=5, dim=8, depth=1, heads=2, cls_token=False).eval()
+    assert torch.equal(no_cls(tokens, None, (2, 2), cls), no_cls(tokens, None, (2, 2), cls + 1.0))
+
+
+@pytest.mark.parametrize("pos_embed", ["learn", "sincos"])
+def test_encode_masked_without_a_mask_is_timms_own_forward(pos_embed):
+    """`encode_masked` reaches into timm's ViT (_pos_embed, patch_drop, norm_pre); unmasked it must give exactly
+    what timm's forward_features / forward_head give, so a timm release that changes those internals fails here."""
+    from visrep.models.masked import encode_masked
+
+    torch.manual_seed(0)
+    bb = build_backbone("vit_tiny", image_size=16, patch_size=4, depth=2, pos_embed=pos_embed).eval()
+    x = torch.randn(2, 3, 16, 16)
+    tokens, pooled = encode_masked(bb, x)
+    full = bb.forward_features(x)
+    torch.testing.assert_close(tokens, full[:, bb.num_prefix_tokens:])
+    torch.testing.assert_close(pooled, bb.forward_head(full, pre_logits=True))
+    torch.testing.assert_close(pooled, bb(x))

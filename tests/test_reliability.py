@@ -14,7 +14,7 @@ import torch
 import visrep
 from visrep import cli
 from visrep.errors import ConfigError, DataError, TrainingError, VisrepError
-from visrep.train.checkpoint import (CheckpointError, checkpoint_sha256, first_non_finite, load_checkpoint,
+from visrep.checkpoint import (CheckpointError, checkpoint_sha256, first_non_finite, load_checkpoint,
                                      save_checkpoint)
 
 from conftest import tiny_overrides

@@ -8,41 +8,20 @@ from safetensors.torch import load_file
 
 import visrep
 from visrep.errors import ConfigError, TrainingError, VisrepError
-from visrep.train.checkpoint import load_checkpoint, strip_prefix
+from visrep.methods import METHODS
+from visrep.checkpoint import load_checkpoint, strip_prefix
 
-from conftest import tiny_overrides
+from conftest import preset_overrides, tiny_overrides
 
-PRESETS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav"]
-
-
-def _small_heads(method):
-    # Keep the presets' structure but shrink their widths so a test step takes milliseconds.
-    if method == "dino":
-        return {"projector": {"type": "dino", "hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64},
-                "objective": {"params": {"out_dim": 64}}}
-    if method == "swav":
-        return {"projector": {"type": "swav", "hidden_dim": 32, "out_dim": 16, "num_prototypes": 20}}
-    if method == "moco_v2":
-        return {"objective": {"params": {"queue_size": 128, "out_dim": 16}}}
-    out = {"projector": {"hidden_dim": 32, "out_dim": 16}}
-    if method in ("byol", "moco_v3", "simsiam"):
-        out["predictor"] = {"hidden_dim": 32, "out_dim": 16}
-    return out
-
-
-@pytest.mark.parametrize("method", PRESETS)
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_preset_trains_with_the_same_loop(tmp_path, method):
-    heads = _small_heads(method)
-    over = tiny_overrides(tmp_path, method=method, **heads)
-    if "type" in heads.get("projector", {}):
-        over["projector"] = heads["projector"]  # replace, not merge: dino/swav heads take other options
-    over["train"]["epochs"] = 1
-    cfg = visrep.resolve(over)
-    summary = visrep.pretrain(cfg, quiet=True)
+    """Every registered method (a new preset is tested automatically), through `pretrain`: steps, monitors, log."""
+    over = preset_overrides(tmp_path, method, train={"epochs": 1})
+    summary = visrep.pretrain(visrep.resolve(over), quiet=True)
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     assert "knn_top1" in summary["history"][-1]
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("loss" in l for l in lines)
+    assert [l["step"] for l in lines if "loss" in l] == [1, 2]
 
 
 def _weights(run_dir):
@@ -52,9 +31,9 @@ def _weights(run_dir):
 @pytest.mark.parametrize("method", ["byol", "moco_v2"])
 def test_resume_equals_uninterrupted_run(tmp_path, method):
     """Stop after epoch 1 (as a kill would leave it), resume: final weights equal an uninterrupted run."""
-    full = visrep.resolve(tiny_overrides(tmp_path / "a", method=method, **_small_heads(method)))
+    full = visrep.resolve(preset_overrides(tmp_path / "a", method))
     visrep.pretrain(full, quiet=True)
-    part = tiny_overrides(tmp_path / "b", method=method, **_small_heads(method))
+    part = preset_overrides(tmp_path / "b", method)
     part["train"]["max_steps"] = 2
     s1 = visrep.pretrain(visrep.resolve(part), quiet=True)
     assert s1["stop_reason"] == "max_steps" and s1["steps"] == 2
@@ -119,6 +98,29 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
     assert meta["step"] == 2 and all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
 
 
+def test_nan_between_logging_steps_is_caught_before_the_next_checkpoint(tmp_path, monkeypatch):
+    """The loss is read on logging steps and epoch ends only (no host sync per step): a NaN at step 2 with
+    log_every=10 is caught at the end of epoch 2, named with its own step, and no checkpoint is written from the
+    weights that saw it."""
+    from visrep.objectives.contrastive import NTXentLoss
+
+    calls = {"n": 0}
+    real = NTXentLoss.forward
+
+    def flaky(self, student, teacher):
+        calls["n"] += 1
+        loss = real(self, student, teacher)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(NTXentLoss, "forward", flaky)
+    cfg = visrep.resolve(tiny_overrides(tmp_path, train={"log_every": 10}))
+    with pytest.raises(TrainingError, match="the loss became nan at step 2"):
+        visrep.pretrain(cfg, quiet=True)
+    assert calls["n"] == 4  # the rest of the epoch ran; the check came at its end
+    tensors, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 2 and all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     cfg = visrep.resolve(tiny_overrides(tmp_path, **{"train": {"epochs": 1, "precision": "bf16"}}))
     s = visrep.pretrain(cfg, quiet=True)
@@ -150,7 +152,7 @@ def test_checkpoint_is_safetensors_and_backbone_loads_into_timm(tmp_path):
 
 
 def test_gradient_clipping_and_schedules(tmp_path, monkeypatch):
-    from visrep.train.loop import Schedules
+    from visrep.train.state import Schedules
 
     calls = []
     real = torch.nn.utils.clip_grad_norm_
@@ -223,3 +225,21 @@ def test_missing_test_split_fails_before_training(tmp_path):
     with pytest.raises(VisrepError, match="kNN monitor cannot load split 'tset'"):
         visrep.pretrain(visrep.resolve(over), quiet=True)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_saved_under_other_defaults_is_not_resumed(tmp_path):
+    """Defaults changed (iLLaMA, HPM/MAE decoders, GCR): an unfinished run saved before is refused with one
+    sentence, not resumed into a different trajectory; a finished one is still reported as finished."""
+    from visrep.checkpoint import save_checkpoint
+
+    over = tiny_overrides(tmp_path)
+    over["train"]["max_steps"] = 2
+    visrep.pretrain(visrep.resolve(over), quiet=True)
+    path = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    tensors, meta = load_checkpoint(path)
+    meta.pop("defaults_version")
+    meta.pop("sha256", None)
+    save_checkpoint(path, tensors, meta)
+    with pytest.raises(ConfigError, match="defaults differ"):
+        visrep.pretrain(visrep.resolve(tiny_overrides(tmp_path)), resume=True, quiet=True)
+    assert visrep.pretrain(visrep.resolve(over), resume=True, quiet=True)["already_finished"] == "max_steps"

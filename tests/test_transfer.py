@@ -280,7 +280,7 @@ def test_every_bundled_config_resolves():
 
 def test_finetune_resumes_after_a_kill_and_chains_from_a_lora_run(tmp_path):
     from visrep import api
-    from visrep.models.loading import load_run
+    from visrep.runs import load_run
 
     pre = _pretrained(tmp_path)
     base = {"method": "supervised", "data": {"dataset": "synthetic", "options": {"n": 64, "num_classes": 4}},

@@ -1,12 +1,26 @@
-"""visrep: pretrain, adapt and rank vision backbones with one template for every method."""
-__version__ = "0.1.0"
+"""visrep: pretrain, adapt and rank vision backbones with one template for every method.
 
-from visrep.api import (evaluate_calibration, evaluate_classifier, evaluate_fewshot, evaluate_knn, evaluate_linear,
-                        finetune, format_listing, list_parts, pretrain, resolve, resume_config)
+The names below load on first use (PEP 562), so `import visrep.models` or `import visrep.objectives` loads only
+those parts and what they need, not the whole package."""
+import importlib
+
 from visrep.errors import ConfigError, DataError, TrainingError, VisrepError
-from visrep import rank  # noqa: E402 - the rank stage, callable: visrep.rank(models, dataset=...)
-from visrep import study  # noqa: E402 - visrep.study.plan / run_study / status / report
+from visrep.version import __version__
 
-__all__ = ["pretrain", "finetune", "resolve", "resume_config", "evaluate_knn", "evaluate_classifier", "evaluate_linear",
-           "evaluate_fewshot", "evaluate_calibration", "rank", "study", "list_parts", "format_listing",
-           "VisrepError", "ConfigError", "DataError", "TrainingError", "__version__"]
+_API = ("pretrain", "finetune", "resolve", "resume_config", "evaluate_knn", "evaluate_classifier", "evaluate_linear",
+        "evaluate_fewshot", "evaluate_calibration", "list_parts", "format_listing")
+_STAGES = ("rank", "study")  # visrep.rank(models, dataset=...) ranks; visrep.study.plan / run_study / status / report
+
+__all__ = [*_API, *_STAGES, "VisrepError", "ConfigError", "DataError", "TrainingError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module("visrep.api"), name)
+    if name in _STAGES:
+        return importlib.import_module(f"visrep.{name}")
+    raise AttributeError(f"module 'visrep' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

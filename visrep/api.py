@@ -26,7 +26,7 @@ def resume_config(run_dir: str, overrides: list[str] | dict | None = None, *, co
     from pathlib import Path
 
     from visrep.config import deep_merge, from_dict, parse_overrides, validate
-    from visrep.train.checkpoint import read_checkpoint_meta
+    from visrep.checkpoint import read_checkpoint_meta
 
     path = Path(run_dir).expanduser()
     ckpt = path / "checkpoints" / "last.safetensors"

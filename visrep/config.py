@@ -21,7 +21,17 @@ from typing import Any, Optional
 
 import yaml
 
+from visrep.data.masking import build_mask_generator
+from visrep.data.mixing import build_mixing
+from visrep.data.sources import SOURCES
+from visrep.data.views import VIEWS, build_views
 from visrep.errors import ConfigError
+from visrep.methods import METHODS
+from visrep.methods.template import check_masking
+from visrep.models.decoders import check_decoder_spec
+from visrep.models.heads import check_head_spec
+from visrep.models.lora import check_lora_spec
+from visrep.objectives import OBJECTIVES, objective_params
 
 
 @dataclass
@@ -56,6 +66,8 @@ class TargetConfig:
     branch: str = "none"               # none | stopgrad | ema  (where the objective's targets come from)
     momentum: float = 0.99             # EMA teacher momentum at step 0 (BYOL: 0.996 for ImageNet, 0.99 CIFAR)
     momentum_end: float = 1.0          # cosine-increased to this value at the last step (BYOL)
+    momentum_schedule: str = "cosine"  # cosine (BYOL) | linear (per epoch, to momentum_end at momentum_epochs; HPM)
+    momentum_epochs: Optional[float] = None  # linear: epochs to reach momentum_end (None: the whole run)
 
 
 @dataclass
@@ -89,10 +101,11 @@ class OptimConfig:
     exclude_bias_norm: bool = True     # no weight decay / LARS adaptation for biases and norm layers
     clip_grad: Optional[float] = None  # max global grad norm (None: no clipping)
     # Riemannian SGD for parameters on a manifold (the GCR head's class subspaces); it follows the same
-    # warm-up + cosine shape as the main lr, from `manifold_lr` (None: the main optimiser's lr).
+    # warm-up + cosine shape as the main lr, from `manifold_lr` (None: the main optimiser's lr), batch-scaled
+    # like the main lr (GCR's official code: the bases' group lr = the scaled lr x its lr factor).
     manifold_lr: Optional[float] = None
     manifold_momentum: float = 0.9
-    manifold_qr_every: int = 10        # re-orthonormalise the bases with QR every N steps
+    manifold_qr_every: int = 5         # re-orthonormalise the bases with QR every N steps, from the first (GCR)
 
 
 @dataclass
@@ -323,7 +336,6 @@ def from_dict(cls, data: dict, where: str = ""):
 def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | None = None,
                    base: dict | None = None) -> RunConfig:
     """DEFAULTS < preset(method) < YAML < overrides  ->  validated RunConfig."""
-    from visrep.methods import METHODS  # late import: methods import config
 
     user = load_yaml(yaml_path) if yaml_path else {}
     if base:
@@ -361,10 +373,6 @@ def _swappable(preset: dict, user: dict) -> dict:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that need the registries."""
-    from visrep.data.sources import SOURCES
-    from visrep.data.views import VIEWS
-    from visrep.objectives import OBJECTIVES
-
     SOURCES.get(cfg.data.dataset)
     VIEWS.get(cfg.views.policy)
     OBJECTIVES.get(cfg.objective.name)
@@ -379,34 +387,25 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.batch_size must be at least 2, got {cfg.train.batch_size}")
     _check_ranges(cfg)
     # Cheap parts are built here so a bad option fails before any data is decoded (and in --print-config).
-    from visrep.data.views import build_views
-    from visrep.models.heads import check_head_spec
-    from visrep.objectives import objective_params
-
     policy = build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
     check_head_spec(cfg.projector, "projector")
     check_head_spec(cfg.predictor, "predictor")
-    from visrep.data.masking import build_mask_generator
-    from visrep.models.decoders import check_decoder_spec
 
     masking = build_mask_generator(cfg.masking)
     check_decoder_spec(cfg.decoder, "decoder")
     check_decoder_spec(cfg.loss_predictor, "loss_predictor")
-    if masking is None and (cfg.decoder is not None or cfg.loss_predictor is not None):
-        raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
-    if masking is not None and cfg.decoder is None:
-        raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
-    if masking is not None and policy.n_views != 1:  # the masked forward reads the first view only
-        raise ConfigError(f"masked image modelling reads one view, but view policy '{cfg.views.policy}' makes "
-                          f"{policy.n_views}; use views.policy=crop (or none)")
-    if masking is not None and masking.mode == "drop" and (cfg.decoder or {}).get("type") == "linear":
-        raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
-    if masking is not None and masking.needs_scores and (cfg.loss_predictor is None or cfg.target.branch != "ema"):
-        raise ConfigError(f"masking '{cfg.masking['name']}' needs a loss_predictor section and target.branch=ema")
-    from visrep.data.mixing import build_mixing
-    from visrep.models.lora import check_lora_spec
+    if (cfg.decoder or {}).get("share_input"):
+        raise ConfigError("decoder.share_input is for a loss_predictor (it reads the decoder's input layers)")
+    dec, lp = cfg.decoder or {}, cfg.loss_predictor or {}
+    check_masking(masking, decoder_type=dec.get("type"), loss_predictor=cfg.loss_predictor is not None,
+                  target=cfg.target.branch, n_views=policy.n_views, views=cfg.views.policy,
+                  share_input=bool(lp.get("share_input")), decoder_dim=dec.get("dim", 512),
+                  loss_predictor_dim=lp.get("dim", 512))
 
     build_mixing(cfg.mixing, num_classes=2)
+    if cfg.mixing is not None and policy.n_views != 1:
+        raise ConfigError(f"mixing needs a one-view policy (e.g. views.policy=crop), '{cfg.views.policy}' makes "
+                          f"{policy.n_views} views")
     ft = cfg.finetune
     check_lora_spec(ft.lora)
     if ft.layer_decay is not None and not 0 < ft.layer_decay <= 1:
@@ -420,6 +419,10 @@ def validate(cfg: RunConfig) -> None:
                           "differ from the one eval --label-fraction draws; use one of them")
     if cfg.data.label_fraction is not None and not 0 < cfg.data.label_fraction <= 1:
         raise ConfigError(f"data.label_fraction must be in (0, 1], got {cfg.data.label_fraction}")
+    if cfg.target.momentum_schedule not in ("cosine", "linear"):
+        raise ConfigError(f"target.momentum_schedule must be cosine or linear, got {cfg.target.momentum_schedule!r}")
+    if cfg.target.momentum_epochs is not None and not cfg.target.momentum_epochs > 0:
+        raise ConfigError(f"target.momentum_epochs must be > 0, got {cfg.target.momentum_epochs}")
     if cfg.optim.manifold_qr_every < 1:
         raise ConfigError(f"optim.manifold_qr_every must be at least 1, got {cfg.optim.manifold_qr_every}")
     valid = objective_params(cfg.objective.name)

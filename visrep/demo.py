@@ -105,7 +105,7 @@ def _plot_embeddings(cfg, out: Path, path: Path) -> None:
     from visrep.data.sources import load_dataset
     from visrep.evaluate.features import extract_features
     from visrep.methods import build_template
-    from visrep.models import load_backbone
+    from visrep.runs import load_backbone
     from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
 
     test = load_dataset("digits", "test", image_size=16)

@@ -135,25 +135,35 @@ class HardPatchesMask(MaskGenerator):
 
     Of the n = ⌊L·r⌋ masked patches, ⌊L·r·α_t⌋ are the patches with the highest predicted loss
     (`scores`, from the EMA teacher's loss predictor on the full image); the rest are drawn uniformly at
-    random from the remaining patches. α_t = alpha_end · t/T rises linearly over training (t: step, T:
-    total steps), so early masks are random (easy) and later ones increasingly hard.
+    random from the remaining patches, so early masks are random (easy) and later ones increasingly hard.
+    α_t rises linearly to `alpha_end`:
+
+        alpha_schedule=epoch (the official code):  α = alpha_end · (e + 1)/E   at epoch e of E (per epoch)
+        alpha_schedule=step:                       α = alpha_end · t/T        at step t of T
     """
 
     needs_scores = True
 
-    def __init__(self, ratio: float = 0.75, mode: str = "drop", alpha_end: float = 0.5):
+    def __init__(self, ratio: float = 0.75, mode: str = "drop", alpha_end: float = 0.5, alpha_schedule: str = "epoch"):
         super().__init__(ratio, mode)
         if not 0.0 <= alpha_end <= 1.0:
             raise ConfigError(f"masking.alpha_end must be in [0, 1], got {alpha_end}")
-        self.alpha_end = float(alpha_end)
+        if alpha_schedule not in ("epoch", "step"):
+            raise ConfigError(f"masking.alpha_schedule must be epoch or step, got {alpha_schedule!r}")
+        self.alpha_end, self.alpha_schedule = float(alpha_end), alpha_schedule
         self.alpha = 0.0  # set every step by `set_progress`
 
     @staticmethod
-    def alpha_at(step: int, total_steps: int, alpha_end: float = 0.5) -> float:
-        return alpha_end * step / max(total_steps, 1)
+    def alpha_at(step: int, total_steps: int, alpha_end: float = 0.5, steps_per_epoch: int | None = None) -> float:
+        """α at a step: per epoch when `steps_per_epoch` is given (official), else per step."""
+        if steps_per_epoch is None:
+            return alpha_end * step / max(total_steps, 1)
+        epochs = total_steps / max(steps_per_epoch, 1)
+        return min(alpha_end, alpha_end * (step // steps_per_epoch + 1) / max(epochs, 1e-12))
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
-        self.alpha = self.alpha_at(step, total_steps, self.alpha_end)
+        self.alpha = self.alpha_at(step, total_steps, self.alpha_end,
+                                   steps_per_epoch if self.alpha_schedule == "epoch" else None)
 
     def forward(self, batch: int, grid: tuple[int, int], generator: torch.Generator, scores=None) -> torch.Tensor:
         if scores is None:

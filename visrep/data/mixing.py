@@ -60,6 +60,19 @@ class BatchMixing:
             np.random.set_state(state)
         return x, target
 
+    def transform_views(self, views: list[torch.Tensor], labels: torch.Tensor,
+                        seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The loop's batch-transform form: mix the (only) view, return the soft targets as the labels."""
+        mixed, target = self(views[0], labels, seed)
+        return [mixed, *views[1:]], target
+
+
+def build_batch_transforms(spec: dict | None, num_classes: int) -> list:
+    """The batch transforms the `mixing` section asks for: callables (views, labels, seed) → (views, labels)
+    that the loop applies after the views and before the model, in order."""
+    mixing = build_mixing(spec, num_classes)
+    return [] if mixing is None else [mixing.transform_views]
+
 
 def build_mixing(spec: dict | None, num_classes: int) -> BatchMixing | None:
     """BatchMixing from the `mixing` config section (None: no mixing); unknown keys raise ConfigError."""

@@ -20,17 +20,16 @@ from typing import Sequence
 
 import torch
 
+from visrep.device import resolve_device
 from visrep.errors import ConfigError, DataError, VisrepError
 from visrep.evaluate.features import IMAGENET_MEAN, IMAGENET_STD, TRANSFORM_VERSION, extract_features_with_info
 
 
 def _version() -> str:
     try:
-        import visrep
+        from visrep.version import __version__
 
-        v = getattr(visrep, "__version__", None)
-        if v:
-            return str(v)
+        return str(__version__)
     except Exception:  # a partially written package must not break evaluation
         pass
     try:
@@ -41,11 +40,7 @@ def _version() -> str:
         return "unknown"
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None -> cuda when available, else cpu; the training loop's rules otherwise."""
-    from visrep.train.distributed import resolve_device as _resolve
 
-    return _resolve("auto" if device is None else str(device))
 
 
 def _looks_like_path(source: str) -> bool:
@@ -55,15 +50,13 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_model(source: str, image_size: int | None, branch: str, seed: int, options: dict | None = None,
                 force: bool = False, pretrained: bool = False):
-    from visrep.models.loading import load_backbone
+    from visrep.runs import load_backbone, run_path
 
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise ConfigError(f"model source must be a checkpoint path, run directory or timm:NAME, got {source!r}")
     source = str(source)
-    if _looks_like_path(source) and not Path(source).expanduser().exists():
-        raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    if source.startswith("~"):
-        source = str(Path(source).expanduser())
+    if _looks_like_path(source):
+        source = run_path(source)
     # Random-init backbones are built under a fixed seed (without touching the caller's RNG), so a
     # random-init baseline is reproducible and its features cache like any other model's.
     with torch.random.fork_rng(devices=[]):
@@ -262,7 +255,7 @@ def _classifier_head_names() -> list[str]:
 
 
 def _has_classifier_head(source: str, force: bool = False) -> bool:
-    from visrep.models.loading import load_run
+    from visrep.runs import load_run
 
     path = Path(str(source)).expanduser()
     if not path.exists():
@@ -278,13 +271,10 @@ def _load_head(source: str, image_size: int | None, force: bool = False):
     fine-tuned run; raises ConfigError for runs without a classifier/regression head."""
     from torch import nn
 
-    from visrep.methods import build_template
-    from visrep.models.loading import load_run
-    from visrep.train.checkpoint import strip_prefix
+    from visrep.runs import RebuiltRun, load_run, run_path
 
-    if not Path(str(source)).expanduser().exists():
-        raise ConfigError(f"no checkpoint or run directory at '{source}'")
-    tensors, meta, cfg = load_run(str(Path(str(source)).expanduser()), force=force)
+    path = run_path(source)
+    tensors, meta, cfg = load_run(path, force=force)
     kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
     if kind not in _classifier_head_names():
         raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
@@ -292,16 +282,13 @@ def _load_head(source: str, image_size: int | None, force: bool = False):
     if not any(k.startswith("model.projector.") for k in tensors):
         raise ConfigError(f"'{source}' holds a backbone only (an export keeps no classifier head); evaluate the run "
                           "it was exported from, or use eval knn / eval linear")
-    size = int(meta.get("image_size") or image_size or 32)
-    outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
-    template = build_template(cfg, size, outputs, load_init=False)
-    template.load_state_dict(strip_prefix(tensors, "model."))
-    return nn.Sequential(template.backbone, template.projector).eval(), cfg, meta, tensors, size
+    run = RebuiltRun.of(path, tensors, meta, cfg, image_size)
+    return nn.Sequential(run.template.backbone, run.template.projector).eval(), cfg, meta, tensors, run.image_size
 
 
 def _head_outputs(source, *, dataset, root, test_split, image_size, batch_size, device, cache_dir, test_subset,
                   seed, progress, download, dataset_options, force=False):
-    from visrep.train.checkpoint import weights_fingerprint
+    from visrep.checkpoint import weights_fingerprint
 
     model, cfg, meta, tensors, size = _load_head(source, image_size, force)
     test = _load_split(dataset, test_split, root, download, dict(dataset_options or {}), test_subset, seed,

@@ -98,7 +98,7 @@ _MAE_DECODER = {"type": "mae", "dim": 512, "depth": 8, "heads": 16}
 
 _add("mae", "MAE: He et al. 2022, Masked Autoencoders Are Scalable Vision Learners",
      views={"policy": "crop", "options": {"crop_scale": [0.2, 1.0]}},
-     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos"}},
+     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos", "init": "mae"}},
      projector=None, predictor=None, target={"branch": "none"},
      masking={"name": "random", "ratio": 0.75, "mode": "drop"}, decoder=_MAE_DECODER,
      objective={"name": "reconstruction", "params": {"loss": "mse", "norm_pix": True}},
@@ -112,22 +112,31 @@ _add("simmim", "SimMIM: Xie et al. 2022, SimMIM: A Simple Framework for Masked I
      objective={"name": "reconstruction", "params": {"loss": "l1", "norm_pix": False}},
      optim={"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_epochs": 10})
 
+# HPM as its official code (Haochen-Wang409/HPM) has it: raw-pixel targets (norm_pix_loss off), the EMA teacher's
+# momentum 0.999 -> 0.9999 linearly over the first 100 epochs (per epoch) then constant, a loss predictor that
+# shares the reconstructor's input layers and predicts p·p·3 values per patch (averaged), the class token in
+# both decoders, xavier init and LayerNorm eps 1e-6, α_t per epoch. Our earlier choices stay as options:
+# objective.params.norm_pix=true, target.momentum_schedule=cosine, loss_predictor.share_input=false,
+# loss_predictor.out_dim=1, masking.alpha_schedule=step.
+_HPM_LOSS_PREDICTOR = {**_MAE_DECODER, "share_input": True}
 _add("hpm", "HPM: Wang et al. 2023, Hard Patches Mining for Masked Image Modeling",
      views={"policy": "crop", "options": {"crop_scale": [0.2, 1.0]}},
-     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos"}},
-     projector=None, predictor=None, target={"branch": "ema", "momentum": 0.996, "momentum_end": 1.0},
+     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos", "init": "mae"}},
+     projector=None, predictor=None,
+     target={"branch": "ema", "momentum": 0.999, "momentum_end": 0.9999, "momentum_schedule": "linear",
+             "momentum_epochs": 100},
      masking={"name": "hard_patches", "ratio": 0.75, "mode": "drop", "alpha_end": 0.5},
-     decoder=_MAE_DECODER, loss_predictor=_MAE_DECODER,
-     objective={"name": "hpm", "params": {"loss": "mse", "norm_pix": True}},
+     decoder=_MAE_DECODER, loss_predictor=_HPM_LOSS_PREDICTOR,
+     objective={"name": "hpm", "params": {"loss": "mse", "norm_pix": False}},
      optim=_MIM_OPTIM)
 
 _add("hpm_loss_pred_only", "HPM ablation 'loss prediction only': random masks + the loss predictor (Wang et al. 2023)",
      views={"policy": "crop", "options": {"crop_scale": [0.2, 1.0]}},
-     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos"}},
+     backbone={"name": "vit_tiny", "options": {"pos_embed": "sincos", "init": "mae"}},
      projector=None, predictor=None, target={"branch": "none"},
      masking={"name": "random", "ratio": 0.75, "mode": "drop"},
-     decoder=_MAE_DECODER, loss_predictor=_MAE_DECODER,
-     objective={"name": "hpm", "params": {"loss": "mse", "norm_pix": True}},
+     decoder=_MAE_DECODER, loss_predictor=_HPM_LOSS_PREDICTOR,
+     objective={"name": "hpm", "params": {"loss": "mse", "norm_pix": False}},
      optim=_MIM_OPTIM)
 
 # ------------------------------------------------------------------ supervised
@@ -140,10 +149,11 @@ _add("supervised", "Supervised: one crop+flip view, a linear classifier head (pr
 
 # GCR (Zhang et al., ICCV 2023): the same composition with Grassmann class subspaces (k = 8, γ = 25) and the
 # ResNet recipe of the paper's ImageNet runs (SGD momentum 0.9, lr 0.1 at batch 256, weight decay 1e-4);
-# the bases train by Riemannian SGD at the same lr schedule.
+# the bases train by Riemannian SGD at the same batch-scaled lr schedule, with QR every 5 steps from the first
+# (as the official code does).
 _add("supervised_gcr", "Supervised with GCR heads: class subspaces (k 8, gamma 25) trained by Riemannian SGD beside SGD",
      views={"policy": "crop", "options": {"crop_scale": [0.08, 1.0]}},
      projector={"type": "gcr", "k": 8, "gamma": 25.0}, predictor=None, target={"branch": "none"},
      objective={"name": "cross_entropy", "params": {"label_smoothing": 0.1}},
      optim={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 5,
-            "manifold_lr": 0.1, "manifold_momentum": 0.9, "manifold_qr_every": 10})
+            "manifold_lr": 0.1, "manifold_momentum": 0.9, "manifold_qr_every": 5})

@@ -9,7 +9,8 @@ Masked image modelling (`masking` set; one view):
 
     view ──► mask generator ──► backbone (visible tokens, or mask tokens) ──► decoder ──► student [pred]
       └──────────────────────────────────────────────── patchified pixels ──► teacher [target]
-                                  backbone tokens ──► loss_predictor ──► extras["loss_pred"]  (HPM)
+                                  backbone tokens ──► loss_predictor ──► extras["loss_pred"]  (HPM; with
+                                  share_input it reads the decoder's embedded tokens, as the official code)
     EMA teacher (backbone + loss_predictor) on the full view ──► per-patch scores ──► hard_patches masks
 
 `objective(student, teacher, **inputs)` turns the two lists into a loss; `inputs` are the extras the
@@ -36,6 +37,32 @@ class TemplateOutput:
     extras: dict = field(default_factory=dict)  # mask, loss_pred: inputs an objective may name
 
 
+def check_masking(masking, *, decoder_type: str | None, loss_predictor: bool, target: str, n_views: int | None = None,
+                  views: str = "", share_input: bool = False, decoder_dim: int | None = None,
+                  loss_predictor_dim: int | None = None) -> None:
+    """The rules of the masked-image-modelling fields, written once: `visrep.config.validate` checks a config
+    with them before anything is built, and `Template` checks the parts it is given."""
+    if masking is None:
+        if decoder_type is not None or loss_predictor:
+            raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
+        return
+    if decoder_type is None:
+        raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
+    if n_views is not None and n_views != 1:  # the masked forward reads the first view only
+        raise ConfigError(f"masked image modelling reads one view, but view policy '{views}' makes {n_views}; use "
+                          "views.policy=crop (or none)")
+    if masking.mode == "drop" and decoder_type == "linear":
+        raise ConfigError("decoder 'linear' needs every patch token: use masking.mode=token (SimMIM) or decoder.type=mae")
+    if masking.needs_scores and (not loss_predictor or target != "ema"):
+        raise ConfigError("masking 'hard_patches' needs a loss_predictor section and target.branch=ema (its masks "
+                          "come from the EMA teacher's loss predictions)")
+    if share_input and decoder_type != "mae":
+        raise ConfigError("loss_predictor.share_input needs a decoder with input layers (decoder.type=mae)")
+    if share_input and decoder_dim is not None and loss_predictor_dim is not None and decoder_dim != loss_predictor_dim:
+        raise ConfigError(f"loss_predictor.share_input reads the decoder's tokens, so its dim must be the decoder's "
+                          f"({decoder_dim}), got {loss_predictor_dim}")
+
+
 class Template(nn.Module):
     def __init__(self, backbone: nn.Module, projector: nn.Module | None, predictor: nn.Module | None,
                  target: str = "none", masking: nn.Module | None = None, decoder: nn.Module | None = None,
@@ -47,25 +74,30 @@ class Template(nn.Module):
         self.target = target
         self.masking, self.decoder, self.loss_predictor = masking, decoder, loss_predictor
         self.mask_embedding = None
+        check_masking(masking, decoder_type=getattr(decoder, "kind", type(decoder).__name__) if decoder is not None
+                      else None,
+                      loss_predictor=loss_predictor is not None, target=target,
+                      share_input=bool(getattr(loss_predictor, "share_input", False)),
+                      decoder_dim=getattr(decoder, "dim", None), loss_predictor_dim=getattr(loss_predictor, "dim", None))
         if masking is not None:
             from visrep.models.masked import embed_dim_of, patch_size_of
 
-            if decoder is None:
-                raise ConfigError("masking needs a decoder section (e.g. decoder.type=mae)")
             self.patch_size = patch_size_of(backbone)
             if masking.mode == "token":  # SimMIM's learned mask token, in the encoder's input space
                 self.mask_embedding = MaskToken(embed_dim_of(backbone))
-            if masking.needs_scores and (loss_predictor is None or target != "ema"):
-                raise ConfigError("masking 'hard_patches' needs a loss_predictor section and target.branch=ema "
-                                  "(its masks come from the EMA teacher's loss predictions)")
-        elif decoder is not None or loss_predictor is not None:
-            raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
+        # HPM's loss predictor may read the reconstruction decoder's embedded input (its `share_input`).
+        self.shared_input = bool(getattr(loss_predictor, "share_input", False))
         if target == "ema":
             # The teacher is a frozen copy, updated only by `update_teacher` (BYOL/MoCo/DINO momentum encoder).
             self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
+            for m in self.teacher_backbone.modules():  # the teacher runs without stochastic depth (DINO, BYOL)
+                if hasattr(m, "drop_prob"):
+                    m.drop_prob = 0.0
             self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
             if loss_predictor is not None:
                 self.teacher_loss_predictor = copy.deepcopy(loss_predictor).requires_grad_(False)
+            if self.shared_input:  # the teacher's loss predictor reads the EMA decoder's input layers
+                self.teacher_decoder = copy.deepcopy(decoder).requires_grad_(False)
 
     def student_modules(self):
         parts = (self.backbone, self.projector, self.predictor, self.decoder, self.loss_predictor, self.mask_embedding)
@@ -75,6 +107,8 @@ class Template(nn.Module):
         pairs = [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
         if self.loss_predictor is not None:
             pairs.append((self.loss_predictor, self.teacher_loss_predictor))
+        if self.shared_input:
+            pairs.append((self.decoder, self.teacher_decoder))
         return pairs
 
     def forward(self, views: list[torch.Tensor], n_global: int, seed: int = 0) -> TemplateOutput:
@@ -101,16 +135,30 @@ class Template(nn.Module):
         scores = None
         if self.masking.needs_scores:  # HPM: the EMA teacher predicts each patch's loss on the full image
             with torch.no_grad():
-                tokens, _ = encode_masked(self.teacher_backbone, x)
-                scores = self.teacher_loss_predictor(tokens, None, grid).squeeze(-1)
+                tokens, cls = encode_masked(self.teacher_backbone, x)
+                scores = self._predict_loss(self.teacher_decoder if self.shared_input else None,
+                                            self.teacher_loss_predictor, tokens, None, grid, cls)
         mask = self.masking(x.shape[0], grid, gen, scores)
         token = self.mask_embedding.mask_token if self.mask_embedding is not None else None
-        tokens, pooled = encode_masked(self.backbone, x, mask, token)
+        tokens, cls = encode_masked(self.backbone, x, mask, token)  # cls: the pooled (class) token
         extras = {"mask": mask}
-        if self.loss_predictor is not None:
-            extras["loss_pred"] = self.loss_predictor(tokens, mask, grid).squeeze(-1)
-        pred = self.decoder(tokens, mask, grid)
-        return TemplateOutput([pred], [patchify(x, p)], pooled.detach(), extras)
+        if self.shared_input:  # one embedded input, two heads (official HPM)
+            embedded = self.decoder.embed_input(tokens, mask, grid, cls)
+            pred = self.decoder.head(embedded, grid)
+            extras["loss_pred"] = self.loss_predictor.head(embedded, grid).mean(-1)
+        else:
+            pred = self.decoder(tokens, mask, grid, cls)
+            if self.loss_predictor is not None:
+                extras["loss_pred"] = self._predict_loss(None, self.loss_predictor, tokens, mask, grid, cls)
+        return TemplateOutput([pred], [patchify(x, p)], cls.detach(), extras)
+
+    @staticmethod
+    def _predict_loss(decoder, loss_predictor, tokens, mask, grid, cls) -> torch.Tensor:
+        """[B, L] predicted per-patch losses: the predictor's outputs averaged (official HPM: p·p·3 values per
+        patch, averaged; with out_dim 1 the one value), from the decoder's embedded input when shared."""
+        if decoder is not None:
+            return loss_predictor.head(decoder.embed_input(tokens, mask, grid, cls), grid).mean(-1)
+        return loss_predictor(tokens, mask, grid, cls).mean(-1)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -138,30 +186,26 @@ class MaskToken(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
 
-def build_template(cfg, image_size: int, num_classes: int | None = None, load_init: bool = True,
-                   force: bool = False) -> Template:
-    """Backbone + heads + masking + target branch from a RunConfig.
+def build_backbone_of(cfg, image_size: int) -> nn.Module:
+    """The backbone `cfg.backbone` names, at random init, for images of `image_size`."""
+    opts = dict(cfg.backbone.options)
+    opts.setdefault("image_size", image_size)
+    return build_backbone(cfg.backbone.name, **opts)
+
+
+def build_template(cfg, image_size: int, num_classes: int | None = None, backbone: nn.Module | None = None) -> Template:
+    """Backbone + heads + masking + target branch from a RunConfig: the composition only.
 
     num_classes: out_dim of a classifier head left without one (classes, or regression targets).
-    Fine-tuning (`cfg.finetune`): with `load_init` the backbone starts from `finetune.init`'s weights; with
-    mode `lora` it is wrapped in peft LoRA adapters (also when rebuilding a saved LoRA run, so its state
-    dict loads as saved).
+    backbone: a backbone built already (default: `build_backbone_of(cfg, image_size)` at random init); fine-tuning
+    passes one that starts from a run's weights or carries LoRA adapters (`visrep.runs.build_model`).
     """
     from visrep.data.masking import build_mask_generator
     from visrep.models.decoders import build_decoder
     from visrep.models.masked import embed_dim_of, patch_size_of
 
-    opts = dict(cfg.backbone.options)
-    opts.setdefault("image_size", image_size)
-    backbone = build_backbone(cfg.backbone.name, **opts)
+    backbone = build_backbone_of(cfg, image_size) if backbone is None else backbone
     dim = feature_dim(backbone)
-    ft = cfg.finetune
-    if ft.init and load_init:
-        load_init_weights(backbone, ft.init, ft.branch, force=force)
-    if ft.mode == "lora":
-        from visrep.models.lora import apply_lora
-
-        backbone = apply_lora(backbone, ft.lora)
     projector = build_head(cfg.projector, dim, num_classes)
     out_dim = getattr(projector, "out_dim", dim)
     predictor = build_head(cfg.predictor, out_dim, num_classes)
@@ -170,26 +214,6 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, load_in
     if masking is not None:
         p, width = patch_size_of(backbone), embed_dim_of(backbone)
         decoder = build_decoder(cfg.decoder, width, p * p * 3, "decoder")
-        loss_predictor = build_decoder(cfg.loss_predictor, width, 1, "loss_predictor")
-    elif cfg.decoder is not None or cfg.loss_predictor is not None:
-        raise ConfigError("a decoder or loss_predictor needs a masking section (e.g. masking.name=random)")
+        # official HPM: the loss predictor also predicts p·p·3 values per patch, averaged to one score
+        loss_predictor = build_decoder(cfg.loss_predictor, width, p * p * 3, "loss_predictor")
     return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)
-
-
-def load_init_weights(backbone: nn.Module, source: str, branch: str = "student", force: bool = False) -> None:
-    """Copy the `branch` backbone of a visrep checkpoint, run directory or export into `backbone`
-    (fine-tuning; a LoRA run's adapters are merged first)."""
-    from pathlib import Path
-
-    from visrep.models.loading import load_backbone
-
-    if not Path(source).expanduser().exists():
-        raise ConfigError(f"finetune.init: no checkpoint or run directory at '{source}'")
-    pretrained, _ = load_backbone(str(Path(source).expanduser()), branch=branch, force=force)
-    try:
-        backbone.load_state_dict(pretrained.state_dict())
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise ConfigError(f"finetune.init '{source}' does not fit backbone {type(backbone).__name__} "
-                          f"({lines[1].strip() if len(lines) > 1 else e}); use the backbone and image size it "
-                          "was trained with") from None

@@ -61,13 +61,31 @@ def default_patch_size(image_size: int, patch_size: int | None) -> int:
     return 16 if image_size >= 128 else max(1, image_size // 8)
 
 
+def mae_init(model: nn.Module) -> None:
+    """The official MAE / HPM encoder initialisation: every Linear xavier-uniform with zero bias, the patch
+    projection xavier-uniform on its flattened [D, 3·p·p] weight (like a Linear), class token N(0, 0.02²)
+    (timm's ViT keeps LayerNorm ε = 1e-6, as MAE does)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = model.patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if getattr(model, "cls_token", None) is not None:
+        nn.init.normal_(model.cls_token, std=0.02)
+
+
 def _vit(timm_name: str, doc: str):
-    def build(*, image_size: int = 224, patch_size: int | None = None, pos_embed: str = "learn", **kwargs):
+    def build(*, image_size: int = 224, patch_size: int | None = None, pos_embed: str = "learn", init: str = "timm",
+              **kwargs):
         patch_size = default_patch_size(image_size, patch_size)
         if image_size % patch_size:
             raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if pos_embed not in ("learn", "sincos"):
             raise ConfigError(f"vit option pos_embed must be learn or sincos, got {pos_embed!r}")
+        if init not in ("timm", "mae"):
+            raise ConfigError(f"vit option init must be timm or mae, got {init!r}")
         # dynamic_img_size: multi-crop feeds smaller local crops; timm interpolates the position embeddings.
         kwargs.setdefault("dynamic_img_size", True)
         model = _timm().create_model(
@@ -82,13 +100,16 @@ def _vit(timm_name: str, doc: str):
             model.pos_embed.data.zero_()
             model.pos_embed.data[0, prefix:] = table
             model.pos_embed.requires_grad_(False)
+        if init == "mae":
+            mae_init(model)
         return model
 
     build.__doc__ = doc
     return build
 
 
-_VIT_OPTS = "options: image_size, patch_size (default 16, or image_size/8 below 128 px), pos_embed (learn | sincos)."
+_VIT_OPTS = ("options: image_size, patch_size (default 16, or image_size/8 below 128 px), pos_embed (learn | sincos), "
+             "init (timm | mae).")
 BACKBONES.add("vit_tiny", _vit("vit_tiny_patch16_224", f"ViT-Tiny 192/12/3 (timm keys); {_VIT_OPTS}"))
 BACKBONES.add("vit_small", _vit("vit_small_patch16_224", f"ViT-Small 384/12/6 (timm keys); {_VIT_OPTS}"))
 BACKBONES.add("vit_base", _vit("vit_base_patch16_224", f"ViT-Base 768/12/12 (timm keys); {_VIT_OPTS}"))
@@ -106,7 +127,8 @@ def _illama(size: str):
     dim, depth, heads = ILLAMA_SIZES[size]
     build.__doc__ = (f"iLLaMA-{size.capitalize()} {dim}/{depth}/{heads} (Wang et al. 2024, causal LLaMA blocks); "
                      "options: image_size, patch_size, rope (1d | 2d), soft_mask (none | constant | linear), "
-                     "soft_mask_ratio, soft_mask_epochs.")
+                     "soft_mask_ratio, soft_mask_epochs, soft_mask_form (official | renormalised), pos_embed "
+                     "(learned | none), qkv_bias, drop_path; defaults: the official recipe of this size.")
     return build
 
 

@@ -1,11 +1,12 @@
 """iLLaMA: a LLaMA decoder as a vision backbone (Wang et al. 2024, "Adapting LLaMA Decoder to Vision Transformer").
 
-    image ─► 16x16 patches ─► [x_1 … x_L, cls] ─► N × Block ─► RMSNorm ─► cls (last position)
+    image ─► 16x16 patches ─► [x_1 … x_L, cls] + learned position embedding ─► N × Block ─► RMSNorm ─► cls (last)
 
-    Block(x):  h = x + Attn(RMSNorm(x));  out = h + SwiGLU(RMSNorm(h))
+    Block(x):  h = x + DropPath(Attn(RMSNorm(x)));  out = h + DropPath(SwiGLU(RMSNorm(h)))
     RMSNorm:   y = x / sqrt(mean(x²) + ε) · g                         (Zhang & Sennrich 2019; torch's)
     SwiGLU:    y = W2 (SiLU(W1 x) ⊙ W3 x), no biases, hidden = 8d/3   (Shazeer 2020; LLaMA; timm's layer)
-    Attn:      softmax(q kᵀ/√d_h + M) v with RoPE on q and k, no biases, causal mask M
+    Attn:      A v with RoPE on q and k, biases on the q/k/v and output projections, A the (soft) causal
+               attention below
     RoPE:      rotate each pair (x_i, x_{i+d_h/2}) of q and k by angle m·θ_i, θ_i = base^(−2i/d_h)
                (Su et al. 2021), so q_mᵀ k_n depends only on m − n. 1-D over the raster order as in the
                paper (the class token takes position L); `rope: 2d` rotates half the pairs by the row
@@ -15,19 +16,34 @@ Post-sequence class token: the class token is appended AFTER the patches and rea
 position, so under the causal mask it is the one token that sees every patch (the paper's fix for
 the attention collapse of a leading class token).
 
-Soft mask (the paper's §3.4): early in training the causal mask is blended with bidirectional attention.
-With ratio r ∈ [0, 1] the unnormalised attention weight of every future key (j > i) is multiplied by r:
+Soft mask (the paper's §3.4): early in training the causal mask is blended with bidirectional attention,
+with a ratio r ∈ [0, 1] (r = 1: bidirectional). Two forms, `soft_mask_form`:
 
-    M_ij = 0 for j ≤ i,   M_ij = log r for j > i        (r = 1: bidirectional, r = 0: causal)
+    official      A = softmax(q kᵀ/√d_h) ⊙ (r·1 + (1 − r)·tril)         (the official code; the default)
+    renormalised  A = softmax(q kᵀ/√d_h + M),  M_ij = 0 for j ≤ i, log r for j > i
 
-`soft_mask: linear` lowers r linearly from `soft_mask_ratio` to 0 at epoch `soft_mask_epochs`;
-`constant` keeps r = `soft_mask_ratio` until then; `none` is causal from the first step. Once r = 0 the
-attention uses the fused causal kernel (`scaled_dot_product_attention(is_causal=True)`); before that one
-[N, N] mask is built per forward and shared by every block, head and image. The current r is a buffer,
-so a checkpoint evaluates with the attention it was trained with.
+The official form scales the future keys' weights by r AFTER normalising over all keys, so a row's weights
+sum to less than 1, and at r = 0 every query still divides by its future keys' exp-scores: the official
+"causal" attention is softmax over all keys with the future weights then zeroed. The renormalised form scales
+the future keys' unnormalised weights by r, so rows sum to 1 and r = 0 is exact causal attention, which runs
+on the fused kernel (`scaled_dot_product_attention(is_causal=True)`). Both equal bidirectional attention at
+r = 1. The official form is computed explicitly ([N, N] scores per head); the renormalised one through
+`scaled_dot_product_attention` with one [N, N] mask per forward shared by every block, head and image.
+
+Schedule (the official `mask_scheduler`): with n = soft_mask_epochs × steps per epoch early steps,
+`linear` gives r_i = soft_mask_ratio · (1 − i/(n − 1)) at step i < n (numpy's linspace from the ratio to 0),
+`constant` keeps r = soft_mask_ratio, and r = 0 from step n on; `none` is r = 0 from the first step. The current
+r is a buffer, so a checkpoint evaluates with the attention it was trained with.
+
+Official recipes per size (ImageNet-1k, 300 epochs), the defaults of `build_illama`: tiny `constant` for 50
+epochs and no drop path; small `linear` for 50 epochs, drop path 0.1; base `linear` for 25 epochs, drop path
+0.4 (stochastic depth rising linearly over the blocks from 0).
 
 Sizes (d/depth/heads): tiny 192/12/3, small 384/12/6, base 768/12/12; at 224 px, patch 16 and a
-1000-class head they have 5.65M / 21.92M / 86.31M parameters (paper: 5.7M / 21.9M / 86.3M).
+1000-class head they have exactly the official 5,701,096 / 22,018,024 / 86,502,376 parameters (paper:
+5.7M / 21.9M / 86.3M): the learned absolute position embedding on top of RoPE and the attention biases are
+the official model's. For another patch grid (multi-crop's small crops) the learned patch positions are
+resampled bicubically, as DINO does for ViTs.
 """
 from __future__ import annotations
 
@@ -40,6 +56,7 @@ from torch import nn
 from visrep.errors import ConfigError
 
 SOFT_MASKS = ("none", "constant", "linear")
+SOFT_MASK_FORMS = ("official", "renormalised")
 ROPES = ("1d", "2d")
 
 
@@ -96,34 +113,54 @@ def soft_causal_mask(n: int, ratio: float, device=None, dtype=torch.float32) -> 
     return torch.zeros(n, n, dtype=dtype, device=device).masked_fill(future, value)
 
 
+def official_soft_mask(n: int, ratio: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The multiplicative [n, n] mask of the official form: r·1 + (1 − r)·tril (1 on and below the diagonal)."""
+    tril = torch.ones(n, n, device=device, dtype=dtype).tril()
+    return ratio + (1.0 - ratio) * tril
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: tuple) -> torch.Tensor:
+    """Attention of q, k, v [B, H, N, d_h] under `mode`, one of the two soft-mask forms (module docstring):
+    ("multiply", M): softmax(q kᵀ/√d_h) ⊙ M, then · v (official; M from `official_soft_mask`), or
+    ("sdpa", additive mask or None, is_causal): `scaled_dot_product_attention` (renormalised, bidirectional)."""
+    if mode[0] == "multiply":
+        weights = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1) * mode[1]
+        return weights @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mode[1], is_causal=mode[2])
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    """Multi-head attention with RoPE, biases on the q/k/v and output projections (official iLLaMA)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % heads:
             raise ConfigError(f"illama dim {dim} is not divisible by {heads} heads")
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope, attn_mask, is_causal):
+    def forward(self, x, rope, mode):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        o = attend(apply_rope(q, rope), apply_rope(k, rope), v, mode)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int):
+    def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool = True, drop_path: float = 0.0):
+        from timm.layers import DropPath
+
         super().__init__()
         self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qkv_bias)
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, hidden)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, rope, attn_mask=None, is_causal=True):
-        x = x + self.attn(self.norm1(x), rope, attn_mask, is_causal)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, rope, mode=("sdpa", None, True)):
+        x = x + self.drop_path(self.attn(self.norm1(x), rope, mode))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ILLaMA(nn.Module):
@@ -131,7 +168,9 @@ class ILLaMA(nn.Module):
 
     def __init__(self, *, dim: int = 192, depth: int = 12, heads: int = 3, patch_size: int = 16, image_size: int = 224,
                  num_classes: int = 0, mlp_hidden: int | None = None, rope: str = "1d", rope_base: float = 10000.0,
-                 soft_mask: str = "linear", soft_mask_ratio: float = 1.0, soft_mask_epochs: float = 25.0):
+                 soft_mask: str = "linear", soft_mask_ratio: float = 1.0, soft_mask_epochs: float = 25.0,
+                 soft_mask_form: str = "official", pos_embed: str = "learned", qkv_bias: bool = True,
+                 drop_path: float = 0.0):
         super().__init__()
         if image_size % patch_size:
             raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -139,6 +178,13 @@ class ILLaMA(nn.Module):
             raise ConfigError(f"illama option rope must be one of {', '.join(ROPES)}, got {rope!r}")
         if soft_mask not in SOFT_MASKS:
             raise ConfigError(f"illama option soft_mask must be one of {', '.join(SOFT_MASKS)}, got {soft_mask!r}")
+        if soft_mask_form not in SOFT_MASK_FORMS:
+            raise ConfigError(f"illama option soft_mask_form must be one of {', '.join(SOFT_MASK_FORMS)}, got "
+                              f"{soft_mask_form!r}")
+        if pos_embed not in ("learned", "none"):
+            raise ConfigError(f"illama option pos_embed must be learned or none, got {pos_embed!r}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ConfigError(f"illama option drop_path must be in [0, 1), got {drop_path}")
         if not 0.0 <= soft_mask_ratio <= 1.0:
             raise ConfigError(f"illama option soft_mask_ratio must be in [0, 1], got {soft_mask_ratio}")
         if soft_mask_epochs < 0:
@@ -151,15 +197,22 @@ class ILLaMA(nn.Module):
         self.patch_size, self.image_size, self.num_features, self.embed_dim = patch_size, image_size, dim, dim
         self.rope, self.rope_base, self.head_dim = rope, rope_base, head_dim
         self.soft_mask, self.soft_mask_start, self.soft_mask_epochs = soft_mask, soft_mask_ratio, soft_mask_epochs
+        self.soft_mask_form = soft_mask_form
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(depth))
+        n_patches = (image_size // patch_size) ** 2
+        # Learned absolute positions of [patches..., cls] on top of RoPE, as in the official model.
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, dim)) if pos_embed == "learned" else None
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth rising over the blocks
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, qkv_bias, rates[i]) for i in range(depth))
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         # r of the soft mask; 0 = causal. A buffer so a checkpoint keeps the attention it was trained with.
         self.register_buffer("soft_mask_current", torch.tensor(0.0))
         self.apply(self._init)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     @staticmethod
     def _init(m):
@@ -170,23 +223,25 @@ class ILLaMA(nn.Module):
 
     # timm's hooks for layer-wise lr decay (`timm.optim.param_groups_layer_decay`) and weight decay.
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^cls_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def no_weight_decay(self) -> set:
-        return {"cls_token"}
+        return {"cls_token", "pos_embed"}
 
     # -------------------------------------------------------------- soft-mask schedule
-    def ratio_at(self, epoch: float) -> float:
-        """r at a (fractional) epoch under this backbone's schedule."""
-        if self.soft_mask == "none" or epoch >= self.soft_mask_epochs:
+    def ratio_at(self, step: int, steps_per_epoch: int) -> float:
+        """r at a step under this backbone's schedule (the official per-iteration `mask_scheduler`)."""
+        n = round(self.soft_mask_epochs * steps_per_epoch)  # early steps
+        if self.soft_mask == "none" or step >= n:
             return 0.0
-        if self.soft_mask == "constant":
+        if self.soft_mask == "constant" or n == 1:
             return self.soft_mask_start
-        return self.soft_mask_start * (1.0 - epoch / self.soft_mask_epochs)
+        return self.soft_mask_start * (1.0 - step / (n - 1))
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         """Called by the training loop before every step."""
-        self.soft_mask_current.fill_(self.ratio_at(step / max(steps_per_epoch, 1)))
+        self.soft_mask_current.fill_(self.ratio_at(step, max(steps_per_epoch, 1)))
 
     # -------------------------------------------------------------- forward
     def _positions(self, h: int, w: int, device) -> torch.Tensor:
@@ -197,13 +252,27 @@ class ILLaMA(nn.Module):
         pos = torch.stack([rows.flatten(), cols.flatten()], dim=-1)
         return torch.cat([pos, torch.zeros(1, 2, dtype=pos.dtype, device=device)])  # class token: no rotation
 
+    def _patch_positions(self, h: int, w: int) -> torch.Tensor:
+        """The learned patch positions [1, h·w, D]; for another grid (multi-crop's small crops, another image size)
+        resampled bicubically from the built one (timm's `resample_abs_pos_embed`, as DINO interpolates)."""
+        from timm.layers import resample_abs_pos_embed
+
+        pos = self.pos_embed[:, :-1]
+        side = self.image_size // self.patch_size
+        if (h, w) == (side, side):
+            return pos
+        return resample_abs_pos_embed(pos, new_size=[h, w], old_size=[side, side], num_prefix_tokens=0)
+
     def _attention_mode(self, n: int, device, dtype):
+        """How every block attends in this forward; one mask tensor per forward, shared by all blocks."""
         r = float(self.soft_mask_current)
-        if r <= 0.0:
-            return None, True                      # fused causal kernel, no mask tensor
         if r >= 1.0:
-            return None, False                     # bidirectional
-        return soft_causal_mask(n, r, device, dtype), False  # one mask per forward, shared by all blocks
+            return ("sdpa", None, False)                                # bidirectional (both forms)
+        if self.soft_mask_form == "official":
+            return ("multiply", official_soft_mask(n, r, device, dtype))
+        if r <= 0.0:
+            return ("sdpa", None, True)                                 # fused causal kernel, no mask tensor
+        return ("sdpa", soft_causal_mask(n, r, device, dtype), False)
 
     def forward_masked(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                        mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,18 +286,22 @@ class ILLaMA(nn.Module):
         t = t.flatten(2).transpose(1, 2)
         pos = self._positions(h, w, t.device)
         angles = rope_angles(pos, self.head_dim, self.rope_base)  # [L + 1, d_h/2]
+        cls = self.cls_token.to(t.dtype).expand(B, -1, -1)
         if mask is not None and mask_token is not None:
             t = torch.where(mask.unsqueeze(-1), mask_token.to(t.dtype).view(1, 1, D), t)
-        elif mask is not None:
+        if self.pos_embed is not None:  # before dropping patches, so the visible ones keep their positions
+            t = t + self._patch_positions(h, w).to(t.dtype)
+            cls = cls + self.pos_embed[:, -1:].to(t.dtype)
+        if mask is not None and mask_token is None:
             keep = ~mask
             t = t[keep].view(B, -1, D)
             patch_angles = angles[:-1].unsqueeze(0).expand(B, -1, -1)[keep].view(B, -1, angles.shape[-1])
             angles = torch.cat([patch_angles, angles[-1:].unsqueeze(0).expand(B, -1, -1)], dim=1).unsqueeze(1)
-        t = torch.cat([t, self.cls_token.to(t.dtype).expand(B, -1, -1)], dim=1)
-        attn_mask, is_causal = self._attention_mode(t.shape[1], t.device, t.dtype)
+        t = torch.cat([t, cls], dim=1)
+        mode = self._attention_mode(t.shape[1], t.device, t.dtype)
         rope = rope_cos_sin(angles, t.dtype)  # once per forward, shared by every block
         for blk in self.blocks:
-            t = blk(t, rope, attn_mask, is_causal)
+            t = blk(t, rope, mode)
         t = self.norm(t)
         return t[:, :-1], t[:, -1]
 
@@ -241,8 +314,13 @@ class ILLaMA(nn.Module):
 
 
 ILLAMA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+# The official ImageNet-1k scripts (scripts/train_illama_*_in1k.sh): soft-mask schedule and drop path per size.
+ILLAMA_RECIPES = {"tiny": dict(soft_mask="constant", soft_mask_epochs=50.0, drop_path=0.0),
+                  "small": dict(soft_mask="linear", soft_mask_epochs=50.0, drop_path=0.1),
+                  "base": dict(soft_mask="linear", soft_mask_epochs=25.0, drop_path=0.4)}
 
 
 def build_illama(size: str, **options) -> ILLaMA:
     dim, depth, heads = ILLAMA_SIZES[size]
-    return ILLaMA(**{"dim": dim, "depth": depth, "heads": heads, **options})  # depth etc. may be overridden
+    # depth, schedule etc. may be overridden
+    return ILLaMA(**{"dim": dim, "depth": depth, "heads": heads, **ILLAMA_RECIPES[size], **options})

@@ -13,6 +13,11 @@ Objectives that need more than the two lists (the mask of masked image modelling
 supervised training) name them in a class attribute `inputs`, e.g. `inputs = ("mask",)`; the loop
 passes exactly those as keyword arguments, so it has no per-method branch.
 
+An objective returns the loss as a 0-d tensor, or a dict of loss terms whose "loss" entry is the total
+that is optimised (HPM: reconstruction and loss prediction); the loop logs every term as it is.
+An objective that must see the training set before the first step (regression: the targets' mean and
+standard deviation) has a data-fitting hook `fit(dataset)`, which the loop calls once.
+
 Losses that need batch statistics gather over the process group by default
 (`gather_distributed=True`); the mean over ranks of the per-rank losses then equals the loss
 of the full batch in one process. All math runs in float32, even under autocast.
@@ -53,6 +58,21 @@ for _name, _cls in (
     OBJECTIVES.add(_name, _cls)
 
 
+def loss_terms(output) -> dict:
+    """An objective's output as a dict of loss terms: {"loss": total, other terms...}; a tensor is {"loss": it}.
+
+    Example:
+        >>> import torch
+        >>> sorted(loss_terms(torch.tensor(1.0))), sorted(loss_terms({"loss": torch.tensor(1.0), "a": 0}))
+        (['loss'], ['a', 'loss'])
+    """
+    if isinstance(output, dict):
+        if "loss" not in output:
+            raise TypeError(f"an objective's dict of loss terms needs a 'loss' entry (the total), got {list(output)}")
+        return output
+    return {"loss": output}
+
+
 def objective_params(name: str) -> dict:
     """{param: default} of the objective's constructor."""
     cls = OBJECTIVES.get(name)
@@ -82,6 +102,7 @@ __all__ = [
     "OBJECTIVES",
     "build_objective",
     "objective_params",
+    "loss_terms",
     "sinkhorn_knopp",
     "NTXentLoss",
     "MoCoQueueLoss",

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visrep.objectives.distributed import check_views, float32
+from visrep.objectives.distributed import float32
+from visrep.objectives.inputs import check_views
 
 
 def _pair_cosines(student: list[Tensor], teacher: list[Tensor]) -> list[Tensor]:

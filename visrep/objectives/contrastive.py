@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep.errors import ConfigError
-from visrep.objectives.distributed import check_views, float32, gather, rank
+from visrep.objectives.distributed import float32, gather, rank
+from visrep.objectives.inputs import check_views
 
 
 def _positive(name: str, value: float) -> float:

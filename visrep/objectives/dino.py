@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep.errors import ConfigError
-from visrep.objectives.distributed import all_reduce_mean, check_views, float32
+from visrep.objectives.distributed import all_reduce_mean, float32
+from visrep.objectives.inputs import check_views
 
 
 class DINOLoss(nn.Module):

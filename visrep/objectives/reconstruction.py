@@ -107,8 +107,9 @@ class HPMLoss(nn.Module):
         >>> import torch
         >>> pred, tgt = torch.zeros(1, 2, 3), torch.tensor([[[1.0] * 3, [2.0] * 3]])
         >>> m, p = torch.tensor([[True, True]]), torch.zeros(1, 2)
-        >>> round(HPMLoss(norm_pix=False)([pred], [tgt], mask=m, loss_pred=p).item(), 4)  # (1+4)/2 + log 2
-        3.1931
+        >>> terms = HPMLoss(norm_pix=False)([pred], [tgt], mask=m, loss_pred=p)
+        >>> {k: round(v.item(), 4) for k, v in terms.items()}   # (1+4)/2 + log 2
+        {'loss': 3.1931, 'reconstruction': 2.5, 'loss_prediction': 0.6931}
     """
 
     inputs = ("mask", "loss_pred")
@@ -118,15 +119,14 @@ class HPMLoss(nn.Module):
         if loss not in LOSSES:
             raise ConfigError(f"hpm loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.loss, self.norm_pix, self.pred_weight = loss, bool(norm_pix), float(pred_weight)
-        self.last_terms: dict = {}
 
     def forward(self, student: list[Tensor], teacher: list[Tensor], mask: Tensor | None = None,
-                loss_pred: Tensor | None = None) -> Tensor:
+                loss_pred: Tensor | None = None) -> dict[str, Tensor]:
         _check("hpm", student, teacher, mask)
         if loss_pred is None:
             raise ConfigError("objective 'hpm' needs loss predictions: set the loss_predictor section")
         per = per_patch_loss(student[0], teacher[0], self.loss, self.norm_pix)
         rec = masked_mean(per, mask)
         pred = relative_loss(loss_pred, per.detach(), mask)
-        self.last_terms = {"reconstruction": float(rec.detach()), "loss_prediction": float(pred.detach())}
-        return rec + self.pred_weight * pred
+        # Both terms are logged as they are (the loop logs every term an objective returns).
+        return {"loss": rec + self.pred_weight * pred, "reconstruction": rec.detach(), "loss_prediction": pred.detach()}

@@ -44,8 +44,8 @@ class RegressionLoss(nn.Module):
 
         ℓ = mean_{b,t} ρ(ŷ_{b,t} − (y_{b,t} − μ_t)/σ_t),   ρ = |·| (l1) | (·)² (mse) | Huber_δ=1 (smooth_l1)
 
-    μ, σ: per-target mean and standard deviation of the training set (`set_target_stats`, called by the
-    loop), so ages in years and landmark coordinates in [0, 1] train with the same learning rate; the
+    μ, σ: per-target mean and standard deviation of the training set (`fit(dataset)`, the data-fitting hook
+    the loop calls once before training; `set_target_stats(targets)` from plain PyTorch), so ages in years and landmark coordinates in [0, 1] train with the same learning rate; the
     head predicts standardised values and `denormalize` maps them back. Buffers, so checkpoints keep them.
 
     Example:
@@ -65,6 +65,13 @@ class RegressionLoss(nn.Module):
         self.loss, self._fn = loss, fns[loss]
         self.register_buffer("target_mean", torch.zeros(0))
         self.register_buffer("target_std", torch.ones(0))
+
+    def fit(self, dataset) -> None:
+        """Data-fitting hook: standardise by the training set's targets (a dataset with `.targets`)."""
+        if dataset.targets is None:
+            raise ConfigError("objective 'regression' needs a dataset with regression targets (e.g. utkface "
+                              "task=age, mtfl task=landmarks)")
+        self.set_target_stats(dataset.targets)
 
     def set_target_stats(self, targets: Tensor) -> None:
         targets = targets.float().reshape(len(targets), -1)

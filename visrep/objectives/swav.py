@@ -9,10 +9,10 @@ from visrep.errors import ConfigError
 from visrep.objectives.distributed import (
     all_reduce_max,
     all_reduce_sum,
-    check_views,
     float32,
     world_size,
 )
+from visrep.objectives.inputs import check_views
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep.errors import ConfigError
-from visrep.objectives.distributed import check_views, float32, gather
+from visrep.objectives.distributed import float32, gather
+from visrep.objectives.inputs import check_views
 
 
 class VICRegLoss(nn.Module):

@@ -198,7 +198,7 @@ def _try_options(name: str, kw: dict) -> None:
 
 def _logits(net, ds, size: int, device) -> torch.Tensor:
     from visrep.evaluate.features import extract_features
-    from visrep.train.checkpoint import weights_fingerprint
+    from visrep.checkpoint import weights_fingerprint
 
     logits, _ = extract_features(net, ds, image_size=size, device=device, progress=False,
                                  model_fingerprint=weights_fingerprint(net.state_dict()), channels_last=True)
@@ -266,8 +266,9 @@ def _finetune_truth(model: str, fingerprint: str, train, *, dataset, root, train
     import hashlib
     import json
 
-    import visrep
-    from visrep.evaluate.api import _load_head, evaluate_classifier, resolve_device
+    from visrep.config import resolve_config
+    from visrep.device import resolve_device
+    from visrep.evaluate.api import _load_head, evaluate_classifier
     from visrep.train.finetune import finetune
 
     # The folder of a model's runs is named by everything that changes them: the weights, the training images and
@@ -283,7 +284,7 @@ def _finetune_truth(model: str, fingerprint: str, train, *, dataset, root, train
     per_lr = {}
     for lr in options["lrs"]:
         out_dir = run_root / f"lr{float(lr):g}"
-        cfg = visrep.resolve({
+        cfg = resolve_config(None, None, base={
             "method": "supervised", "seed": seed, "out_dir": str(out_dir),
             "data": {"dataset": dataset, "root": root, "split": train_split, "image_size": image_size,
                      "subset": train_subset, "holdout": options["holdout"], "options": dict(dataset_options or {})},
@@ -396,7 +397,7 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
         for n in names:
             fn = SCORES.get(n)
             if fn.needs == "probs" and probs is None:  # the source classifier's pass is timed apart from the scores
-                from visrep.evaluate.api import resolve_device
+                from visrep.device import resolve_device
 
                 t = time.perf_counter()
                 probs = _source_probs(model, train, record["image_size"], resolve_device(device), force,
@@ -479,13 +480,14 @@ def _finetune_setup(options: dict | None, finetune_dir: str | None, out: str | N
             raise ConfigError(f"finetune {k} must be a number, got {ft[k]!r}")
     if ft["mode"] not in ("full", "lora"):
         raise ConfigError(f"finetune mode must be full or lora, got {ft['mode']!r}")
-    import visrep
+    from visrep.config import resolve_config
 
-    visrep.resolve({"method": "supervised", "projector": {"type": "linear"},  # ranges, before any work is done
-                    "data": {"holdout": ft["holdout"]}, "finetune": {"init": "pool", "mode": ft["mode"],
-                                                                  "layer_decay": ft["layer_decay"]},
-                    "optim": {"name": "adamw", "lr": max(ft["lrs"]), "weight_decay": ft["weight_decay"],
-                              "warmup_epochs": ft["warmup_epochs"]}})
+    # ranges, before any work is done
+    resolve_config(None, None, base={
+        "method": "supervised", "projector": {"type": "linear"}, "data": {"holdout": ft["holdout"]},
+        "finetune": {"init": "pool", "mode": ft["mode"], "layer_decay": ft["layer_decay"]},
+        "optim": {"name": "adamw", "lr": max(ft["lrs"]), "weight_decay": ft["weight_decay"],
+                  "warmup_epochs": ft["warmup_epochs"]}})
     if finetune_dir is not None:
         work = Path(finetune_dir).expanduser()
     elif out is not None:

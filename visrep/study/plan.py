@@ -328,7 +328,7 @@ def _template_check(cfg, run_label: str) -> None:
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)
-            model = build_template(cfg, size, 10, load_init=False).train()
+            model = build_template(cfg, size, 10).train()
             policy = build_views(cfg.views.policy, size, **cfg.views.options)
             objective = build_objective(cfg.objective.name, **cfg.objective.params)
             x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
@@ -346,8 +346,7 @@ def _template_check(cfg, run_label: str) -> None:
 
 def plan(study, *, check_build: bool = True) -> Plan:
     """Resolve and validate a study (a YAML path or a dict): every run of the grid and every evaluation."""
-    import visrep
-    from visrep.config import deep_merge
+    from visrep.config import deep_merge, resolve_config
 
     data, path, here = _load(study)
     unknown = [k for k in data if k not in STUDY_KEYS]
@@ -391,7 +390,7 @@ def plan(study, *, check_build: bool = True) -> Plan:
         label = "run " + ", ".join(f"{k}={v}" for k, v in point.items())
         overrides = deep_merge(deep_merge(base, _nested(point)), budget_over)
         try:
-            cfg = visrep.resolve(config_file, overrides)
+            cfg = resolve_config(config_file, overrides)
         except ConfigError as e:
             raise ConfigError(f"{label}: {e}") from None
         resolved = cfg.to_dict()

@@ -49,15 +49,10 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    from visrep.errors import ConfigError
-
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is '{name}' but no CUDA GPU is available; use train.device=cpu")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+def any_rank_flags(flags: torch.Tensor, info: DistInfo) -> list[bool]:
+    """Several stop flags (a float tensor on the device) agreed across processes in one collective and one host
+    sync: each is true everywhere if it is true on any process."""
+    if info.world_size > 1:
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in flags.tolist()]

@@ -31,8 +31,8 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
     have moved with the run, or been deleted). force: load an init that fails its integrity check.
     """
     from visrep.evaluate.api import _classifier_head_names
-    from visrep.models.loading import load_run
-    from visrep.train.checkpoint import read_checkpoint_meta
+    from visrep.runs import load_run, run_path
+    from visrep.checkpoint import read_checkpoint_meta
 
     cfg = copy.deepcopy(cfg)
     kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
@@ -55,10 +55,7 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
         if cfg.data.image_size is None:
             cfg.data.image_size = src.data.image_size
     elif init:
-        path = Path(init).expanduser()
-        if not path.exists():
-            raise ConfigError(f"finetune.init: no checkpoint or run directory at '{init}'")
-        _, meta, src = load_run(str(path), force=force)
+        _, meta, src = load_run(run_path(init, "finetune.init"), force=force)
         cfg.backbone = copy.deepcopy(src.backbone)
         size = meta.get("image_size")
         if cfg.data.image_size is None and size:
@@ -69,22 +66,20 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
     return cfg
 
 
-def export_backbone(out_dir: Path) -> Path:
+def export_backbone(out_dir: Path, run=None) -> Path:
     """Write the trained backbone (LoRA merged) as a checkpoint `load_backbone` reads: timm keys under
-    `model.backbone.`, the config with finetune.mode=full and no init."""
+    `model.backbone.`, the config with finetune.mode=full and no init. `run`: the run already rebuilt
+    (`visrep.runs.rebuild_run`), so its checkpoint is not read again."""
     import torch
 
-    from visrep.methods import build_template
+    from visrep.checkpoint import add_prefix, save_checkpoint
     from visrep.models.lora import merge_lora
-    from visrep.models.loading import load_run
-    from visrep.train.checkpoint import add_prefix, save_checkpoint, strip_prefix
+    from visrep.runs import rebuild_run
 
-    tensors, meta, cfg = load_run(str(out_dir / "checkpoints" / "last.safetensors"))
-    outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
-    template = build_template(cfg, int(meta["image_size"]), outputs, load_init=False)
-    template.load_state_dict(strip_prefix(tensors, "model."))
+    run = run if run is not None else rebuild_run(out_dir / "checkpoints" / "last.safetensors")
+    cfg, meta = run.cfg, run.meta
     with torch.no_grad():
-        backbone = merge_lora(template.backbone)
+        backbone = merge_lora(copy.deepcopy(run.template.backbone))
     plain = copy.deepcopy(cfg)
     plain.finetune.mode, plain.finetune.init, plain.finetune.layer_decay = "full", None, None
     export_meta = {"config": plain.to_dict(), "image_size": meta["image_size"], "step": meta["step"],
@@ -99,7 +94,6 @@ def export_backbone(out_dir: Path) -> Path:
 def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evaluate: bool = True,
              force: bool = False) -> dict:
     """Train (see the module docstring), export and evaluate; returns the summary (also out_dir/summary.json)."""
-    from visrep.methods import build_template
     from visrep.models.lora import count_parameters
     from visrep.train.loop import pretrain
 
@@ -113,18 +107,16 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
             return summary  # nothing was changed
         summary.pop("already_finished")  # trained, but killed before its export or evaluation: finish those
         summary["stop_reason"] = "completed"
-    # Parameter counts of the trained composition (built without weights: counting needs none).
-    from visrep.models.loading import load_run
+    # The trained run, rebuilt once: its parameter counts and its export.
+    from visrep.runs import rebuild_run
 
-    meta = load_run(str(out_dir / "checkpoints" / "last.safetensors"), force=force)[1]
-    outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
-    template = build_template(cfg, int(meta["image_size"]), outputs, load_init=False)
-    trainable, total = count_parameters(template)
+    run = rebuild_run(out_dir / "checkpoints" / "last.safetensors", force=force)
+    trainable, total = count_parameters(run.template)
     summary.update(mode=cfg.finetune.mode, init=cfg.finetune.init, layer_decay=cfg.finetune.layer_decay,
                    label_fraction=cfg.data.label_fraction, trainable_parameters=trainable, total_parameters=total,
                    trainable_fraction=trainable / total)
     if summary["stop_reason"] == "completed":
-        summary["export"] = str(export_backbone(out_dir))
+        summary["export"] = str(export_backbone(out_dir, run))
         if evaluate:
             from visrep.evaluate.api import evaluate_classifier
 

@@ -1,11 +1,22 @@
 """The one training loop. Every method runs through `pretrain`; none has a branch of its own here.
 
-Per step:  uint8 batch ─► views(seed) ─► template (backbone, heads, target branch) ─► objective ─► loss
-           + an online linear probe on the detached features (solo-learn's monitor), then the optimizer
-           step, then the EMA teacher update. Hyper-parameters come from plain arrays indexed by step.
+    state = build_state(cfg, train, ...)              # views, template, objective, optimisers, probe, schedules
+    for step in range(state.step, stop_at):
+        terms = train_step(state, batches(step))      # views ─► template ─► objective ─► loss ─► optimisers
+        log every train.log_every steps; kNN/RankMe monitors and checkpoints at epoch ends
+
+A step: uint8 batch ─► views(seed) ─► batch transforms (Mixup/CutMix) ─► template (backbone, heads, target
+branch) ─► objective ─► loss terms; backward; every optimiser steps; the EMA teacher follows; the online probe
+trains on the detached features. Hyper-parameters come from plain arrays indexed by step (DINOv2, nanoGPT).
+What differs between methods is in the state's parts, never here: if a method needs a branch in this file,
+the template is missing a field.
 
 Reproducibility: the data order is a permutation seeded by (seed, epoch) and the views are seeded by
 (seed, step, rank), so a run can restart at any step from its checkpoint and continue bit-for-bit.
+
+Failures: a step reads nothing back from the device. A non-finite loss is recorded on the device; it is read
+on logging steps and before every checkpoint, where the run stops with a message and the last good checkpoint
+is kept (no checkpoint is written from weights that saw a non-finite loss).
 """
 from __future__ import annotations
 
@@ -15,75 +26,71 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
-from torch import nn
 
 from visrep.config import RunConfig
-from visrep.errors import ConfigError, TrainingError, VisrepError
-from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
-from visrep.train.checkpoint import (CheckpointError, add_prefix, check_resume_meta, clean_stale_temps, first_non_finite,
-                                     load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint,
-                                     strip_prefix)
-from visrep.train.distributed import any_rank, resolve_device, setup_distributed, teardown_distributed
-from visrep.train.optim import build_optimizer, build_param_groups
-from visrep.train.schedules import linear_warmup_constant, momentum_schedule, warmup_cosine
+from visrep.data.batches import EpochBatches
+from visrep.errors import ConfigError, TrainingError
+from visrep.objectives import loss_terms
+from visrep.checkpoint import (CheckpointError, check_resume_meta, clean_stale_temps, first_non_finite,
+                                     load_checkpoint, save_checkpoint)
+from visrep.device import resolve_device
+from visrep.train.distributed import any_rank, any_rank_flags, setup_distributed, teardown_distributed
+from visrep.train.monitor import FeatureMonitor
+from visrep.train.runlog import RunLog
+from visrep.train.state import TrainState, build_state, checkpoint_contents, load_state, load_training_data
+
 
 def view_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**62)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
+    """One optimisation step at `state.step` on `batch` (images, labels, targets on the device).
 
+    Returns the step's loss terms and the probe's accuracy as 0-d tensors on the device (no host sync).
+    """
+    step, cfg = state.step, state.cfg
+    for opt in state.optimizers:
+        opt.apply(step)
+    for name, values in state.schedules.objective.items():
+        setattr(state.objective, name, float(values[step]))
+    for part in state.progress_hooks:
+        part.set_progress(step, state.total_steps, state.steps_per_epoch)
 
-class Schedules:
-    """Every per-step hyper-parameter as an array: lr, weight decay, EMA momentum, objective attributes."""
+    seed = view_seed(cfg.seed, step, state.dist.rank)
+    views = state.views(batch["images"], seed=seed)
+    labels = batch["labels"]
+    for i, transform in enumerate(state.batch_transforms):  # e.g. Mixup/CutMix: mixed views, soft labels
+        views, labels = transform(views, labels, seed=seed + 2 + i)
+    with state.autocast():
+        out = state.forward(views, state.views.n_global, seed=seed + 1)  # seed: the step's masks, if any
+        available = {"labels": labels, "targets": batch["targets"], **out.extras}
+        terms = loss_terms(state.objective(out.student, out.teacher, **{k: available[k] for k in state.inputs}))
+    loss = terms["loss"]
+    bad = ~torch.isfinite(loss.detach()) & (state.bad_step < 0)
+    state.bad_step = torch.where(bad, step, state.bad_step)
+    state.bad_loss = torch.where(bad, loss.detach().float(), state.bad_loss)
 
-    def __init__(self, cfg: RunConfig, steps_per_epoch: int):
-        total = total_steps_of(cfg, steps_per_epoch)
-        o = cfg.optim
-        scale = cfg.train.batch_size / 256 if o.lr_scaling == "linear" else 1.0
-        warmup = round(o.warmup_epochs * steps_per_epoch)
-        self.lr = warmup_cosine(o.lr * scale, o.min_lr * scale, total, warmup)
-        # Riemannian SGD (GCR bases): the same shape, from its own base lr (not batch-scaled).
-        m_lr = o.lr * scale if o.manifold_lr is None else o.manifold_lr
-        self.manifold_lr = warmup_cosine(m_lr, m_lr * (o.min_lr / o.lr if o.lr else 0.0), total, warmup)
-        wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
-        self.wd = warmup_cosine(o.weight_decay, wd_end, total, 0)
-        self.momentum = momentum_schedule(cfg.target.momentum, cfg.target.momentum_end, total)
-        self.objective = {
-            name: linear_warmup_constant(s.get("start", 0.0), s.get("end", 0.0), total,
-                                         round(s.get("warmup_epochs", 0.0) * steps_per_epoch))
-            for name, s in cfg.objective.schedules.items()
-        }
+    optimizers = [o.optimizer for o in state.optimizers]
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if cfg.optim.clip_grad:
+        for opt in optimizers:
+            state.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
+                                       cfg.optim.clip_grad)
+    for opt in optimizers:
+        state.scaler.step(opt)
+    state.scaler.update()
+    state.model.update_teacher(float(state.schedules.momentum[step]))
 
-
-def total_steps_of(cfg: RunConfig, steps_per_epoch: int) -> int:
-    """The schedules' horizon: train.steps when set (e.g. for a time budget), else epochs x steps per epoch."""
-    return cfg.train.steps if cfg.train.steps else cfg.train.epochs * steps_per_epoch
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _log_line(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["rng.cuda"] = torch.cuda.get_rng_state()
-    return out
+    logged = {k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in terms.items()}
+    if state.probe_on:
+        logged["probe_acc"] = state.probe.step(out.features, batch["labels"], state.views.n_global)
+    state.step += 1
+    return logged
 
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, force: bool = False) -> dict:
@@ -131,347 +138,187 @@ def _run_lock(out_dir: Path):
         lock.release()
 
 
-def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict:
-    from visrep.data.sources import load_dataset
-    from visrep.data.views import build_views
-    from visrep.methods import build_template
-    from visrep.objectives import build_objective
+def _open_checkpoint(cfg: RunConfig, ckpt_path: Path, resume: bool, force: bool):
+    """The checkpoint to resume from, verified before anything is built or written (None for a new run)."""
+    if ckpt_path.exists() and not resume:
+        raise ConfigError(f"'{cfg.out_dir}' already holds a run; pass --resume to continue it or choose another out_dir")
+    if not resume:
+        return None
+    if not ckpt_path.exists():
+        raise ConfigError(f"nothing to resume: '{ckpt_path}' does not exist")
+    tensors, meta = load_checkpoint(ckpt_path, force=force)  # hash, schema, step
+    check_resume_meta(meta, ckpt_path)
+    bad = first_non_finite({k: v for k, v in tensors.items() if k.startswith(("model.", "objective.", "probe."))})
+    if bad is not None:
+        raise CheckpointError(f"cannot resume: checkpoint '{ckpt_path}' holds non-finite weights ('{bad}' has "
+                              "NaN/Inf), so training from it would only diverge; start a new out_dir")
+    _check_resumable(meta, cfg)
+    return tensors, meta
 
+
+def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict:
     t_start = time.time()
     tc = cfg.train
     if tc.precision == "fp16" and not (tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())):
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    dist_info = setup_distributed(torch.device("cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu"))
-    device = resolve_device(tc.device, dist_info.local_rank)
+    dist = setup_distributed(torch.device("cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu"))
+    device = resolve_device(tc.device, dist.local_rank)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "checkpoints" / "last.safetensors"
-    if ckpt_path.exists() and not resume:
-        raise ConfigError(f"'{out_dir}' already holds a run; pass --resume to continue it or choose another out_dir")
-    if resume and not ckpt_path.exists():
-        raise ConfigError(f"nothing to resume: '{ckpt_path}' does not exist")
-    resumed = None
-    if resume:  # verified (hash, schema, step, finite weights) before anything is built or written
-        resumed = load_checkpoint(ckpt_path, force=force)
-        check_resume_meta(resumed[1], ckpt_path)
-        bad = first_non_finite({k: v for k, v in resumed[0].items() if k.startswith(("model.", "objective.", "probe."))})
-        if bad is not None:
-            raise CheckpointError(f"cannot resume: checkpoint '{ckpt_path}' holds non-finite weights ('{bad}' has "
-                                  "NaN/Inf), so training from it would only diverge; start a new out_dir")
-        _check_resumable(resumed[1], cfg)
+    resumed = _open_checkpoint(cfg, ckpt_path, resume, force)
+    if resumed is not None:
         done = _finished(resumed[1], cfg)
         if done:
             return _existing_summary(out_dir, resumed[1], done)
-    if int(os.environ.get("RANK", "0")) == 0:
+        _check_defaults_version(resumed[1])  # a finished run is only reported, so only an unfinished one is refused
+    if dist.is_main:
         clean_stale_temps(ckpt_path.parent)  # leftovers of checkpoint writes that a kill interrupted
 
-    # ---------------------------------------------------------------- data and parts of the template
-    d = cfg.data
-    train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
-    train = train.subset(d.subset, cfg.seed)
-    if d.holdout is not None:  # the held-out part is for model selection; never trained on
-        train = train.holdout(d.holdout, cfg.seed)[0]
-    if d.label_fraction is not None:  # low-label protocols (1 %, 10 % of the labels)
-        train = train.fraction(d.label_fraction, cfg.seed)
-    image_size = int(train.images.shape[-1])
-    num_classes = len(train.classes)
-    batch = tc.batch_size
-    if batch % dist_info.world_size:
-        raise ConfigError(f"train.batch_size {batch} must be divisible by the {dist_info.world_size} processes")
-    local_batch = batch // dist_info.world_size
-    steps_per_epoch = len(train) // batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {batch} is larger than the {len(train)} training images")
-
-    policy = build_views(cfg.views.policy, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                         **cfg.views.options).to(device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    objective = build_objective(cfg.objective.name, **cfg.objective.params)
-    objective_inputs = tuple(getattr(objective, "inputs", ()))
-    n_label_values = int(torch.unique(train.labels).numel())
-    if "labels" in objective_inputs and n_label_values < 2:
-        raise ConfigError(f"objective '{cfg.objective.name}' classifies, but the training set of '{d.dataset}' holds "
-                          f"{n_label_values} class; a classifier needs at least two")
-    monitors_on = n_label_values >= 2  # with one class, probe and kNN accuracy are a meaningless 1.000
-    if not monitors_on and (cfg.monitor.online_probe or cfg.monitor.knn_every):
-        import warnings
-
-        warnings.warn(f"the training set of '{d.dataset}' holds one class, so the online probe and kNN monitor "
-                      "are off", stacklevel=2)
-    num_outputs = num_classes  # out_dim of a classifier head: classes, or regression targets
-    if "targets" in objective_inputs:
-        if train.targets is None:
-            raise ConfigError(f"objective '{cfg.objective.name}' needs regression targets, and dataset "
-                              f"'{d.dataset}' has none with these options (e.g. utkface task=age, mtfl task=landmarks)")
-        num_outputs = int(train.targets.shape[1])
-        objective.set_target_stats(train.targets)
-    # A resumed run's weights come from its checkpoint, so finetune.init is not read again (it may have moved).
-    model = build_template(cfg, image_size, num_outputs, load_init=resumed is None, force=force).to(device)
-    objective = objective.to(device)
-    from visrep.data.mixing import build_mixing
-
-    mixing = build_mixing(cfg.mixing, num_classes)
-    if mixing is not None and policy.n_views != 1:
-        raise ConfigError(f"mixing needs a one-view policy (e.g. views.policy=crop), '{cfg.views.policy}' makes "
-                          f"{policy.n_views} views")
-    for name in cfg.objective.schedules:
-        if not hasattr(objective, name):
-            raise ConfigError(f"objective.schedules.{name}: objective '{cfg.objective.name}' has no attribute "
-                              f"'{name}' to schedule")
-    # Parts whose behaviour follows training progress (iLLaMA's soft mask, HPM's α_t) expose
-    # `set_progress(step, total_steps, steps_per_epoch)`; the loop calls it before every step.
-    progress_hooks = [m for m in (*model.modules(), *objective.modules()) if hasattr(m, "set_progress")]
-    feat_dim = int(getattr(model.backbone, "num_features"))
-    probe = nn.Linear(feat_dim, num_classes).to(device)
-
-    ddp_model, ddp_probe = model, probe
-    if dist_info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if tc.sync_bn and device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ids = [device.index] if device.type == "cuda" else None
-        ddp_model = DDP(model, device_ids=ids)
-        ddp_probe = DDP(probe, device_ids=ids)
-
-    groups, manifold = build_param_groups(model, cfg)
-    optimizer = build_optimizer(cfg.optim, groups)
-    # GCR's class subspaces: Riemannian SGD beside the Euclidean optimiser (no weight decay on them).
-    manifold_opt = None
-    if manifold:
-        from visrep.train.riemannian import RiemannianSGD
-
-        manifold_opt = RiemannianSGD(manifold, lr=float(cfg.optim.manifold_lr or cfg.optim.lr),
-                                     momentum=cfg.optim.manifold_momentum, qr_every=cfg.optim.manifold_qr_every)
-    optimizers = [optimizer] + ([manifold_opt] if manifold_opt is not None else [])
-    probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg.monitor.probe_lr, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
-    sched = Schedules(cfg, steps_per_epoch)
-    total_steps = total_steps_of(cfg, steps_per_epoch)
-
-    start_step = 0
-    history: list[dict] = []
+    train = load_training_data(cfg)
+    batches = EpochBatches(train, tc.batch_size, cfg.seed, dist.rank, dist.world_size)
+    spe = batches.steps_per_epoch
+    state = build_state(cfg, train, spe, device, dist, load_init=resumed is None, force=force)
     last_saved = None  # step of the last checkpoint on disk (named in the error messages)
     if resumed is not None:
-        tensors, meta = resumed
-        resumed = None  # the tensors are loaded into the modules below; don't keep a second copy
         try:
-            model.load_state_dict(strip_prefix(tensors, "model."))
-            objective.load_state_dict(strip_prefix(tensors, "objective."))
-            probe.load_state_dict(strip_prefix(tensors, "probe."))
-            optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-            if manifold_opt is not None:
-                optimizer_from_tensors(manifold_opt, strip_prefix(tensors, "manifold_"), meta["manifold_optimizer"])
-            optimizer_from_tensors(probe_opt, strip_prefix(tensors, "probe_"), meta["probe_optimizer"])
-            if "scaler" in meta:
-                scaler.load_state_dict(meta["scaler"])
-            torch.set_rng_state(tensors["rng.torch"])
-            if "rng.cuda" in tensors and device.type == "cuda":
-                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:  # a well-formed file of another run
+            load_state(state, *resumed)
+        except (KeyError, RuntimeError, ValueError, TypeError, CheckpointError) as e:  # a well-formed file of another run
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"cannot resume: checkpoint '{ckpt_path}' does not hold this run's state "
                                   f"({type(e).__name__}: {msg[:200]})") from None
-        start_step = last_saved = int(meta["step"])
-        history = meta.get("history", [])
-        del tensors
+        last_saved = state.step
+        resumed = None  # loaded into the modules; don't keep a second copy
 
-    # ---------------------------------------------------------------- logging
-    main = dist_info.is_main
-    writer = None
-    metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and metrics_path.exists():  # leftovers of a run that never wrote a checkpoint
-            metrics_path.unlink()
-        if resume:  # lines logged after the checkpoint (before a kill) are logged again: keep each step once
-            _truncate_metrics(metrics_path, start_step, steps_per_epoch)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    log = RunLog(out_dir, cfg, main=dist.is_main, resume_step=state.step if resume else None, steps_per_epoch=spe,
+                 total_steps=state.total_steps, show_bar=tc.progress and not quiet)
 
-            writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step if resume else None)
-        except ImportError:  # tensorboard is optional at run time
-            writer = None
-
-    def save(step: int, reason: str, collective: bool = True) -> None:
+    def checkpoint(reason: str, collective: bool = True) -> None:
         nonlocal last_saved
+        if int(state.bad_step) >= 0:  # never a checkpoint from weights that saw a non-finite loss
+            raise TrainingError(f"the loss became {float(state.bad_loss)} at step {int(state.bad_step)}; "
+                                f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad")
+        tensors, meta = checkpoint_contents(state, reason)
         # The guard covers what is saved: every parameter and buffer (BatchNorm statistics diverge before the
         # loss does). Every rank checks its own state, so all stop together under torchrun.
-        states = {**add_prefix(model.state_dict(), "model."), **add_prefix(objective.state_dict(), "objective."),
-                  **add_prefix(probe.state_dict(), "probe.")}
-        bad = first_non_finite(states)
-        if any_rank(bad is not None, dist_info) if collective else bad is not None:
+        bad = first_non_finite({k: v for k, v in tensors.items() if k.startswith(("model.", "objective.", "probe."))})
+        if any_rank(bad is not None, dist) if collective else bad is not None:
             raise TrainingError(
-                f"at step {step} the weights are no longer finite ('{bad or 'on another process'}' holds NaN/Inf), "
-                f"so no checkpoint was written; {_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad")
-        if not main:
-            last_saved = step  # rank 0 writes it; every rank names it in its messages
-            return
-        opt_t, opt_meta = optimizer_to_tensors(optimizer)
-        popt_t, popt_meta = optimizer_to_tensors(probe_opt)
-        mopt_t, mopt_meta = optimizer_to_tensors(manifold_opt) if manifold_opt is not None else ({}, None)
-        tensors = {**states, **opt_t, **add_prefix(popt_t, "probe_"),
-                   **add_prefix(mopt_t, "manifold_"),
-                   **_rng_tensors()}
-        meta = {"config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch,
-                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "image_size": image_size,
-                "num_classes": num_classes, "num_outputs": num_outputs, "classes": train.classes, "optimizer": opt_meta,
-                "probe_optimizer": popt_meta, "history": history, "reason": reason}
-        if mopt_meta is not None:
-            meta["manifold_optimizer"] = mopt_meta
-        if scaler.is_enabled():
-            meta["scaler"] = scaler.state_dict()
-        save_checkpoint(ckpt_path, tensors, meta)
-        last_saved = step
+                f"at step {state.step} the weights are no longer finite ('{bad or 'on another process'}' holds "
+                f"NaN/Inf), so no checkpoint was written; {_kept(last_saved, ckpt_path)}; lower optim.lr or set "
+                "optim.clip_grad")
+        if dist.is_main:
+            save_checkpoint(ckpt_path, tensors, meta)
+        last_saved = state.step  # rank 0 writes it; every rank names it in its messages
 
-    knn_on = bool(cfg.monitor.knn_every) and monitors_on
+    knn_on = bool(cfg.monitor.knn_every) and state.monitors_on
     rankme_on = bool(cfg.monitor.rankme_every)  # label-free: also with one class
-    monitor = _Monitor(cfg, train, image_size, device, knn=knn_on) if main and (knn_on or rankme_on) else None
-    if monitor is not None and start_step == 0 and not history:
-        # the random-init reference point
-        history.append({"epoch": 0, **monitor(model.backbone, knn=knn_on, rankme=rankme_on)})
-        _log_line(metrics_path, {"epoch": 0, **history[-1]})
+    monitor = (FeatureMonitor(cfg, train, state.info["image_size"], device, knn=knn_on)
+               if dist.is_main and (knn_on or rankme_on) else None)
+    if monitor is not None and state.step == 0 and not state.history:  # the random-init reference point
+        state.history.append({"epoch": 0, **monitor(state.model.backbone, knn=knn_on, rankme=rankme_on)})
+        log.record(state.history[-1], 0, "monitor")
 
-    # ---------------------------------------------------------------- the loop
-    images, labels, targets = train.images, train.labels, train.targets
-    n_global = policy.n_global
-    step = start_step
-    stop_reason = "completed"
+    total = state.total_steps
+    stop_at = min(total, tc.max_steps) if tc.max_steps is not None else total
+    stop_reason = "completed" if stop_at == total else "max_steps"
+    last_loss = float("nan")
     seen, t_seen = 0, time.time()
     t_loop = time.time()  # train.time_budget_s counts the loop only (not data decoding or model building)
-    last_loss = float("nan")
-    in_step = False  # True while the weights and `step` disagree (no checkpoint may be written then)
+    in_step = False  # True while the weights and `state.step` disagree (no checkpoint may be written then)
+    terms: dict = {}
     try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=start_step, disable=not (main and tc.progress and not quiet),
-                   desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
-        while step < total_steps:
-            epoch, i = divmod(step, steps_per_epoch)
-            perm = epoch_permutation(len(train), cfg.seed, epoch)
-            model.train()
-            for i in range(i, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
-                idx = perm[i * batch + dist_info.rank * local_batch: i * batch + (dist_info.rank + 1) * local_batch]
-                x = images[idx].to(device, non_blocking=True)
-                y = labels[idx].to(device, non_blocking=True)
-                t = targets[idx].to(device, non_blocking=True) if targets is not None else None
-                for g in optimizer.param_groups:
-                    g["lr"] = float(sched.lr[step]) * g.get("lr_scale", 1.0)  # lr_scale: layer-wise decay
-                    g["weight_decay"] = float(sched.wd[step]) * g.get("wd_scale", 1.0)
-                if manifold_opt is not None:
-                    for g in manifold_opt.param_groups:
-                        g["lr"] = float(sched.manifold_lr[step])
-                for name, values in sched.objective.items():
-                    setattr(objective, name, float(values[step]))
-                for m in progress_hooks:
-                    m.set_progress(step, total_steps, steps_per_epoch)
-
-                in_step = True
-                vseed = view_seed(cfg.seed, step, dist_info.rank)
-                views = policy(x, seed=vseed)
-                y_obj = y
-                if mixing is not None:  # Mixup/CutMix: mixed images, soft targets for the objective
-                    views[0], y_obj = mixing(views[0], y, seed=vseed + 2)
-                with _autocast(device, tc.precision):
-                    out = ddp_model(views, n_global, seed=vseed + 1)  # seed: the step's masks, if any
-                    available = {"labels": y_obj, "targets": t, **out.extras}
-                    loss = objective(out.student, out.teacher, **{k: available[k] for k in objective_inputs})
-                # Every process must agree to stop, or the others would wait forever in the next collective.
-                if any_rank(not bool(torch.isfinite(loss)), dist_info):
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); "
-                        f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad"
-                        + ("" if tc.precision == "fp32" else f", or use train.precision=fp32 instead of {tc.precision}"))
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.clip_grad:
-                    for opt in optimizers:
-                        scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
-                                                   cfg.optim.clip_grad)
-                for opt in optimizers:
-                    scaler.step(opt)
-                scaler.update()
-                model.update_teacher(float(sched.momentum[step]))
-
-                probe_acc = float("nan")
-                if cfg.monitor.online_probe and monitors_on:
-                    feats = out.features.float()
-                    yy = y.repeat(n_global)
-                    logits = ddp_probe(feats)
-                    probe_loss = F.cross_entropy(logits, yy)
-                    probe_opt.zero_grad(set_to_none=True)
-                    probe_loss.backward()
-                    probe_opt.step()
-                    probe_acc = (logits.argmax(1) == yy).float().mean().item()
-
-                step += 1
-                in_step = False
-                seen += x.shape[0] * dist_info.world_size
-                last_loss = loss.item()
-                bar.update(1)
-                stopping = any_rank((tc.max_steps is not None and step >= tc.max_steps) or (
-                    tc.time_budget_s is not None and time.time() - t_loop >= tc.time_budget_s), dist_info)
-                if main and (step % tc.log_every == 0 or step == total_steps or stopping):
-                    ips = seen / max(time.time() - t_seen, 1e-9)
-                    rec = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
-                           "lr": float(sched.lr[step - 1]), "momentum": float(sched.momentum[step - 1]),
-                           "probe_acc": probe_acc, "images_per_s": ips,
-                           **getattr(objective, "last_terms", {})}  # e.g. HPM's two loss terms
-                    _log_line(metrics_path, rec)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", ips=f"{ips:.0f}")
-                    if writer:
-                        for k in ("loss", "lr", "momentum", "probe_acc", "images_per_s"):
-                            writer.add_scalar(f"train/{k}", rec[k], step)
-                    seen, t_seen = 0, time.time()
-                if stopping:
-                    stop_reason = "max_steps" if tc.max_steps is not None and step >= tc.max_steps else "time_budget"
-                    break
-            epoch_done = step % steps_per_epoch == 0 or step == total_steps
-            ep = step // steps_per_epoch
-            def due(every: int) -> bool:
-                return bool(every) and (ep % every == 0 or step == total_steps)
-
-            want_knn, want_rankme = knn_on and due(cfg.monitor.knn_every), rankme_on and due(cfg.monitor.rankme_every)
-            if epoch_done and monitor is not None and (want_knn or want_rankme):
-                res = monitor(model.backbone, knn=want_knn, rankme=want_rankme)
-                history.append({"epoch": step / steps_per_epoch, **res})
-                _log_line(metrics_path, history[-1])
-                if writer:
-                    for k in ("knn_top1", "rankme"):
-                        if k in res:
-                            writer.add_scalar(f"monitor/{k}", res[k], step)
-                bar.set_postfix(loss=f"{last_loss:.3f}", **{("knn" if k == "knn_top1" else k): f"{res[k]:.3f}"
-                                                            for k in ("knn_top1", "rankme") if k in res})
-            if stop_reason != "completed" or (epoch_done and (ep % tc.checkpoint_every == 0 or step == total_steps)):
-                save(step, stop_reason if stop_reason != "completed" else "epoch")
-            if stop_reason != "completed":
+        state.model.train()
+        for step in range(state.step, stop_at):
+            in_step = True
+            terms = train_step(state, batches(step, device))
+            in_step = False
+            seen += tc.batch_size
+            log.bar.update(1)
+            done = step + 1
+            epoch_end = done % spe == 0 or done == total
+            last = done == stop_at
+            # One host sync and (under torchrun) one collective per logging step, epoch end or last step; with
+            # one process the time budget is checked after every step.
+            sync = done % tc.log_every == 0 or epoch_end or last
+            over_time = tc.time_budget_s is not None and time.time() - t_loop >= tc.time_budget_s
+            if not sync and not (over_time and dist.world_size == 1):
+                continue
+            bad, over_time = any_rank_flags(torch.stack([(state.bad_step >= 0).float(),
+                                                         torch.tensor(float(over_time), device=device)]), dist)
+            if bad:
+                at = int(state.bad_step)
+                raise TrainingError(
+                    f"the loss became {float(state.bad_loss) if at >= 0 else 'non-finite on another process'} at step "
+                    f"{at if at >= 0 else step} (epoch {(at if at >= 0 else step) // spe}); "
+                    f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad"
+                    + ("" if tc.precision == "fp32" else f", or use train.precision=fp32 instead of {tc.precision}"))
+            if over_time and not last:
+                stop_reason, last = "time_budget", True
+            last_loss = float(terms["loss"])
+            if dist.is_main and (done % tc.log_every == 0 or done == total or last):
+                ips = seen / max(time.time() - t_seen, 1e-9)
+                rec = {"step": done, "epoch": done / spe, "loss": last_loss,
+                       "lr": float(state.optimizers[0].lr[step]), "momentum": float(state.schedules.momentum[step]),
+                       "probe_acc": float(terms.get("probe_acc", float("nan"))), "images_per_s": ips,
+                       **{k: float(v) for k, v in terms.items() if k not in ("loss", "probe_acc")}}
+                log.record(rec, done, "train", ("loss", "lr", "momentum", "probe_acc", "images_per_s"))
+                log.bar.set_postfix(loss=f"{last_loss:.3f}", ips=f"{ips:.0f}")
+                seen, t_seen = 0, time.time()
+            if epoch_end:
+                _run_monitors(state, monitor, log, knn_on, rankme_on, done == total, last_loss)
+            if last or (epoch_end and ((done // spe) % tc.checkpoint_every == 0 or done == total)):
+                checkpoint(stop_reason if last and stop_reason != "completed" else "epoch")
+            if last:
                 break
-        bar.close()
     except KeyboardInterrupt:
         if not in_step:
-            save(step, "interrupted", collective=False)
+            checkpoint("interrupted", collective=False)
         raise TrainingError(f"interrupted; continue with --resume from the last checkpoint ({ckpt_path})") from None
     finally:
-        if writer:
-            writer.close()
-        teardown_distributed(dist_info)
+        log.close()
+        teardown_distributed(dist)
 
-    summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": step,
-               "total_steps": total_steps, "train_size": len(train), "epochs_done": step / steps_per_epoch,
-               "stop_reason": stop_reason,
-               "final_loss": last_loss, "seconds": time.time() - t_start, "loop_seconds": time.time() - t_loop,
-               "history": history,
-               "checkpoint": str(ckpt_path)}
-    if main:
+    summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": state.step,
+               "total_steps": total, "train_size": len(train), "epochs_done": state.step / spe,
+               "stop_reason": stop_reason, "final_loss": last_loss, "seconds": time.time() - t_start,
+               "loop_seconds": time.time() - t_loop, "history": state.history, "checkpoint": str(ckpt_path)}
+    if dist.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _run_monitors(state: TrainState, monitor, log: RunLog, knn_on: bool, rankme_on: bool, final: bool,
+                  last_loss: float) -> None:
+    """kNN / RankMe at an epoch end when due (every monitor.*_every epochs, and at the end of training)."""
+    if monitor is None:
+        return
+    ep = state.step // state.steps_per_epoch
+
+    def due(every: int) -> bool:
+        return bool(every) and (ep % every == 0 or final)
+
+    want_knn, want_rankme = knn_on and due(state.cfg.monitor.knn_every), rankme_on and due(state.cfg.monitor.rankme_every)
+    if not (want_knn or want_rankme):
+        return
+    res = monitor(state.model.backbone, knn=want_knn, rankme=want_rankme)
+    state.history.append({"epoch": state.step / state.steps_per_epoch, **res})
+    log.record(state.history[-1], state.step, "monitor", ("knn_top1", "rankme"))
+    log.bar.set_postfix(loss=f"{last_loss:.3f}", **{("knn" if k == "knn_top1" else k): f"{res[k]:.3f}"
+                                                    for k in ("knn_top1", "rankme") if k in res})
+
+
+def _check_defaults_version(meta: dict) -> None:
+    from visrep.version import DEFAULTS_VERSION
+
+    if meta.get("defaults_version", 1) != DEFAULTS_VERSION:
+        raise ConfigError(f"cannot resume: this run was saved by a visrep whose defaults differ (defaults version "
+                          f"{meta.get('defaults_version', 1)}, now {DEFAULTS_VERSION}: iLLaMA, the MAE/HPM decoders "
+                          "and GCR now follow their official code), so its config would now train differently; "
+                          "finish it with that version or start a new out_dir")
 
 
 def _check_resumable(meta: dict, cfg: RunConfig) -> None:
@@ -522,68 +369,3 @@ def _existing_summary(out_dir: Path, meta: dict, reason: str) -> dict:
             "already_finished": reason}
 
 
-def _truncate_metrics(path: Path, step: int, steps_per_epoch: int) -> None:
-    """Drop metrics.jsonl lines logged after checkpoint `step` (they will be logged again), atomically."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by the kill
-        at = rec.get("step", rec.get("epoch", 0) * steps_per_epoch)
-        if isinstance(at, (int, float)) and at <= step + 1e-9:
-            keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
-class _Monitor:
-    """Monitors on frozen features of a fixed subset of the training set (the bank): the kNN accuracy on a
-    fixed test subset (solo-learn's online kNN) and RankMe, the effective rank of the bank's features
-    (Garrido et al. 2023), whose fall warns of dimensional collapse. One feature pass serves both."""
-
-    def __init__(self, cfg: RunConfig, train, image_size: int, device: torch.device, knn: bool = True):
-        from visrep.data.sources import load_dataset
-
-        d, m = cfg.data, cfg.monitor
-        self.bank = train.subset(m.bank_size, cfg.seed) if m.bank_size and m.bank_size < len(train) else train
-        self.test, self.cfg, self.image_size, self.device = None, cfg, image_size, device
-        if not knn:
-            return
-        try:  # fail before training, not at the end of the first epoch
-            test = load_dataset(d.dataset, d.test_split, d.root, image_size=image_size, download=d.download,
-                                **d.options)
-        except VisrepError as e:
-            raise type(e)(f"the kNN monitor cannot load split '{d.test_split}' ({e}); set data.test_split, "
-                          "or monitor.knn_every=0 to train without it") from None
-        if m.test_size and m.test_size < len(test):
-            test = test.subset(m.test_size, cfg.seed)
-        self.test = test
-
-    @torch.no_grad()
-    def __call__(self, backbone: nn.Module, knn: bool = True, rankme: bool = False) -> dict:
-        from visrep.evaluate.features import extract_features
-        from visrep.evaluate.knn import knn_classify
-        from visrep.rank.rankme import effective_rank
-
-        was = backbone.training
-        kw = dict(image_size=self.image_size, device=self.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                  progress=False)
-        fb, lb = extract_features(backbone, self.bank, **kw)
-        out = {}
-        if knn and self.test is not None:
-            ft, lt = extract_features(backbone, self.test, **kw)
-            res = knn_classify(fb, lb, ft, lt, k=self.cfg.monitor.knn_k,
-                               temperature=self.cfg.monitor.knn_temperature, num_classes=len(self.bank.classes))
-            out.update(knn_top1=float(res["top1"]), knn_top5=float(res["top5"]))
-        backbone.train(was)
-        if rankme:  # on at most RankMe's 25,600 samples; NaN when undefined (all-zero or non-finite features)
-            z = fb[:25_600]
-            try:
-                out["rankme"] = float(effective_rank(z)) if bool(torch.isfinite(z).all()) else float("nan")
-            except VisrepError:
-                out["rankme"] = float("nan")
-        return out

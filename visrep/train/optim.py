@@ -1,6 +1,10 @@
-"""Optimisers: SGD, AdamW (torch) and LARS (written here: torch has none), plus parameter groups."""
+"""Optimisers: SGD, AdamW (torch) and LARS (written here: torch has none), parameter groups, and the list of
+(optimiser, per-step lr array) pairs the loop steps (`build_optimizers`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -126,3 +130,38 @@ def build_param_groups(model: nn.Module, cfg) -> tuple[list[dict], list[nn.Param
                        "lr_scale": float(g.get("lr_scale", 1.0)) * ft.layer_decay})
     rest = param_groups([m for m in modules if m is not backbone], o.weight_decay, o.exclude_bias_norm, skip)
     return groups + rest, manifold
+
+
+@dataclass
+class ScheduledOptimizer:
+    """One optimiser and its per-step schedules. `prefix` names its state in a checkpoint ("" for the main one).
+
+    `apply(step)` writes lr[step] (times each group's `lr_scale`, e.g. layer-wise decay) and, when the
+    optimiser decays weights, wd[step] (times the group's `wd_scale`) into its parameter groups.
+    """
+    prefix: str
+    optimizer: torch.optim.Optimizer
+    lr: np.ndarray
+    wd: np.ndarray | None = None
+
+    def apply(self, step: int) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = float(self.lr[step]) * g.get("lr_scale", 1.0)
+            if self.wd is not None:
+                g["weight_decay"] = float(self.wd[step]) * g.get("wd_scale", 1.0)
+
+
+def build_optimizers(model: nn.Module, cfg, schedules) -> list[ScheduledOptimizer]:
+    """Every optimiser of a Template: the Euclidean one over its parameter groups, plus Riemannian SGD when a
+    module declares `manifold_parameters` (GCR's class subspaces: no weight decay, its own lr schedule).
+    `schedules`: the run's `Schedules` (lr, wd and manifold_lr arrays)."""
+    groups, manifold = build_param_groups(model, cfg)
+    out = [ScheduledOptimizer("", build_optimizer(cfg.optim, groups), schedules.lr, schedules.wd)]
+    if manifold:
+        from visrep.train.riemannian import RiemannianSGD
+
+        o = cfg.optim
+        rsgd = RiemannianSGD(manifold, lr=float(o.manifold_lr or o.lr), momentum=o.manifold_momentum,
+                             qr_every=o.manifold_qr_every)
+        out.append(ScheduledOptimizer("manifold_", rsgd, schedules.manifold_lr))
+    return out

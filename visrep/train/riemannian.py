@@ -12,8 +12,9 @@ gradient D = ∂ℓ/∂S, learning rate η and momentum μ:
                                                            space at the current point)
     3. geodesic step          H = −η·M = U Σ Vᵀ (thin SVD)
                               S ← S V cos(Σ) Vᵀ + U sin(Σ) Vᵀ
-    4. every `qr_every` steps S ← Q of the QR decomposition of S (removes round-off drift; the
-       subspace, and so every logit, is unchanged)
+    4. at steps 0, qr_every, 2·qr_every, ... (GCR's official code: every 5 steps, from the first)
+       S ← Q of the QR decomposition of S (removes round-off drift; the subspace, and so every logit,
+       is unchanged)
 
 The step is computed in float64 and written back in the parameter's dtype. No weight decay: a basis has
 unit columns by construction. The optimiser keeps no global state beyond its per-parameter buffers and
@@ -61,7 +62,7 @@ class RiemannianSGD(torch.optim.Optimizer):
     params: tensors [..., d, k] with orthonormal columns (e.g. GrassmannHead.bases [C, d, k]).
     """
 
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, qr_every: int = 10):
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, qr_every: int = 5):
         if not lr >= 0:
             raise ConfigError(f"Riemannian SGD lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -90,9 +91,10 @@ class RiemannianSGD(torch.optim.Optimizer):
                 else:
                     M = G
                 S = geodesic_step(S, -lr * M)
-                state["step"] = int(state.get("step", 0)) + 1
-                if state["step"] % group["qr_every"] == 0:
+                done = int(state.get("step", 0))  # steps taken before this one
+                if done % group["qr_every"] == 0:
                     S = orthonormalize(S)
+                state["step"] = done + 1
                 p.copy_(S.to(p.dtype))
         return loss
 

@@ -29,6 +29,20 @@ def linear_warmup_constant(start: float, end: float, total_steps: int, warmup_st
     return np.concatenate([warm, np.full(total_steps - warmup_steps, end)]).astype(np.float64)
 
 
-def momentum_schedule(base: float, final: float, total_steps: int) -> np.ndarray:
-    """BYOL's EMA momentum: τ(t) = 1 − (1 − τ_base)(cos(πt/T) + 1)/2, reaching `final` (1.0) at the end."""
-    return warmup_cosine(base, final, total_steps, 0)
+def momentum_schedule(base: float, final: float, total_steps: int, kind: str = "cosine",
+                      steps_per_epoch: int = 1, epochs: float | None = None) -> np.ndarray:
+    """The EMA teacher's momentum per step.
+
+    cosine (BYOL): τ(t) = 1 − (1 − τ_base)(cos(πt/T) + 1)/2, reaching `final` at the last step.
+    linear (HPM's official code): per epoch e = ⌊t / steps_per_epoch⌋, τ = τ_base + min(e, E)/E · (final − τ_base),
+        E = `epochs` (None: the whole run), constant within an epoch and `final` from epoch E on.
+
+    Example:
+        >>> [round(float(v), 5) for v in momentum_schedule(0.999, 0.9999, 8, "linear", 2, epochs=2)]
+        [0.999, 0.999, 0.99945, 0.99945, 0.9999, 0.9999, 0.9999, 0.9999]
+    """
+    if kind == "cosine":
+        return warmup_cosine(base, final, total_steps, 0)
+    E = float(epochs) if epochs is not None else total_steps / max(steps_per_epoch, 1)
+    epoch = np.arange(total_steps) // max(steps_per_epoch, 1)
+    return base + np.minimum(epoch / max(E, 1e-12), 1.0) * (final - base)

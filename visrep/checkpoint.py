@@ -238,6 +238,31 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+# --------------------------------------------------------------------- training state <-> tensors
+def state_to_tensors(stateful: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and JSON metadata of a {prefix: module or optimizer} mapping: a module's state dict under its
+    prefix ("model.", "probe."), an optimizer's tensors under its prefix and its hyper-parameters in the
+    metadata as `<prefix>optimizer` ("" → "optimizer", "probe_" → "probe_optimizer")."""
+    tensors, meta = {}, {}
+    for prefix, obj in stateful.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            t, m = optimizer_to_tensors(obj)
+            tensors.update(add_prefix(t, prefix))
+            meta[f"{prefix}optimizer"] = m
+        else:
+            tensors.update(add_prefix(obj.state_dict(), prefix))
+    return tensors, meta
+
+
+def state_from_tensors(stateful: dict, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load what `state_to_tensors` wrote back into the same mapping (modules strictly)."""
+    for prefix, obj in stateful.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            optimizer_from_tensors(obj, strip_prefix(tensors, prefix), meta[f"{prefix}optimizer"])
+        else:
+            obj.load_state_dict(strip_prefix(tensors, prefix))
+
+
 # --------------------------------------------------------------------- optimizer state <-> tensors
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
