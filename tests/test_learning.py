@@ -31,7 +31,9 @@ STEPS_OF = {"dino": 30}
 def _build(tmp_path, method, **extra):
     over = preset_overrides(tmp_path, method, train={"steps": STEPS_OF.get(method, STEPS)}, monitor={"knn_every": 0, "rankme_every": 0},
                             **extra)
-    over.setdefault("optim", {})["warmup_epochs"] = 0  # the presets warm up for 10 epochs: learn from step 0
+    # The presets warm up for 10 epochs: learn from step 0. Their lr is stated at batch 256; unscaled here, so the
+    # tiny test batch trains at the preset's reference lr (linear scaling would divide it by 8).
+    over.setdefault("optim", {}).update(warmup_epochs=0, lr_scaling="none")
     cfg = visrep.resolve(over)
     train = load_training_data(cfg)
     batches = EpochBatches(train, cfg.train.batch_size, cfg.seed)
@@ -75,7 +77,8 @@ def _learns(state, batch):
 def test_every_preset_learns_on_a_fixed_batch(tmp_path, method):
     state, batch = _build(tmp_path, method)
     first, last = _learns(state, batch)
-    assert last < first - 1e-3 * abs(first), f"{method}: loss {first:.4f} before training, {last:.4f} after"
+    # by at least 0.5 % (measured: 1.4 % for MoCo v2, whose queue keeps its loss near log(queue), to 75 % for BYOL)
+    assert last < first - 5e-3 * abs(first), f"{method}: loss {first:.4f} before training, {last:.4f} after"
 
 
 def test_a_broken_optimiser_is_caught(tmp_path):
