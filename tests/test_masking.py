@@ -261,7 +261,7 @@ def test_hpm_preset_matches_the_official_code(tmp_path):
     assert not hasattr(lp, "embed") and not hasattr(lp, "mask_token") and lp.pred.out_features == 4 * 4 * 3
     assert all(float(m.bias.detach().abs().max()) == 0 for m in dec.modules() if isinstance(m, torch.nn.Linear))
     w = dec.pred.weight
-    assert float(w.abs().max()) <= math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier-uniform bound
+    assert float(w.detach().abs().max()) <= math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier-uniform bound
     assert all(m.eps == 1e-6 for m in (*dec.modules(), *lp.modules()) if isinstance(m, torch.nn.LayerNorm))
     # the loss prediction is a function of the shared input layers: its gradient reaches decoder.embed
     out = model.train()([torch.rand(2, 3, 16, 16)], 1, seed=0)
