@@ -243,3 +243,13 @@ def test_a_run_saved_under_other_defaults_is_not_resumed(tmp_path):
     with pytest.raises(ConfigError, match="defaults differ"):
         visrep.pretrain(visrep.resolve(tiny_overrides(tmp_path)), resume=True, quiet=True)
     assert visrep.pretrain(visrep.resolve(over), resume=True, quiet=True)["already_finished"] == "max_steps"
+
+
+def test_width_narrows_the_stages_and_the_stem_keeps_64_channels():
+    """`width` sets the four stages' channels; timm ignores stem_width for its default stem, so the stem stays at
+    64 (documented; every committed result was measured with this architecture)."""
+    from visrep.models import build_backbone
+
+    m = build_backbone("resnet18", width=16, cifar_stem=True)
+    assert m.conv1.out_channels == 64 and m.layer1[0].conv1.out_channels == 16
+    assert [m.layer4[0].conv1.out_channels, m.num_features] == [128, 128]

@@ -40,6 +40,8 @@ def _resnet(timm_name: str, doc: str):
             raise ConfigError(f"backbone width must be positive, got {width}")
         extra = {}
         if width != 64:  # narrower/wider ResNets for small CPU budgets; timm keeps the same keys
+            # The four stages get width, 2·width, 4·width, 8·width channels. The stem keeps timm's 64: timm reads
+            # stem_width only for its "deep" stems, and every result so far (B2, B9, B12) was measured this way.
             extra = dict(channels=(width, 2 * width, 4 * width, 8 * width), stem_width=width)
         model = _timm().create_model(timm_name, pretrained=False, num_classes=0, **extra, **kwargs)
         return apply_cifar_stem(model) if cifar_stem else model
@@ -48,8 +50,10 @@ def _resnet(timm_name: str, doc: str):
     return build
 
 
-BACKBONES.add("resnet18", _resnet("resnet18", "ResNet-18 (timm keys); options: cifar_stem, width (64)."))
-BACKBONES.add("resnet50", _resnet("resnet50", "ResNet-50 (timm keys); options: cifar_stem, width (64)."))
+BACKBONES.add("resnet18", _resnet("resnet18", "ResNet-18 (timm keys); options: cifar_stem, width (64: the stages' "
+                                               "base width; the stem keeps 64 channels)."))
+BACKBONES.add("resnet50", _resnet("resnet50", "ResNet-50 (timm keys); options: cifar_stem, width (64: the stages' "
+                                               "base width; the stem keeps 64 channels)."))
 
 
 def default_patch_size(image_size: int, patch_size: int | None) -> int:
