@@ -1,7 +1,7 @@
 """B12: "Augmentations vs Algorithms" at CPU scale: run studies/aug_vs_alg.yaml for real and summarise it.
 
     .venv/bin/python benchmarks/b12_aug_vs_alg.py [--workers 2]      # resumable: finished runs are skipped
-    .venv/bin/python benchmarks/b12_aug_vs_alg.py --report-only --markdown   # the README tables
+    .venv/bin/python benchmarks/b12_aug_vs_alg.py --report-only --markdown   # the tables of docs/benchmarks.md
 
 Runs every missing run and evaluation of the study (`visrep study run`), writes its report (`visrep study
 report`), then copies into benchmarks/results/b12_aug_vs_alg/ the results store (results.sqlite), report.json,
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--report-only", action="store_true", help="only aggregate what has run")
-    ap.add_argument("--markdown", action="store_true", help="print the README tables")
+    ap.add_argument("--markdown", action="store_true", help="print the tables of docs/benchmarks.md")
     ap.add_argument("--refresh", action="store_true", help="with --report-only: aggregate again, then print")
     args = ap.parse_args()
     from visrep.study import plan, report, run_study

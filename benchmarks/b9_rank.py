@@ -309,7 +309,7 @@ def main() -> None:
     p.add_argument("--runs-dir", default=str(common.REPO_ROOT / "runs" / "b9"))
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/b9_rank/")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--markdown", action="store_true", help="also print the README's tables")
+    p.add_argument("--markdown", action="store_true", help="also print the tables of docs/benchmarks.md")
     args = p.parse_args()
     base = Path(args.out_dir) if args.out_dir else common.RESULTS_DIR / "b9_rank"
     args.out_dir = str(base)

@@ -73,7 +73,7 @@ def sign_of(metric: str) -> float:
 
 @dataclass
 class Table:
-    """values[config][task] = {seed: value}; configs keep the study's order."""
+    """`values[config][task] = {seed: value}`; configs keep the study's order."""
     configs: list[str]
     tasks: list[str]
     values: dict
@@ -234,15 +234,16 @@ def factor_effects(runs: list[dict], factor_keys: list[str], tasks: list[str], b
     bootstrap interval over seeds; and, per task and pair of factors, the difference of their effect sds with an
     interval from the same resamples. Intervals need replicates (two or more seeds of a configuration).
 
-    runs: {"factors": {...}, "values": {task: value}} for the trained runs of the grid.
-    Returns {"effects": [...], "comparisons": [...]}.
+    runs: `{"factors": {...}, "values": {task: value}}` for the trained runs of the grid.
+    Returns `{"effects": [...], "comparisons": [...]}`.
 
-    >>> runs = [{"factors": {"a": a, "b": b, "seed": s}, "values": {"t": x}} for a, b, s, x in [
-    ...     ("p", "u", 0, 1.0), ("p", "u", 1, 3.0), ("q", "u", 0, 2.0), ("q", "u", 1, 6.0),
-    ...     ("p", "v", 0, 1.0), ("p", "v", 1, 1.0), ("q", "v", 0, 1.0), ("q", "v", 1, 1.0)]]
-    >>> e = factor_effects(runs, ["a", "b", "seed"], ["t"], bootstrap=0)["effects"]
-    >>> e[0]["level_means"], e[0]["contrasts"][0]["mean"], e[0]["range"]   # a: q - p over 4 matched pairs
-    ({'p': 1.5, 'q': 2.5}, 1.0, 1.0)
+    Examples:
+        >>> runs = [{"factors": {"a": a, "b": b, "seed": s}, "values": {"t": x}} for a, b, s, x in [
+        ...     ("p", "u", 0, 1.0), ("p", "u", 1, 3.0), ("q", "u", 0, 2.0), ("q", "u", 1, 6.0),
+        ...     ("p", "v", 0, 1.0), ("p", "v", 1, 1.0), ("q", "v", 0, 1.0), ("q", "v", 1, 1.0)]]
+        >>> e = factor_effects(runs, ["a", "b", "seed"], ["t"], bootstrap=0)["effects"]
+        >>> e[0]["level_means"], e[0]["contrasts"][0]["mean"], e[0]["range"]   # a: q - p over 4 matched pairs
+        ({'p': 1.5, 'q': 2.5}, 1.0, 1.0)
     """
     factors = []
     for f in [k for k in factor_keys if k != seed_key]:
