@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from visrep.data.masking import build_mask_generator
 from visrep.errors import ConfigError
 from visrep.models import build_backbone, build_head, feature_dim
+from visrep.models.decoders import build_decoder
+from visrep.models.masked import embed_dim_of, encode_masked, patch_size_of, patchify
 
 
 @dataclass
@@ -80,8 +83,6 @@ class Template(nn.Module):
                       share_input=bool(getattr(loss_predictor, "share_input", False)),
                       decoder_dim=getattr(decoder, "dim", None), loss_predictor_dim=getattr(loss_predictor, "dim", None))
         if masking is not None:
-            from visrep.models.masked import embed_dim_of, patch_size_of
-
             self.patch_size = patch_size_of(backbone)
             if masking.mode == "token":  # SimMIM's learned mask token, in the encoder's input space
                 self.mask_embedding = MaskToken(embed_dim_of(backbone))
@@ -127,8 +128,6 @@ class Template(nn.Module):
         return TemplateOutput(student, teacher, torch.cat(feats[:n_global]).detach())
 
     def _forward_masked(self, x: torch.Tensor, seed: int) -> TemplateOutput:
-        from visrep.models.masked import encode_masked, patchify
-
         p = self.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         gen = torch.Generator(device=x.device).manual_seed(int(seed) % (2**63))
@@ -200,10 +199,6 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, backbon
     backbone: a backbone built already (default: `build_backbone_of(cfg, image_size)` at random init); fine-tuning
     passes one that starts from a run's weights or carries LoRA adapters (`visrep.runs.build_model`).
     """
-    from visrep.data.masking import build_mask_generator
-    from visrep.models.decoders import build_decoder
-    from visrep.models.masked import embed_dim_of, patch_size_of
-
     backbone = build_backbone_of(cfg, image_size) if backbone is None else backbone
     dim = feature_dim(backbone)
     projector = build_head(cfg.projector, dim, num_classes)

@@ -20,8 +20,13 @@ import copy
 import json
 from pathlib import Path
 
-from visrep.config import RunConfig
+from visrep.checkpoint import add_prefix, read_checkpoint_meta, save_checkpoint
+from visrep.config import RunConfig, from_dict
 from visrep.errors import ConfigError
+from visrep.evaluate.api import _classifier_head_names, evaluate_classifier
+from visrep.models.lora import count_parameters, merge_lora
+from visrep.runs import load_run, rebuild_run, run_path
+from visrep.train.loop import pretrain
 
 
 def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> RunConfig:
@@ -30,10 +35,6 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
     resume=True takes them from the run's own checkpoint instead: a resumed run needs its init no more (it may
     have moved with the run, or been deleted). force: load an init that fails its integrity check.
     """
-    from visrep.evaluate.api import _classifier_head_names
-    from visrep.runs import load_run, run_path
-    from visrep.checkpoint import read_checkpoint_meta
-
     cfg = copy.deepcopy(cfg)
     kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
     if kind not in _classifier_head_names():
@@ -47,8 +48,6 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
     init = cfg.finetune.init
     own = Path(cfg.out_dir) / "checkpoints" / "last.safetensors"
     if init and resume and own.is_file():
-        from visrep.config import from_dict
-
         meta = read_checkpoint_meta(own)
         src = from_dict(RunConfig, meta["config"])
         cfg.backbone = copy.deepcopy(src.backbone)
@@ -72,9 +71,6 @@ def export_backbone(out_dir: Path, run=None) -> Path:
     (`visrep.runs.rebuild_run`), so its checkpoint is not read again."""
     import torch
 
-    from visrep.checkpoint import add_prefix, save_checkpoint
-    from visrep.models.lora import merge_lora
-    from visrep.runs import rebuild_run
 
     run = run if run is not None else rebuild_run(out_dir / "checkpoints" / "last.safetensors")
     cfg, meta = run.cfg, run.meta
@@ -94,9 +90,6 @@ def export_backbone(out_dir: Path, run=None) -> Path:
 def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evaluate: bool = True,
              force: bool = False) -> dict:
     """Train (see the module docstring), export and evaluate; returns the summary (also out_dir/summary.json)."""
-    from visrep.models.lora import count_parameters
-    from visrep.train.loop import pretrain
-
     cfg = prepare_finetune_config(cfg, resume=resume, force=force)
     out_dir = Path(cfg.out_dir)
     summary = pretrain(cfg, resume=resume, quiet=quiet, force=force)
@@ -108,7 +101,6 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
         summary.pop("already_finished")  # trained, but killed before its export or evaluation: finish those
         summary["stop_reason"] = "completed"
     # The trained run, rebuilt once: its parameter counts and its export.
-    from visrep.runs import rebuild_run
 
     run = rebuild_run(out_dir / "checkpoints" / "last.safetensors", force=force)
     trainable, total = count_parameters(run.template)
@@ -118,8 +110,6 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
     if summary["stop_reason"] == "completed":
         summary["export"] = str(export_backbone(out_dir, run))
         if evaluate:
-            from visrep.evaluate.api import evaluate_classifier
-
             d = cfg.data
             res = evaluate_classifier(str(out_dir), dataset=d.dataset, root=d.root, test_split=d.test_split,
                                       download=d.download, dataset_options=d.options, progress=not quiet,

@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visrep.data.sources import load_dataset
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
 from visrep.errors import VisrepError
+from visrep.evaluate.features import extract_features
+from visrep.evaluate.knn import knn_classify
+from visrep.rank.rankme import effective_rank
 
 
 class OnlineProbe:
@@ -48,8 +52,6 @@ class FeatureMonitor:
     training, not at the end of the first epoch."""
 
     def __init__(self, cfg, train, image_size: int, device: torch.device, knn: bool = True):
-        from visrep.data.sources import load_dataset
-
         d, m = cfg.data, cfg.monitor
         self.bank = train.subset(m.bank_size, cfg.seed) if m.bank_size and m.bank_size < len(train) else train
         self.test, self.cfg, self.image_size, self.device = None, cfg, image_size, device
@@ -67,10 +69,6 @@ class FeatureMonitor:
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, knn: bool = True, rankme: bool = False) -> dict:
-        from visrep.evaluate.features import extract_features
-        from visrep.evaluate.knn import knn_classify
-        from visrep.rank.rankme import effective_rank
-
         was = backbone.training
         kw = dict(image_size=self.image_size, device=self.device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   progress=False)

@@ -18,12 +18,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrep.checkpoint import state_from_tensors, state_to_tensors
 from visrep.config import RunConfig
-from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
+from visrep.data.mixing import build_batch_transforms
+from visrep.data.sources import load_dataset
+from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD, build_views
 from visrep.errors import ConfigError
+from visrep.objectives import build_objective
+from visrep.runs import build_model
 from visrep.train.distributed import DistInfo
+from visrep.train.monitor import OnlineProbe
 from visrep.train.optim import ScheduledOptimizer, build_optimizers
 from visrep.train.schedules import linear_warmup_constant, momentum_schedule, warmup_cosine
+from visrep.version import DEFAULTS_VERSION
 
 
 def total_steps_of(cfg: RunConfig, steps_per_epoch: int) -> int:
@@ -101,8 +108,6 @@ class TrainState:
 
 def load_training_data(cfg: RunConfig):
     """The training set the config names: subset, held-out part removed, label fraction applied."""
-    from visrep.data.sources import load_dataset
-
     d = cfg.data
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
     train = train.subset(d.subset, cfg.seed)
@@ -116,12 +121,6 @@ def load_training_data(cfg: RunConfig):
 def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.device, dist: DistInfo, *,
                 load_init: bool = True, force: bool = False) -> TrainState:
     """Every part of a run, from its config and training set, ready for step 0 (or for `load`)."""
-    from visrep.data.mixing import build_batch_transforms
-    from visrep.data.views import build_views
-    from visrep.objectives import build_objective
-    from visrep.runs import build_model
-    from visrep.train.monitor import OnlineProbe
-
     image_size = int(train.images.shape[-1])
     num_classes = len(train.classes)
     views = build_views(cfg.views.policy, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -190,12 +189,9 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 def checkpoint_contents(state: TrainState, reason: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a checkpoint of `state` at `state.step`."""
-    from visrep.checkpoint import state_to_tensors
-
     tensors, meta = state_to_tensors(state.stateful())
     tensors.update(_rng_tensors())
     spe = state.steps_per_epoch
-    from visrep.version import DEFAULTS_VERSION
 
     meta = {"config": state.cfg.to_dict(), "defaults_version": DEFAULTS_VERSION, "step": state.step, "epoch": state.step / spe, "steps_per_epoch": spe,
             "total_steps": state.total_steps, **state.info, **meta, "history": state.history, "reason": reason}
@@ -206,8 +202,6 @@ def checkpoint_contents(state: TrainState, reason: str) -> tuple[dict[str, torch
 
 def load_state(state: TrainState, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Restore a checkpoint written by `checkpoint_contents` into a freshly built state (strict)."""
-    from visrep.checkpoint import state_from_tensors
-
     state_from_tensors(state.stateful(), tensors, meta)
     if "scaler" in meta:
         state.scaler.load_state_dict(meta["scaler"])
