@@ -199,8 +199,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
     def checkpoint(reason: str, collective: bool = True) -> None:
         nonlocal last_saved
         if int(state.bad_step) >= 0:  # never a checkpoint from weights that saw a non-finite loss
-            raise TrainingError(f"the loss became {float(state.bad_loss)} at step {int(state.bad_step)}; "
-                                f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad")
+            raise _loss_error(state, state.step, last_saved, ckpt_path)
         tensors, meta = checkpoint_contents(state, reason)
         # The guard covers what is saved: every parameter and buffer (BatchNorm statistics diverge before the
         # loss does). Every rank checks its own state, so all stop together under torchrun.
@@ -229,7 +228,6 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
     seen, t_seen = 0, time.time()
     t_loop = time.time()  # train.time_budget_s counts the loop only (not data decoding or model building)
     in_step = False  # True while the weights and `state.step` disagree (no checkpoint may be written then)
-    terms: dict = {}
     try:
         state.model.train()
         for step in range(state.step, stop_at):
@@ -250,12 +248,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
             bad, over_time = any_rank_flags(torch.stack([(state.bad_step >= 0).float(),
                                                          torch.tensor(float(over_time), device=device)]), dist)
             if bad:
-                at = int(state.bad_step)
-                raise TrainingError(
-                    f"the loss became {float(state.bad_loss) if at >= 0 else 'non-finite on another process'} at step "
-                    f"{at if at >= 0 else step} (epoch {(at if at >= 0 else step) // spe}); "
-                    f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad"
-                    + ("" if tc.precision == "fp32" else f", or use train.precision=fp32 instead of {tc.precision}"))
+                raise _loss_error(state, step, last_saved, ckpt_path)
             if over_time and not last:
                 stop_reason, last = "time_budget", True
             last_loss = float(terms["loss"])
@@ -336,6 +329,18 @@ def _check_resumable(meta: dict, cfg: RunConfig) -> None:
         if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
             raise ConfigError(f"cannot resume: config section '{section}' differs from the checkpoint's; "
                               "resume with the same config or start a new out_dir")
+
+
+def _loss_error(state: TrainState, step: int, last_saved: int | None, ckpt_path: Path) -> TrainingError:
+    """The one message for a non-finite loss: where it happened (this process's first bad step, else the step at
+    which another process reported one), what was kept, and what to change."""
+    at = int(state.bad_step)
+    value = float(state.bad_loss) if at >= 0 else "non-finite on another process"
+    at = at if at >= 0 else step
+    precision = state.cfg.train.precision
+    return TrainingError(f"the loss became {value} at step {at} (epoch {at // state.steps_per_epoch}); "
+                         f"{_kept(last_saved, ckpt_path)}; lower optim.lr or set optim.clip_grad"
+                         + ("" if precision == "fp32" else f", or use train.precision=fp32 instead of {precision}"))
 
 
 def _kept(step: int | None, path: Path) -> str:
