@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -37,7 +38,16 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-RUNS = ("visrep_simclr", "visrep_byol", "lightly_simclr", "lightly_byol", "random_init")
+RUNS = ("visrep_simclr", "visrep_byol", "lightly_simclr", "lightly_byol", "random_init",
+        # the A/B arms: each loop with the other side's views (SimCLR only)
+        "visrep_simclr_lightlyviews", "lightly_simclr_visrepviews")
+
+
+def parse_run(name: str) -> tuple[str, str, str]:
+    """'visrep_simclr_lightlyviews' -> ('visrep', 'simclr', 'lightly'): loop, method, views."""
+    impl, rest = name.split("_", 1)
+    method, _, views = rest.partition("_")
+    return impl, method, (views[: -len("views")] if views else impl)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -81,7 +91,46 @@ def preset(method: str):
     return visrep.resolve({"method": method, "data": {"dataset": "synthetic"}})
 
 
-def visrep_config(args, method: str, out_dir: str, plan: dict):
+class LightlyViewPolicy(nn.Module):
+    """lightly's per-image SimCLRTransform behind visrep's view-policy interface (``policy(uint8 batch, seed)``
+    -> list of normalised views), so visrep's loop can train on lightly's views (the A/B arm). It runs on
+    PIL images one by one in the main process, as lightly's own loop does with num_workers=0."""
+
+    n_global, n_local, n_views, local_size = 2, 0, 2, None
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+        self.transform = lightly_transform("simclr")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, seed: int) -> list[torch.Tensor]:
+        import random
+
+        import numpy as np
+        from PIL import Image
+
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:  # torchvision draws from torch's RNG; lightly's blur and solarize from numpy's
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+                random.seed(seed)
+                pairs = [self.transform(Image.fromarray(a)) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        return [torch.stack([p[i] for p in pairs]) for i in range(2)]
+
+
+def register_lightly_views() -> None:
+    from visrep.data.views import VIEWS
+
+    if "lightly_simclr" not in VIEWS.names():
+        VIEWS.register("lightly_simclr")(lambda image_size, mean=None, std=None: LightlyViewPolicy(image_size))
+
+
+def visrep_config(args, method: str, out_dir: str, plan: dict, views: str = "visrep"):
     import visrep
 
     p = preset(method)
@@ -103,19 +152,22 @@ def visrep_config(args, method: str, out_dir: str, plan: dict):
                   "num_threads": args.threads, "device": "cpu", "progress": False, "log_every": 1},
         "monitor": {"online_probe": False, "knn_every": 0, "rankme_every": 0},
     }
+    if views == "lightly":
+        register_lightly_views()
+        cfg["views"] = {"policy": "lightly_simclr", "options": {}}
     if plan["kind"] == "constant" and p.target.branch == "ema":
         cfg["target"] = {"momentum_end": p.target.momentum}  # constant EMA momentum
     return visrep.resolve(cfg)
 
 
-def run_visrep(args, method: str, plan: dict, work: Path) -> dict:
+def run_visrep(args, method: str, plan: dict, work: Path, views: str = "visrep") -> dict:
     import visrep
     from visrep.runs import load_backbone
 
-    out_dir = work / f"visrep_{method}"
+    out_dir = work / f"visrep_{method}_{views}views_seed{args.seed}"
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    cfg = visrep_config(args, method, str(out_dir), plan)
+    cfg = visrep_config(args, method, str(out_dir), plan, views)
     started = common.now_iso()
     t0 = time.perf_counter()
     summary = visrep.pretrain(cfg, quiet=True)  # the budget clock is visrep's own (train.time_budget_s)
@@ -134,7 +186,7 @@ def run_visrep(args, method: str, plan: dict, work: Path) -> dict:
     return {
         "backbone_module": backbone,
         "record": {
-            "implementation": "visrep", "method": method, "started_utc": started, "ended_utc": ended,
+            "implementation": "visrep", "method": method, "views": views, "started_utc": started, "ended_utc": ended,
             "budget_s": args.budget_s, "seconds_in_budget_clock": summary["seconds"], "call_wall_s": wall,
             "setup_s_in_budget_est": summary["seconds"] - loop_s,
             "steps": summary["steps"], "epochs": summary["epochs_done"], "stop_reason": summary["stop_reason"],
@@ -154,7 +206,9 @@ def run_visrep(args, method: str, plan: dict, work: Path) -> dict:
                    else ""),
                 "lr: linear warm-up over %d steps then %s" % (plan["warmup_steps"], "constant" if plan["kind"] ==
                                                                "constant" else "cosine to 0"),
-            ],
+            ] + (["views: lightly's SimCLRTransform per image (PIL) behind visrep's view-policy interface "
+                  "(LightlyViewPolicy, registered as views.policy=lightly_simclr from this file)"]
+                 if views == "lightly" else []),
             "weights_fingerprint": info.get("fingerprint"),
         },
     }
@@ -181,7 +235,7 @@ def lightly_transform(method: str):
                          view_2_transform=BYOLView2Transform(gaussian_blur=0.1, solarization_prob=0.2, **common_kw))
 
 
-def run_lightly(args, method: str, plan: dict) -> dict:
+def run_lightly(args, method: str, plan: dict, views: str = "lightly") -> dict:
     """The same recipe written the lightly way. The budget clock covers the training loop only, like
     visrep's train.time_budget_s (not reading the data or building model/optimizer/DataLoader)."""
     from lightly.loss import NegativeCosineSimilarity, NTXentLoss
@@ -220,8 +274,14 @@ def run_lightly(args, method: str, plan: dict) -> dict:
     m_start = p.target.momentum
     m_end = m_start if plan["kind"] == "constant" else p.target.momentum_end
     g = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(common.UInt8ImageDataset(train.images, train.labels, lightly_transform(method)),
-                                         batch_size=args.batch_size, shuffle=True, drop_last=True,
+    if views == "lightly":
+        dataset = common.UInt8ImageDataset(train.images, train.labels, lightly_transform(method))
+    else:  # the A/B arm: uint8 batches, then visrep's batched views (the policy the preset names)
+        from visrep.data.views import build_views
+
+        dataset = torch.utils.data.TensorDataset(train.images, train.labels)
+        policy = build_views(p.views.policy, 32, **p.views.options)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers, generator=g,
                                          persistent_workers=args.num_workers > 0)
     for m in student:
@@ -233,7 +293,8 @@ def run_lightly(args, method: str, plan: dict) -> dict:
     step, losses, curve, stop = 0, [], [], "completed"
     t_loop = time.time()
     while step < total and stop == "completed":
-        for (x0, x1), _ in loader:
+        for x, _ in loader:
+            x0, x1 = x if views == "lightly" else policy(x, seed=args.seed * 1_000_003 + step)
             lr = lr_at(step, peak, final_lr, total, warm)
             for grp in opt.param_groups:
                 grp["lr"] = lr
@@ -270,7 +331,7 @@ def run_lightly(args, method: str, plan: dict) -> dict:
     backbone.eval()
     spe = plan["steps_per_epoch"]
     record = {
-        "implementation": "lightly", "method": method, "started_utc": started, "ended_utc": ended,
+        "implementation": "lightly", "method": method, "views": views, "started_utc": started, "ended_utc": ended,
         "budget_s": args.budget_s, "seconds_in_budget_clock": seconds, "setup_s_in_budget": seconds - loop_s,
         "steps": step, "epochs": step / spe, "stop_reason": stop,
         "images_per_s_overall": step * args.batch_size / max(seconds, 1e-9),
@@ -279,6 +340,11 @@ def run_lightly(args, method: str, plan: dict) -> dict:
                         "model/optimizer/DataLoader, as visrep's train.time_budget_s); checked after every step",
         "recipe": lightly_recipe(args, method, p, plan, peak, final_lr, m_start, m_end),
     }
+    if views == "visrep":
+        record["recipe"]["transform"] = (f"visrep's batched '{p.views.policy}' view policy on each uint8 batch "
+                                         "(torch.utils.data.TensorDataset + the same DataLoader), seed per step")
+        record["recipe"]["data"] = record["recipe"]["data"].replace("numpy HWC uint8 -> PIL per item",
+                                                                    "uint8 NCHW tensors")
     return {"backbone_module": backbone, "record": record}
 
 
@@ -348,10 +414,13 @@ def knn_eval(backbone: nn.Module, bank, test, args) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=600.0, help="wall-clock training budget per run (600)")
-    ap.add_argument("--only", default=",".join(RUNS), help=f"comma list from {','.join(RUNS)} (default: all)")
+    ap.add_argument("--only", default=",".join(RUNS[:5]), help=f"comma list from {','.join(RUNS)} "
+                    "(default: the first five)")
     ap.add_argument("--width", type=int, default=16, help="ResNet-18 base width (16: channels 16/32/64/128)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-core", type=int, default=None,
+                    help="pin this process to one CPU core (with --threads 1, two runs can go side by side)")
     ap.add_argument("--num-workers", type=int, default=0, help="lightly DataLoader workers (0)")
     ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                     help="lr schedule after warm-up, the same for visrep and lightly (constant)")
@@ -365,6 +434,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-subset", type=int, default=None, help="seeded subset of training images (all)")
     ap.add_argument("--test-subset", type=int, default=None, help="seeded subset of test images (all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma list of seeds, each run once per seed (default: --seed)")
+    ap.add_argument("--runs-dir", default=None,
+                    help="write one JSON per finished (run, seed) here and skip those already there (resumable); "
+                         "--out then holds the summary over every JSON in the folder")
     ap.add_argument("--data", default=common.DEFAULT_DATA)
     ap.add_argument("--work-dir", default=None, help="where visrep run directories go (default: a temp dir, removed)")
     ap.add_argument("--out", default=str(common.result_path("b2_quality")))
@@ -373,63 +446,94 @@ def main(argv=None) -> dict:
     bad = [s for s in only if s not in RUNS]
     if bad:
         ap.error(f"unknown run(s) {bad}; choose from {RUNS}")
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    if len(seeds) > 1 and not args.runs_dir:
+        ap.error("several --seeds need --runs-dir (one JSON per run and seed)")
+    if args.cpu_core is not None:
+        os.sched_setaffinity(0, {args.cpu_core})
 
     load_at_start = common.load_check("b2_quality")
     common.set_threads(args.threads)
-    # Decode (first time) or read the cached tensors before any clock starts: JPEG decoding is not timed.
-    train = common.load_cifar10("train", args.data).subset(args.train_subset, args.seed)
-    test = common.load_cifar10("test", args.data).subset(args.test_subset, args.seed)
-    plan = schedule_plan(args, len(train))
-    from visrep.models import build_backbone
+    runs_dir = Path(args.runs_dir) if args.runs_dir else None
+    path = Path(args.out)
+    data = {} if runs_dir else (common.read_json(path) or {})
+    data.setdefault("benchmark", "B2 kNN quality after the same wall-clock pretraining budget, CIFAR-10, CPU")
+    data.setdefault("runs", {})
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="b2_quality_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        for seed in seeds:
+            args.seed = seed
+            todo = [n for n in only if not (runs_dir and (runs_dir / f"{n}_seed{seed}.json").is_file())]
+            if not todo:
+                continue
+            # Decode (first time) or read the cached tensors before any clock starts: JPEG decoding is not timed.
+            train = common.load_cifar10("train", args.data).subset(args.train_subset, seed)
+            test = common.load_cifar10("test", args.data).subset(args.test_subset, seed)
+            plan = schedule_plan(args, len(train))
+            settings = run_settings(args, plan, train, test)
+            for name in todo:
+                rec = one_run(args, name, plan, work, train, test)
+                rec["settings"] = settings
+                rec["machine"] = {**common.machine_info(), "load_at_start_of_invocation": load_at_start,
+                                  "cpu_affinity": sorted(os.sched_getaffinity(0))}
+                print(f"   {name} seed {seed}: steps {rec.get('steps')} epochs {rec.get('epochs')} loss "
+                      f"{rec.get('final_loss')} kNN top1 {rec['knn_top1']:.4f} (eval {rec['eval_seconds']:.0f} s)",
+                      flush=True)
+                if runs_dir:  # one file per finished run: a kill loses only the run in progress
+                    common.write_json(runs_dir / f"{name}_seed{seed}.json", rec)
+                else:
+                    data["runs"][name] = rec
+                    write_summary(data)
+                    common.write_json(path, data)  # after every run, so a crash keeps the finished ones
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    if runs_dir:
+        data = summarise_seeds(runs_dir, data["benchmark"])
+        common.write_json(path, data)
+    print(json.dumps(data["summary"], indent=2))
+    print(f"wrote {path}")
+    return data
 
-    assert common.same_architecture(common.timm_cifar_resnet("resnet18", args.width),
-                                    build_backbone("resnet18", cifar_stem=True, width=args.width))
-    settings = {
+
+def run_settings(args, plan: dict, train, test) -> dict:
+    return {
         "budget_s": args.budget_s, "width": args.width, "backbone": f"resnet18 CIFAR stem, width {args.width}",
-        "batch_size": args.batch_size, "threads": args.threads, "lightly_num_workers": args.num_workers,
-        "schedule": plan, "seed": args.seed, "train_subset": args.train_subset, "test_subset": args.test_subset,
+        "batch_size": args.batch_size, "threads": args.threads, "cpu_core": args.cpu_core,
+        "lightly_num_workers": args.num_workers, "schedule": plan, "seed": args.seed,
+        "train_subset": args.train_subset, "test_subset": args.test_subset,
         "n_train": len(train), "n_test": len(test), "data": args.data,
         "knn": {"primary": {"k": args.knn_k, "temperature": args.knn_t}, "also": {"k": 20, "temperature": 0.07},
                 "code": "visrep.evaluate.extract_features + knn_classify (cosine similarity, weights exp(s/T))",
                 "eval_transform": "visrep eval transform: uint8 -> [0,1] -> ImageNet mean/std at 32 px, no crop",
                 "bank": "the training images used for pretraining", "test": "the test split"},
     }
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="b2_quality_"))
-    work.mkdir(parents=True, exist_ok=True)
 
-    path = Path(args.out)
-    data = common.read_json(path) or {}
-    data.setdefault("benchmark", "B2 kNN quality after the same wall-clock pretraining budget, CIFAR-10, CPU")
-    data.setdefault("runs", {})
-    try:
-        for name in only:
-            print(f"== {name} (budget {args.budget_s:.0f} s) started {common.now_iso()}", flush=True)
-            if name == "random_init":
-                torch.manual_seed(args.seed)
-                res = {"backbone_module": build_backbone("resnet18", cifar_stem=True, width=args.width),
-                       "record": {"implementation": "none", "method": "random init", "started_utc": common.now_iso(),
-                                  "recipe": "visrep.models.build_backbone('resnet18', cifar_stem=True, "
-                                            f"width={args.width}) after torch.manual_seed({args.seed}): the "
-                                            "initial backbone of every run"}}
-            elif name.startswith("visrep_"):
-                res = run_visrep(args, name.split("_", 1)[1], plan, work)
-            else:
-                res = run_lightly(args, name.split("_", 1)[1], plan)
-            rec = res["record"]
-            rec.update(knn_eval(res["backbone_module"], train, test, args))
-            rec["settings"] = settings
-            rec["machine"] = {**common.machine_info(), "load_at_start_of_invocation": load_at_start}
-            data["runs"][name] = rec
-            print(f"   {name}: steps {rec.get('steps')} epochs {rec.get('epochs')} loss {rec.get('final_loss')} "
-                  f"kNN top1 {rec['knn_top1']:.4f} (eval {rec['eval_seconds']:.0f} s)", flush=True)
-            write_summary(data)
-            common.write_json(path, data)  # after every run, so a crash keeps the finished ones
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(data["summary"], indent=2))
-    print(f"wrote {path}")
-    return data
+
+def one_run(args, name: str, plan: dict, work: Path, train, test) -> dict:
+    from visrep.models import build_backbone
+
+    print(f"== {name} seed {args.seed} (budget {args.budget_s:.0f} s) started {common.now_iso()}", flush=True)
+    if name == "random_init":
+        torch.manual_seed(args.seed)
+        res = {"backbone_module": build_backbone("resnet18", cifar_stem=True, width=args.width),
+               "record": {"implementation": "none", "method": "random init", "started_utc": common.now_iso(),
+                          "recipe": "visrep.models.build_backbone('resnet18', cifar_stem=True, "
+                                    f"width={args.width}) after torch.manual_seed({args.seed}): the "
+                                    "initial backbone of every run"}}
+    else:
+        assert common.same_architecture(common.timm_cifar_resnet("resnet18", args.width),
+                                        build_backbone("resnet18", cifar_stem=True, width=args.width))
+        impl, method, views = parse_run(name)
+        if impl == "visrep":
+            res = run_visrep(args, method, plan, work, views)
+        else:
+            res = run_lightly(args, method, plan, views)
+    rec = res["record"]
+    rec.update(knn_eval(res["backbone_module"], train, test, args))
+    rec["seed"] = args.seed
+    return rec
 
 
 def write_summary(data: dict) -> None:
@@ -446,6 +550,64 @@ def write_summary(data: dict) -> None:
             cmp[f"{m}_steps_ratio_visrep_over_lightly"] = (a["steps"] / b["steps"]) if b.get("steps") else None
     data["summary"] = {"table": table, "comparisons": cmp, "all_runs_same_settings": consistent,
                        "updated_utc": common.now_iso()}
+
+
+def mean_ci(xs: list[float]) -> dict:
+    """Mean, sample sd and a two-sided 95 % Student-t interval of the mean (None below 2 values)."""
+    from scipy import stats
+
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "ci95": None}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
+
+
+def summarise_seeds(runs_dir: Path, benchmark: str) -> dict:
+    """Per run: kNN top-1 over seeds; paired (same seed) differences between the arms; the 2x2 of loop x views."""
+    recs: dict[str, dict[int, dict]] = {}
+    for f in sorted(runs_dir.glob("*_seed*.json")):
+        name, _, seed = f.stem.rpartition("_seed")
+        recs.setdefault(name, {})[int(seed)] = common.read_json(f)
+    per_run = {}
+    for name, by_seed in recs.items():
+        seeds = sorted(by_seed)
+        per_run[name] = {
+            "seeds": seeds,
+            "knn_top1": mean_ci([by_seed[s]["knn_top1"] for s in seeds]),
+            "knn_top1_per_seed": [by_seed[s]["knn_top1"] for s in seeds],
+            "steps_per_seed": [by_seed[s].get("steps") for s in seeds],
+            "final_loss_per_seed": [by_seed[s].get("final_loss") for s in seeds],
+        }
+
+    def paired(a: str, b: str) -> dict | None:
+        common_seeds = sorted(set(recs.get(a, {})) & set(recs.get(b, {})))
+        if not common_seeds:
+            return None
+        d = [recs[a][s]["knn_top1"] - recs[b][s]["knn_top1"] for s in common_seeds]
+        steps = [recs[a][s].get("steps") / recs[b][s]["steps"] for s in common_seeds
+                 if recs[a][s].get("steps") and recs[b][s].get("steps")]
+        return {"seeds": common_seeds, "difference": mean_ci(d), "per_seed": d,
+                "steps_ratio_per_seed": steps or None}
+
+    pairs = {
+        "visrep_minus_lightly (the gap)": ("visrep_simclr", "lightly_simclr"),
+        "views, in visrep's loop: lightly views minus visrep views": ("visrep_simclr_lightlyviews", "visrep_simclr"),
+        "views, in lightly's loop: lightly views minus visrep views": ("lightly_simclr", "lightly_simclr_visrepviews"),
+        "loop, with visrep views: visrep loop minus lightly loop": ("visrep_simclr", "lightly_simclr_visrepviews"),
+        "loop, with lightly views: visrep loop minus lightly loop": ("visrep_simclr_lightlyviews", "lightly_simclr"),
+        "byol visrep_minus_lightly": ("visrep_byol", "lightly_byol"),
+        "visrep_simclr minus random_init": ("visrep_simclr", "random_init"),
+        "lightly_simclr minus random_init": ("lightly_simclr", "random_init"),
+    }
+    comparisons = {k: v for k, (a, b) in pairs.items() if (v := paired(a, b)) is not None}
+    settings = {json.dumps({k: v for k, v in r.get("settings", {}).items() if k != "seed"}, sort_keys=True)
+                for by_seed in recs.values() for r in by_seed.values()}
+    return {"benchmark": benchmark, "runs_dir": str(runs_dir),
+            "summary": {"per_run": per_run, "paired_comparisons": comparisons,
+                        "all_runs_same_settings": len(settings) <= 1, "updated_utc": common.now_iso()}}
 
 
 if __name__ == "__main__":
