@@ -86,6 +86,16 @@ def test_no_import_cycle_between_modules():
     assert not cycles, "import cycles across packages:\n" + "\n".join(cycles)
 
 
+def test_no_cycle_between_packages():
+    """Package level: train uses evaluate (kNN, RankMe's formula), rank uses train (its fine-tuning truth), so
+    train must not use rank; a loop of packages is a loop of responsibilities even when no module cycles."""
+    edges = defaultdict(set)
+    for module, targets in _imports().items():
+        edges[_top(module)] |= {_top(t) for t in targets if _top(t) != _top(module)} - {"visrep"}
+    loops = [f"{a} <-> {b}" for a in sorted(edges) for b in sorted(edges[a]) if a < b and a in edges.get(b, ())]
+    assert not loops, "packages importing each other: " + ", ".join(loops)
+
+
 @pytest.mark.parametrize("package", ["visrep.models", "visrep.objectives", "visrep.data", "visrep.methods"])
 def test_a_lower_package_imports_alone_without_the_upper_ones(package):
     code = (f"import sys, {package}; "

@@ -1,38 +1,20 @@
 """RankMe: the effective rank of a representation, a label-free transferability score.
 
 Garrido, Balestriero, Najman & LeCun, "RankMe: Assessing the Downstream Performance of Pretrained
-Self-Supervised Representations by Their Rank", ICML 2023, Eq. (1)-(2).
+Self-Supervised Representations by Their Rank", ICML 2023, Eq. (1)-(2). The formula itself lives in
+`visrep.evaluate.effective_rank` (the training monitor uses it too); `effective_rank` is re-exported here.
 """
 from __future__ import annotations
 
 import torch
 
-from visrep.errors import ConfigError, DataError
+from visrep.errors import ConfigError
+from visrep.evaluate.effective_rank import RANKME_EPS, effective_rank, from_singular_values
 from visrep.rank.base import check_features, register_score
 
-RANKME_EPS = 1e-7  # the paper's ε
+__all__ = ["RANKME_EPS", "RANKME_MAX_SAMPLES", "effective_rank", "rankme"]
+
 RANKME_MAX_SAMPLES = 25_600  # the paper evaluates RankMe on 25,600 samples
-
-
-def _from_singular_values(s: torch.Tensor, eps: float) -> float:
-    """exp(−Σ_k p_k log p_k) with p_k = σ_k / ‖σ‖₁ + ε."""
-    total = s.sum()
-    if not total > 0:
-        raise DataError("rankme: the features are all zero; their rank is undefined")
-    p = s / total + eps
-    return float(torch.exp(-(p * torch.log(p)).sum()))
-
-
-def effective_rank(z: torch.Tensor, eps: float = RANKME_EPS) -> float:
-    """RankMe of a batch of embeddings [B, D], on their own device: a cheap online collapse monitor.
-
-    Same formula as `rankme` (no subsampling, no input checks); gradients are not tracked and half
-    precision is computed in float32. Values lie in [1, min(B, D)] (up to ε); a collapsing run goes to 1.
-    """
-    z = z.detach()
-    if z.dtype not in (torch.float32, torch.float64):
-        z = z.float()
-    return _from_singular_values(torch.linalg.svdvals(z), eps)
 
 
 @register_score("rankme", needs="none")
@@ -56,4 +38,4 @@ def rankme(features, *, max_samples: int = RANKME_MAX_SAMPLES, seed: int = 0, ep
         z = z[rows]
     gram = z.T @ z if z.shape[0] >= z.shape[1] else z @ z.T
     s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-    return _from_singular_values(s, eps)
+    return from_singular_values(s, eps)

@@ -14,9 +14,9 @@ from torch import nn
 from visrep.data.sources import load_dataset
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
 from visrep.errors import VisrepError
+from visrep.evaluate.effective_rank import effective_rank
 from visrep.evaluate.features import extract_features
 from visrep.evaluate.knn import knn_classify
-from visrep.rank.rankme import effective_rank
 
 
 class OnlineProbe:
