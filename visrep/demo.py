@@ -11,6 +11,17 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+from visrep import api
+from visrep.config import deep_merge
+from visrep.data.sources import load_dataset
+from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
+from visrep.errors import ConfigError
+from visrep.evaluate.features import extract_features
+from visrep.methods import build_template
+from visrep.runs import load_backbone
+
 DEMO_OVERRIDES = {
     "method": "simclr",
     "seed": 0,
@@ -27,12 +38,6 @@ DEMO_OVERRIDES = {
 
 
 def run_demo(out_dir: str = "runs/demo", epochs: int | None = None) -> dict:
-    import torch
-
-    from visrep import api
-    from visrep.config import deep_merge
-    from visrep.errors import ConfigError
-
     t0 = time.time()
     out = Path(out_dir)
     marker = out / ".visrep-demo"
@@ -99,14 +104,7 @@ def _plot_embeddings(cfg, out: Path, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
     from sklearn.manifold import TSNE
-
-    from visrep.data.sources import load_dataset
-    from visrep.evaluate.features import extract_features
-    from visrep.methods import build_template
-    from visrep.runs import load_backbone
-    from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD
 
     test = load_dataset("digits", "test", image_size=16)
     trained, _ = load_backbone(str(out))

@@ -22,6 +22,10 @@ the model the score ranks first / best truth).
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import io
+import json
 import math
 import time
 from pathlib import Path
@@ -29,7 +33,18 @@ from typing import Sequence
 
 import torch
 
+from visrep.checkpoint import weights_fingerprint
+from visrep.config import read_yaml_file, resolve_config
+from visrep.data.sources import cache_dir
+from visrep.device import resolve_device
 from visrep.errors import ConfigError, DataError, VisrepError
+from visrep.evaluate.api import (_finish, _load_head, _load_model, _load_split, _prepare, check_evaluable,
+                                 evaluate_classifier)
+from visrep.evaluate.features import extract_features
+from visrep.evaluate.linear import lbfgs_probe
+from visrep.models.backbones import _timm, apply_cifar_stem
+from visrep.rank import SCORES
+from visrep.train.finetune import finetune
 
 TRUTHS = ("none", "linear", "finetune")
 # The fine-tuning truth's protocol (override any key with finetune_options). lrs: the AdamW grid; holdout:
@@ -62,8 +77,6 @@ def expand_pool(models) -> list[dict]:
     """The pool as entries {"model", "backbone_options"} from: a list of names/paths or {model, backbone_options}
     mappings (per-model options, e.g. a narrow random-init ResNet beside timm models); a YAML file holding such a
     list (or {models: [...]}); a folder of runs."""
-    from visrep.config import read_yaml_file
-
     items = [models] if isinstance(models, (str, dict)) else list(models)
     out: list[dict] = []
     for m in items:
@@ -92,8 +105,6 @@ def expand_pool(models) -> list[dict]:
 def _check_distinct(entries: list[dict], default_options: dict | None) -> None:
     """Two entries that load the same model (same source and the options it is really built with) would be counted
     twice in every correlation."""
-    import json
-
     seen = set()
     for e in entries:
         is_path = Path(e["model"]).expanduser().exists()
@@ -113,8 +124,6 @@ def _display_name(entry: dict) -> str:
 
 
 def _check_scores(names: Sequence[str] | None) -> list[str]:
-    from visrep.rank import SCORES
-
     if names is None:
         return SCORES.names()
     names = list(names)
@@ -131,10 +140,6 @@ def _check_scores(names: Sequence[str] | None) -> list[str]:
 def _check_score_options(options: dict | None, names: list[str]) -> dict:
     """{score: {keyword: value}} for the scores' own keyword arguments (e.g. {"tmi": {"normalize": True}}),
     every name and keyword checked before any feature is extracted."""
-    import inspect
-
-    from visrep.rank import SCORES
-
     options = dict(options or {})
     for n, kw in options.items():
         if n not in names:
@@ -164,8 +169,6 @@ def _check_score_options(options: dict | None, names: list[str]) -> dict:
 def _check_models_load(entries: list[dict], default_options: dict | None, image_size, seed, pretrained) -> None:
     """Build every random-init / timm model once before any feature is extracted, so a bad name or option fails
     first, in one sentence naming the model (checkpoints are verified when they load)."""
-    from visrep.evaluate.api import _load_model
-
     for e in entries:
         if Path(e["model"]).expanduser().exists() or (pretrained and e["model"].startswith("timm:")):
             continue  # checkpoints are checked on load; pretrained weights are fetched once, later
@@ -181,8 +184,6 @@ def _check_models_load(entries: list[dict], default_options: dict | None, image_
 def _try_options(name: str, kw: dict) -> None:
     """Run the score once on a tiny seeded case so a value of the wrong type or range fails now, in one sentence,
     not after the pool's features have been extracted."""
-    from visrep.rank import SCORES
-
     fn = SCORES.get(name)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 4, generator=g, dtype=torch.float64), torch.arange(40) % 2
@@ -197,9 +198,6 @@ def _try_options(name: str, kw: dict) -> None:
 
 
 def _logits(net, ds, size: int, device) -> torch.Tensor:
-    from visrep.evaluate.features import extract_features
-    from visrep.checkpoint import weights_fingerprint
-
     logits, _ = extract_features(net, ds, image_size=size, device=device, progress=False,
                                  model_fingerprint=weights_fingerprint(net.state_dict()), channels_last=True)
     return logits
@@ -207,9 +205,6 @@ def _logits(net, ds, size: int, device) -> torch.Tensor:
 
 def _timm_classifier(model: str, size: int, seed: int, options: dict | None, pretrained: bool):
     """A timm model with its own classifier whose trunk is exactly the backbone the features came from, or None."""
-    from visrep.evaluate.api import _load_model
-    from visrep.models.backbones import _timm, apply_cifar_stem
-
     name = model[5:]
     backbone, _ = _load_model(model, size, "student", seed, options, pretrained=pretrained)
     opts = {k: v for k, v in dict(options or {}).items() if k not in ("image_size", "cifar_stem", "width")}
@@ -232,8 +227,6 @@ def _source_probs(model: str, train, image_size: int, device, force: bool, seed:
                   options: dict | None = None, pretrained: bool = False):
     """Softmax of the model's own classifier on the training images, or None (with the reason): a visrep run's
     head, or a timm model's classifier."""
-    from visrep.evaluate.api import _load_head
-
     no_head = "needs a classifier head (a supervised or fine-tuned visrep run, or a timm:NAME model with one)"
     if str(model).startswith("timm:"):
         net = _timm_classifier(model, image_size, seed, options, pretrained)
@@ -263,14 +256,6 @@ def _finetune_truth(model: str, fingerprint: str, train, *, dataset, root, train
                     work_dir: Path, force: bool) -> dict:
     """Fine-tune `model` for every lr of the grid on the training split minus its held-out part, choose the lr
     on the held-out part, and return {"truth": test top-1 of that run, "lr", "holdout_top1": {lr: top-1}, ...}."""
-    import hashlib
-    import json
-
-    from visrep.config import resolve_config
-    from visrep.device import resolve_device
-    from visrep.evaluate.api import _load_head, evaluate_classifier
-    from visrep.train.finetune import finetune
-
     # The folder of a model's runs is named by everything that changes them: the weights, the training images and
     # labels (content, so another root or task is another folder), image size, seed and the recipe; each lr of
     # the grid is its own run inside it, so widening the grid reuses the runs already there.
@@ -288,7 +273,7 @@ def _finetune_truth(model: str, fingerprint: str, train, *, dataset, root, train
             "method": "supervised", "seed": seed, "out_dir": str(out_dir),
             "data": {"dataset": dataset, "root": root, "split": train_split, "image_size": image_size,
                      "subset": train_subset, "holdout": options["holdout"], "options": dict(dataset_options or {})},
-            "projector": {"type": "linear"},
+            "projector": None, "classifier": {"type": "linear"},
             "finetune": {"init": str(model), "mode": options["mode"], "layer_decay": options["layer_decay"]},
             "optim": {"name": "adamw", "lr": float(lr), "lr_scaling": "none", "weight_decay": options["weight_decay"],
                       "warmup_epochs": options["warmup_epochs"]},
@@ -346,9 +331,6 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
     pretrained: `timm:NAME` models load timm's pretrained weights (needs internet or timm's local cache).
     finetune_options: overrides of FINETUNE_DEFAULTS for truth="finetune" (lrs, epochs, batch_size, ...).
     finetune_dir: where the fine-tuning runs go (default: beside `out`, else under visrep's cache)."""
-    from visrep.evaluate.api import _finish, _prepare
-    from visrep.rank import SCORES
-
     if truth not in TRUTHS:
         raise ConfigError(f"truth must be one of {', '.join(TRUTHS)}, got {truth!r}")
     entries, names = expand_pool(models), _check_scores(scores)
@@ -364,8 +346,6 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
     if plot is not None and truth == "none":
         raise ConfigError("a plot shows the scores against a truth; ask for one (--truth) or leave out --plot")
     _check_models_load(entries, backbone_options, image_size, seed, pretrained)
-    from visrep.evaluate.api import _load_split, check_evaluable
-
     # The target once, before any model: a dataset mistake is the dataset's, not the first model's.
     train = _load_split(dataset, train_split, root, True, dict(dataset_options or {}), train_subset, seed, image_size)
     check_evaluable(train, train, dataset, train_split, train_split)
@@ -397,8 +377,6 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
         for n in names:
             fn = SCORES.get(n)
             if fn.needs == "probs" and probs is None:  # the source classifier's pass is timed apart from the scores
-                from visrep.device import resolve_device
-
                 t = time.perf_counter()
                 probs = _source_probs(model, train, record["image_size"], resolve_device(device), force,
                                       seed, options, pretrained)
@@ -420,8 +398,6 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
                 row["scores"][n], row["notes"][n] = None, str(e)
             score_seconds[n] += time.perf_counter() - t
         if truth == "linear":
-            from visrep.evaluate.linear import lbfgs_probe
-
             row["truth"] = float(lbfgs_probe(ftr, ltr, fte, lte, seed=seed, num_classes=c)["top1"])
         elif truth == "finetune":
             found = _finetune_truth(model, row["fingerprint"], train,
@@ -460,8 +436,6 @@ def rank(models: Sequence[str] | str, *, dataset: str = "digits", root: str | No
 
 def _finetune_setup(options: dict | None, finetune_dir: str | None, out: str | None) -> tuple[dict, Path]:
     """The fine-tuning truth's protocol (defaults + the caller's keys, checked) and where its runs go."""
-    from visrep.data.sources import cache_dir
-
     options = dict(options or {})
     unknown = sorted(set(options) - set(FINETUNE_DEFAULTS))
     if unknown:
@@ -480,11 +454,9 @@ def _finetune_setup(options: dict | None, finetune_dir: str | None, out: str | N
             raise ConfigError(f"finetune {k} must be a number, got {ft[k]!r}")
     if ft["mode"] not in ("full", "lora"):
         raise ConfigError(f"finetune mode must be full or lora, got {ft['mode']!r}")
-    from visrep.config import resolve_config
-
     # ranges, before any work is done
     resolve_config(None, None, base={
-        "method": "supervised", "projector": {"type": "linear"}, "data": {"holdout": ft["holdout"]},
+        "method": "supervised", "classifier": {"type": "linear"}, "data": {"holdout": ft["holdout"]},
         "finetune": {"init": "pool", "mode": ft["mode"], "layer_decay": ft["layer_decay"]},
         "optim": {"name": "adamw", "lr": max(ft["lrs"]), "weight_decay": ft["weight_decay"],
                   "warmup_epochs": ft["warmup_epochs"]}})
@@ -567,8 +539,6 @@ def format_table(result: dict) -> str:
     for r in order:  # why a cell is empty, and what a value rests on
         for n, text in r.get("notes", {}).items():
             notes.append(f"{r.get('name', r['model'])}: {n}: {text}")
-    import io
-
     console = Console(width=200, file=io.StringIO(), record=True)
     console.print(table)
     for line in notes:

@@ -35,7 +35,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visrep.config import deep_merge, read_yaml_file, resolve_config
+from visrep.data.views import build_views
 from visrep.errors import ConfigError
+from visrep.evaluate import api as ev
+from visrep.evaluate.api import _looks_like_path
+from visrep.methods import build_template
+from visrep.objectives import build_objective
+from visrep.rank.api import rank
+
+
 
 BUDGETS = {"steps": "train.steps", "epochs": "train.epochs", "seconds": "train.time_budget_s"}
 BUDGET_KEYS = ("train.steps", "train.epochs", "train.time_budget_s", "train.max_steps")
@@ -50,11 +59,13 @@ EVAL_RESERVED = ("source", "models", "out", "progress", "root", "dataset_options
 
 def _protocols() -> dict:
     """protocol name -> the function that runs it (its signature is what an evaluation may set)."""
-    from visrep.evaluate import api as ev
-    from visrep.rank.api import rank
-
     return {"knn": ev.evaluate_knn, "linear": ev.evaluate_linear, "fewshot": ev.evaluate_fewshot,
             "calibration": ev.evaluate_calibration, "classifier": ev.evaluate_classifier, "rank": rank}
+
+
+# Config sections added after studies were first planned: left out of a run's id while unset, so a study planned
+# before them keeps its run ids (and its finished runs) when visrep gains a section.
+_SECTIONS_ADDED_LATER = ("classifier",)
 
 
 def short_hash(obj) -> str:
@@ -114,8 +125,6 @@ class Plan:
 
 
 def _load(study) -> tuple[dict, str | None, Path]:
-    from visrep.config import read_yaml_file
-
     if isinstance(study, dict):
         return copy.deepcopy(study), None, Path.cwd()
     path = Path(study).expanduser()
@@ -141,8 +150,6 @@ def _did_you_mean(key: str, valid) -> str:
 
 
 def _nested(dotted: dict) -> dict:
-    from visrep.config import deep_merge
-
     out: dict = {}
     for key, value in dotted.items():
         node: dict = {}
@@ -189,8 +196,6 @@ def _points(data: dict) -> tuple[list[dict], list[str]]:
 
 def _models(data: dict, here: Path) -> list[PlannedRun]:
     """The study's `models:` entries, checked: each is evaluated as it is (no training)."""
-    from visrep.evaluate.api import _looks_like_path
-
     entries = data.get("models")
     if entries is None:
         return []
@@ -320,10 +325,6 @@ def _template_check(cfg, run_label: str) -> None:
     objective, so parts that do not fit together (shapes, views, heads) fail at plan time, not in the grid."""
     import torch
 
-    from visrep.data.views import build_views
-    from visrep.methods import build_template
-    from visrep.objectives import build_objective
-
     size = int(cfg.data.image_size or 32)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -336,7 +337,7 @@ def _template_check(cfg, run_label: str) -> None:
             inputs = tuple(getattr(objective, "inputs", ()))
             if "targets" not in inputs:  # regression targets come from the data; not checked here
                 available = {"labels": torch.tensor([0, 1]), **out.extras}
-                objective(out.student, out.teacher, **{k: available[k] for k in inputs})
+                objective(out.student, out.target, **{k: available[k] for k in inputs})
     except ConfigError as e:
         raise ConfigError(f"{run_label}: {e}") from None
     except (RuntimeError, ValueError, TypeError, AssertionError, KeyError) as e:
@@ -346,8 +347,6 @@ def _template_check(cfg, run_label: str) -> None:
 
 def plan(study, *, check_build: bool = True) -> Plan:
     """Resolve and validate a study (a YAML path or a dict): every run of the grid and every evaluation."""
-    from visrep.config import deep_merge, resolve_config
-
     data, path, here = _load(study)
     unknown = [k for k in data if k not in STUDY_KEYS]
     if unknown:
@@ -395,6 +394,9 @@ def plan(study, *, check_build: bool = True) -> Plan:
             raise ConfigError(f"{label}: {e}") from None
         resolved = cfg.to_dict()
         identity = {k: v for k, v in resolved.items() if k != "out_dir"}
+        for key in _SECTIONS_ADDED_LATER:  # unset, a section added later leaves the ids of earlier studies as they were
+            if identity.get(key) is None:
+                identity.pop(key, None)
         for section, keys_ in (("train", ("progress", "log_every", "num_threads", "device")),):
             identity[section] = {k: v for k, v in identity[section].items() if k not in keys_}
         run_id = short_hash(identity)

@@ -26,8 +26,14 @@ import numpy as np
 
 from visrep.errors import ConfigError
 from visrep.study import aggregate as agg
+from visrep.study.plan import plan
 from visrep.study.run import _status_path, _write_json, backbone_params
 from visrep.study.store import ResultsStore, metrics_of
+
+
+
+
+
 
 FIGURE_DPI = 110
 
@@ -301,8 +307,6 @@ def report(study, *, out: str | Path | None = None, bootstrap: int = 1000, tenso
 
     matplotlib.use("Agg")
     from jinja2 import Environment, PackageLoader
-
-    from visrep.study.plan import plan
 
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise ConfigError(f"bootstrap must be a non-negative integer, got {bootstrap!r}")

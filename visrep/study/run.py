@@ -24,7 +24,15 @@ import time
 import traceback
 from pathlib import Path
 
+from visrep.cache import atomic_write
+from visrep.config import config_from_json
 from visrep.errors import ConfigError, VisrepError
+from visrep.evaluate.api import _load_model
+from visrep.study.plan import _protocols, plan
+from visrep.study.store import ResultsStore
+from visrep.train.loop import pretrain
+
+
 
 
 def _status_path(run_dir: Path) -> Path:
@@ -32,16 +40,12 @@ def _status_path(run_dir: Path) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from visrep.cache import atomic_write
-
     text = json.dumps(data, indent=2, default=str) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _evaluate(spec: dict, source: str, out: Path, model: dict | None = None) -> dict:
     """One evaluation of one backbone: a study's run folder, or a `models:` entry (source + backbone options)."""
-    from visrep.study.plan import _protocols
-
     kwargs = {k: v for k, v in spec.items() if k not in ("protocol", "data_dir", "options", "metric")}
     kwargs.update(root=spec.get("data_dir"), dataset_options=spec.get("options"), out=str(out), progress=False)
     if model is not None:
@@ -57,8 +61,6 @@ def _evaluate(spec: dict, source: str, out: Path, model: dict | None = None) -> 
 
 def backbone_params(source: str, model: dict | None = None) -> int:
     """Parameters of the backbone that the evaluations see (the cost axis of the report)."""
-    from visrep.evaluate.api import _load_model
-
     options = (model or {}).get("backbone_options") or None
     net, _ = _load_model(source, None, "student", 0, options)
     return int(sum(p.numel() for p in net.parameters()))
@@ -68,10 +70,6 @@ def run_one(job: dict) -> dict:
     """Train one run of the study (or resume / find it finished), then its missing evaluations, and record the
     results in the store. Never raises for the run's own failure: returns (and writes) its status."""
     import torch
-
-    from visrep.config import config_from_json
-    from visrep.study.store import ResultsStore
-    from visrep.train.loop import pretrain
 
     run_dir = Path(job["config"]["out_dir"])
     threads = int(job.get("threads") or 0)
@@ -136,8 +134,6 @@ def _done(job: dict) -> bool:
 
 def _prepare_out_dir(p) -> None:
     """study.json records the plan; a folder that holds another study is refused."""
-    from visrep.study.store import ResultsStore
-
     out = Path(p.out_dir)
     meta = out / "study.json"
     if meta.is_file():
@@ -234,8 +230,6 @@ def run_study(study, *, workers: int = 1, executor: str = "local", executor_opti
     executor: "local" (`workers` processes on this machine) or "slurm" (one submitit job per run, at most
     `workers` at once; executor_options are submitit's parameters, e.g. {slurm_partition: dev, timeout_min: 240,
     gpus_per_node: 1, cpus_per_task: 10}; {cluster: local} or {cluster: debug} runs the same path here)."""
-    from visrep.study.plan import plan
-
     if executor not in ("local", "slurm"):
         raise ConfigError(f"executor must be local or slurm, got {executor!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -297,8 +291,6 @@ def _failed(job: dict) -> bool:
 def status(study) -> dict:
     """Per run: done | failed (with its error) | started (a checkpoint, not finished: running or killed) |
     pending; and the counts."""
-    from visrep.study.plan import plan
-
     p = plan(study, check_build=False)
     jobs = _jobs(p, threads=0)
     rows = []
