@@ -91,7 +91,7 @@ def main() -> None:
             "loss_curve_every_25": [[r["step"], round(r["loss"], 4)] for r in recs
                                     if r["step"] % 25 == 0 or r["step"] == s["steps"]],
             "started_utc": started, "ended_utc": common.now_iso(),
-            "recipe": {k: d[k] for k in ("method", "seed", "data", "views", "backbone", "projector", "objective",
+            "recipe": {k: d[k] for k in ("method", "seed", "data", "views", "backbone", "classifier", "objective",
                                          "optim", "train")},
         }
         print(f"b5: {backbone}: {s['steps']} steps, top-1 {ev['top1']:.4f}", flush=True)

@@ -3,7 +3,7 @@ equal budgets; then the linear-probe transfer of each model's frozen features to
 
 Every run is the `supervised` preset (one crop+flip view, label smoothing 0.1) with the same overrides:
 ResNet-18 (CIFAR stem, width --width), SGD momentum 0.9 lr --lr (cosine, warm-up 5 % of the steps),
-weight decay 5e-4, batch --batch-size, exactly --steps steps; only `projector` changes:
+weight decay 5e-4, batch --batch-size, exactly --steps steps; only `classifier` changes:
 `linear`, or `gcr` with k in --ks (γ = 25; the bases are trained by Riemannian SGD at the same lr
 schedule, momentum 0.9, QR every 10 steps, no weight decay). The budget is equal in steps, and each
 run's loop seconds are reported so the CPU cost can be compared too (the heads are <1 % of the step).
@@ -46,7 +46,7 @@ def config(args, head: dict, out_dir: str) -> dict:
         "method": "supervised", "seed": args.seed, "out_dir": out_dir,
         "data": {"dataset": "imagefolder", "root": args.data, "subset": args.train_subset},
         "backbone": {"name": "resnet18", "options": {"cifar_stem": True, "width": args.width}},
-        "projector": head,
+        "classifier": head,
         "optim": {"name": "sgd", "lr": args.lr, "lr_scaling": "none", "momentum": 0.9, "weight_decay": 5e-4,
                   "warmup_epochs": 0.05 * args.steps / spe, "manifold_lr": args.lr},
         "train": {"batch_size": args.batch_size, "steps": args.steps, "epochs": max(1, -(-args.steps // spe)),
@@ -137,7 +137,7 @@ def main() -> None:
             "loss_curve_every_50": [[r["step"], round(r["loss"], 4)] for r in recs
                                     if r["step"] % 50 == 0 or r["step"] == s["steps"]],
             "started_utc": started, "ended_utc": common.now_iso(),
-            "recipe": {k: d[k] for k in ("method", "seed", "data", "views", "backbone", "projector", "objective",
+            "recipe": {k: d[k] for k in ("method", "seed", "data", "views", "backbone", "classifier", "objective",
                                          "optim", "train")},
         }
         print(f"b7: {name}: top-1 {ev['top1']:.4f}, transfer "

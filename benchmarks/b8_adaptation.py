@@ -195,7 +195,7 @@ def main() -> None:
                 "trainable_parameters": s["trainable_parameters"], "total_parameters": s["total_parameters"],
                 "seconds": s["loop_seconds"], "seconds_what": "training loop", "steps": s["steps"],
                 "final_loss": s["final_loss"], "ece": cal["ece"],
-                "recipe": {k: d[k] for k in ("method", "data", "views", "finetune", "projector", "objective",
+                "recipe": {k: d[k] for k in ("method", "data", "views", "finetune", "classifier", "objective",
                                              "optim", "train")}}
             print(f"b8: {mode}{tag}: top-1 {ev['top1']:.4f}, {s['trainable_parameters']:,} trainable", flush=True)
     shutil.rmtree(work, ignore_errors=True)

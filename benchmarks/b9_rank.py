@@ -51,7 +51,7 @@ PUBLISHED = {"source": "Shao et al., ECCV 2022 (SFDA), Table 1: 11 supervised Im
 # far below 1; measured: 100 % floored), which makes TMI one constant per width.
 SCORE_OPTIONS = {"tmi": {"normalize": True, "min_dist": 1e-12}}
 
-# name -> (method, backbone, projector override, seed, step factor)
+# name -> (method, backbone, classifier override, seed, step factor)
 POOL = {
     "simclr": ("simclr", "resnet18", None, 0, 1.0),
     "simclr_short": ("simclr", "resnet18", None, 0, 0.25),
@@ -78,7 +78,7 @@ def targets(args) -> dict:
 
 
 def run_config(args, name: str, out_dir: str) -> dict:
-    method, backbone, projector, seed, factor = POOL[name]
+    method, backbone, classifier, seed, factor = POOL[name]
     steps = max(1, round(args.steps * factor))
     spe = max(1, 50000 // args.batch_size)
     opts = {"cifar_stem": True, "width": args.width} if backbone == "resnet18" else {"patch_size": 4}
@@ -95,8 +95,8 @@ def run_config(args, name: str, out_dir: str) -> dict:
         cfg["decoder"] = {"type": "mae", "dim": 192, "depth": 2, "heads": 3}
     if method == "dino":
         cfg["views"] = {"policy": "multicrop", "options": {"n_local": 4}}
-    if projector is not None:
-        cfg["projector"] = projector
+    if classifier is not None:
+        cfg["classifier"] = classifier
     return cfg
 
 

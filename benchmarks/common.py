@@ -118,7 +118,7 @@ def load_check(label: str) -> dict:
 def train_step(model, optimizers, views, objective, x, y, seed: int) -> None:
     """One supervised training step of a Template, as the loop takes it: views, forward, loss, backward, step."""
     out = model(views(x, seed=seed), 1)
-    loss = objective(out.student, out.teacher, labels=y)
+    loss = objective(out.student, out.target, labels=y)
     for o in optimizers:
         o.zero_grad(set_to_none=True)
     loss.backward()

@@ -22,8 +22,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def tiny_overrides(tmp_path, **extra):
-    """A run small enough for a test: synthetic data, a narrow ResNet, 2 epochs of 2 steps."""
+    """A run small enough for a test: synthetic data, a narrow ResNet, 2 epochs of 2 steps (and a narrow projector
+    for the methods that have one; a classifier's width follows the data)."""
     from visrep.config import deep_merge
+    from visrep.methods import METHODS
 
     base = {
         "out_dir": str(tmp_path / "run"),
@@ -33,6 +35,8 @@ def tiny_overrides(tmp_path, **extra):
         "train": {"epochs": 2, "batch_size": 32, "progress": False, "deterministic": True, "log_every": 1},
         "monitor": {"knn_every": 1, "bank_size": None, "test_size": None},
     }
+    if "projector" not in extra and METHODS.get(extra.get("method", "simclr")).config.get("projector") is None:
+        base.pop("projector")  # supervised (a classifier instead) and masked image modelling
     return deep_merge(base, extra)
 
 
@@ -71,7 +75,7 @@ def preset_overrides(tmp_path, method, **extra):
 
     preset = METHODS.get(method).config
     over = tiny_overrides(tmp_path, method=method)
-    over.pop("projector")
+    over.pop("projector", None)
     small = {"hidden_dim": 32, "out_dim": 16}
     proj = preset.get("projector")
     if isinstance(proj, dict) and proj.get("type") == "mlp":

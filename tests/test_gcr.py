@@ -1,9 +1,12 @@
 """GCR heads and Riemannian SGD, cosine head, Mixup/CutMix and the regression objective, on hand-made cases."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import visrep
+from visrep.checkpoint import load_checkpoint, save_checkpoint
 from visrep.errors import ConfigError
 from visrep.models.heads import CosineHead, GrassmannHead, build_head
 from visrep.train.riemannian import RiemannianSGD, geodesic_step, orthonormalize, tangent_projection
@@ -11,11 +14,11 @@ from visrep.train.riemannian import RiemannianSGD, geodesic_step, orthonormalize
 from conftest import tiny_overrides as _tiny
 
 
-def tiny_overrides(tmp_path, projector=None, **extra):
-    """conftest's tiny run, with the projector section replaced (not merged into the MLP's options)."""
+def tiny_overrides(tmp_path, classifier=None, **extra):
+    """conftest's tiny run, with the classifier section replaced (not merged into the preset's options)."""
     over = _tiny(tmp_path, **extra)
-    if projector is not None:
-        over["projector"] = projector
+    if classifier is not None:
+        over["classifier"] = classifier
     return over
 
 
@@ -150,20 +153,20 @@ def test_gcr_training_keeps_bases_orthonormal_and_out_of_weight_decay(tmp_path):
     from visrep.runs import load_run
     from visrep.train.optim import build_param_groups
 
-    over = tiny_overrides(tmp_path, method="supervised", projector={"type": "gcr", "k": 3},
+    over = tiny_overrides(tmp_path, method="supervised", classifier={"type": "gcr", "k": 3},
                           optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.5, "manifold_lr": 0.5,
                                  "manifold_qr_every": 4},
                           train={"epochs": 3}, monitor={"knn_every": 0})
     cfg = api.resolve(over)
     model = build_template(cfg, 16, 4)
     groups, manifold = build_param_groups(model, cfg)
-    assert [p is model.projector.bases for p in manifold] == [True]
-    assert all(p is not model.projector.bases for g in groups for p in g["params"])
-    before = model.projector.bases.detach().clone()
+    assert [p is model.classifier.bases for p in manifold] == [True]
+    assert all(p is not model.classifier.bases for g in groups for p in g["params"])
+    before = model.classifier.bases.detach().clone()
     s = api.pretrain(cfg, quiet=True)
     assert s["steps"] == 6  # 6 steps: the last QR was at step 4, so steps 5-6 are plain geodesic steps
     tensors, meta, _ = load_run(s["out_dir"])
-    S = tensors["model.projector.bases"].double()
+    S = tensors["model.classifier.bases"].double()
     err = (S.transpose(1, 2) @ S - torch.eye(3, dtype=torch.float64)).abs().max()
     assert float(err) < 1e-5
     assert "manifold_optimizer" in meta
@@ -176,13 +179,13 @@ def test_gcr_run_resumes_exactly(tmp_path):
 
     def cfg(out, **train):
         return api.resolve(tiny_overrides(tmp_path, out_dir=str(tmp_path / out), method="supervised",
-                                          projector={"type": "gcr", "k": 2}, optim={"manifold_lr": 0.3},
+                                          classifier={"type": "gcr", "k": 2}, optim={"manifold_lr": 0.3},
                                           train={"epochs": 2, **train}, monitor={"knn_every": 0}))
     api.pretrain(cfg("full"), quiet=True)
     api.pretrain(cfg("half", max_steps=2), quiet=True)
     api.pretrain(cfg("half"), resume=True, quiet=True)
     a, b = load_run(str(tmp_path / "full"))[0], load_run(str(tmp_path / "half"))[0]
-    for k in ("model.projector.bases", "manifold_optim.0.momentum_buffer"):
+    for k in ("model.classifier.bases", "manifold_optim.0.momentum_buffer"):
         torch.testing.assert_close(a[k], b[k])
 
 
@@ -230,7 +233,7 @@ def test_mixing_config_errors():
 def test_supervised_run_with_mixup_cutmix_and_soft_targets(tmp_path):
     from visrep import api
 
-    over = tiny_overrides(tmp_path, method="supervised", projector={"type": "cosine"},
+    over = tiny_overrides(tmp_path, method="supervised", classifier={"type": "cosine"},
                           mixing={"mixup_alpha": 0.8, "cutmix_alpha": 1.0}, monitor={"knn_every": 0})
     s = api.pretrain(api.resolve(over), quiet=True)
     assert s["steps"] == 4 and math.isfinite(s["final_loss"])
@@ -261,3 +264,53 @@ def test_regression_loss_standardises_targets_by_hand():
     torch.testing.assert_close(loss.denormalize(torch.tensor([[2.0, 2.0]])), torch.tensor([[3.0, 40.0]]))
     with pytest.raises(ConfigError, match="regression targets"):
         loss([pred], [])
+
+
+def _as_saved_before_the_classifier_section(run_dir) -> None:
+    """Rewrite a run's checkpoint the way visrep saved it before `classifier:` existed: the head under `projector`
+    in the config and its tensors under `model.projector.`."""
+    path = run_dir / "checkpoints" / "last.safetensors"
+    tensors, meta = load_checkpoint(path)
+    config = dict(meta["config"])
+    config["projector"] = config.pop("classifier")
+    tensors = {k.replace("model.classifier.", "model.projector."): v for k, v in tensors.items() if k != "state.step"}
+    save_checkpoint(path, tensors, {k: v for k, v in meta.items() if k not in ("format", "sha256")} | {"config": config})
+
+
+def test_a_run_saved_with_its_classifier_under_projector_loads_evaluates_and_resumes(tmp_path):
+    """Old runs are brought to the current schema in one place (`upgrade_saved_run`): same head, same weights."""
+    over = tiny_overrides(tmp_path, method="supervised", classifier={"type": "cosine"}, monitor={"knn_every": 0})
+    full = visrep.pretrain(visrep.resolve(over), quiet=True)
+    run = Path(over["out_dir"])
+    ev = dict(dataset="synthetic", dataset_options={"n": 64, "num_classes": 4}, image_size=16, cache_dir=False,
+              progress=False)
+    before = visrep.evaluate_classifier(str(run), **ev)
+    _as_saved_before_the_classifier_section(run)
+    assert "classifier" not in load_checkpoint(run / "checkpoints" / "last.safetensors")[1]["config"]
+    after = visrep.evaluate_classifier(str(run), **ev)
+    assert after["top1"] == before["top1"] and after["model"]["head"] == "cosine"
+
+    # an unfinished old run resumes to the same weights as an uninterrupted one
+    part = tiny_overrides(tmp_path / "b", method="supervised", classifier={"type": "cosine"}, monitor={"knn_every": 0})
+    part["train"]["max_steps"] = 2
+    visrep.pretrain(visrep.resolve(part), quiet=True)
+    _as_saved_before_the_classifier_section(Path(part["out_dir"]))
+    part["train"]["max_steps"] = None
+    resumed = visrep.pretrain(visrep.resolve(part), resume=True, quiet=True)
+    assert resumed["steps"] == full["steps"] == 4
+    a = load_checkpoint(run / "checkpoints" / "last.safetensors")[0]  # rewritten above: model.projector.*
+    b = load_checkpoint(Path(part["out_dir"]) / "checkpoints" / "last.safetensors")[0]  # saved anew
+    a = {k.replace("model.projector.", "model.classifier."): v for k, v in a.items() if k.startswith("model.")}
+    assert "model.classifier.weight" in a and a.keys() == {k for k in b if k.startswith("model.")}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_classifier_heads_have_their_own_section():
+    with pytest.raises(ConfigError, match="projector.type=gcr is a classifier head: set classifier.type=gcr"):
+        visrep.resolve({"method": "supervised", "projector": {"type": "gcr"}})
+    with pytest.raises(ConfigError, match="one head after its backbone"):
+        visrep.resolve({"method": "supervised", "projector": {"type": "mlp"}})
+    with pytest.raises(ConfigError, match="classifier.type must be one of"):
+        visrep.resolve({"method": "supervised", "classifier": {"type": "mlp"}})
+    cfg = visrep.resolve({"method": "supervised_gcr"})
+    assert cfg.projector is None and cfg.classifier["type"] == "gcr"

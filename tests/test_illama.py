@@ -185,7 +185,7 @@ def test_illama_trains_with_joint_embedding_and_supervised_presets(tmp_path, met
     over = tiny_overrides(tmp_path, method=method)
     over["backbone"] = {"name": "illama_tiny", "options": {"depth": 2, "soft_mask_epochs": 1}}
     if method == "supervised":
-        over["projector"] = {"type": "linear"}
+        over["classifier"] = {"type": "linear"}
     if method == "byol":
         over["predictor"] = {"hidden_dim": 32, "out_dim": 16}
     s = visrep.pretrain(visrep.resolve(over), quiet=True)

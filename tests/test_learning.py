@@ -46,7 +46,7 @@ def _loss(model, objective, state, batch) -> float:
     views = state.views(batch["images"], seed=123)
     out = model(views, state.views.n_global, seed=124)
     available = {"labels": batch["labels"], "targets": batch["targets"], **out.extras}
-    return float(loss_terms(objective(out.student, out.teacher, **{k: available[k] for k in state.inputs}))["loss"])
+    return float(loss_terms(objective(out.student, out.target, **{k: available[k] for k in state.inputs}))["loss"])
 
 
 def _learns(state, batch):

@@ -202,7 +202,7 @@ def test_sincos_position_embedding_is_fixed_and_mae_like():
 def _mim_overrides(tmp_path, method, backbone="vit_tiny", **extra):
     over = tiny_overrides(tmp_path, method=method)
     over["backbone"] = {"name": backbone, "options": {"depth": 2, "patch_size": 4}}
-    over.pop("projector")
+    over.pop("projector", None)
     dec = {"type": "mae", "dim": 32, "depth": 1, "heads": 2}
     if method in ("mae", "hpm", "hpm_loss_pred_only"):
         over["decoder"] = dec

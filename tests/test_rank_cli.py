@@ -18,7 +18,7 @@ RANDOM = ["--backbone-options", "{cifar_stem: true, width: 8}"]
 def pool(tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
     sup = tiny_overrides(root / "sup", method="supervised", monitor={"knn_every": 0, "rankme_every": 0})
-    sup["projector"] = {"type": "linear"}
+    sup["classifier"] = {"type": "linear"}
     visrep.pretrain(visrep.resolve(sup), quiet=True)
     ssl = tiny_overrides(root / "ssl", monitor={"knn_every": 0, "rankme_every": 0})
     visrep.pretrain(visrep.resolve(ssl), quiet=True)

@@ -337,7 +337,7 @@ def _png_tree(root, layout):
 def test_one_class_is_refused_for_a_classifier_and_for_eval(tmp_path):
     data = _png_tree(tmp_path / "one", {"train/cat": [(16, 16)] * 32, "test/cat": [(16, 16)] * 4})
     over = tiny_overrides(tmp_path, method="supervised")
-    over.update(projector={"type": "linear"}, data={"dataset": "imagefolder", "root": str(data)})
+    over.update(classifier={"type": "linear"}, data={"dataset": "imagefolder", "root": str(data)})
     with pytest.raises(ConfigError, match="needs at least two"):
         visrep.pretrain(visrep.resolve(over), quiet=True)
     for fn in (visrep.evaluate_knn, visrep.evaluate_linear):

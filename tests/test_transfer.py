@@ -72,7 +72,7 @@ def test_layer_decay_scales_by_hand():
     assert scale[id(bb.blocks[0].attn.qkv.weight)] == pytest.approx(0.25)
     assert scale[id(bb.blocks[1].mlp.fc2.weight)] == pytest.approx(0.5)
     assert scale[id(bb.norm.weight)] == pytest.approx(0.5)
-    assert scale[id(model.projector.fc.weight)] == 1.0 and manifold == []
+    assert scale[id(model.classifier.fc.weight)] == 1.0 and manifold == []
     wd = {id(p): g["wd_scale"] for g in groups for p in g["params"]}
     assert wd[id(bb.cls_token)] == 0 and wd[id(bb.pos_embed)] == 0 and wd[id(bb.blocks[0].attn.qkv.weight)] == 1
 
@@ -168,7 +168,7 @@ def _pretrained(tmp_path):
     from visrep import api
 
     over = tiny_overrides(tmp_path, out_dir=str(tmp_path / "pre"), method="supervised", monitor={"knn_every": 0})
-    over["projector"] = {"type": "linear"}
+    over["classifier"] = {"type": "linear"}
     over["backbone"] = {"name": "vit_tiny", "options": {"depth": 1, "patch_size": 4}}
     api.pretrain(api.resolve(over), quiet=True)
     return str(tmp_path / "pre")
@@ -197,7 +197,7 @@ def test_finetune_full_lora_lowlabel_and_regression(tmp_path):
     assert low["label_fraction"] == 0.25 and low["train_size"] == 16 and low["steps"] == 1  # 16 of 64 images, batch 16
     with pytest.raises(ConfigError, match="classifier head"):
         api.finetune(api.resolve({**base, "out_dir": str(tmp_path / "bad"), "projector": {"type": "mlp"},
-                                  "finetune": {"init": pre}}), quiet=True)
+                                  "classifier": None, "finetune": {"init": pre}}), quiet=True)
 
 
 def test_finetune_regression_on_landmark_like_targets(tmp_path, monkeypatch):

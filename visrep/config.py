@@ -29,7 +29,7 @@ from visrep.errors import ConfigError
 from visrep.methods import METHODS
 from visrep.methods.template import check_masking
 from visrep.models.decoders import check_decoder_spec
-from visrep.models.heads import check_head_spec
+from visrep.models.heads import check_head_spec, classifier_head_names
 from visrep.models.lora import check_lora_spec
 from visrep.objectives import OBJECTIVES, objective_params
 
@@ -156,8 +156,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(options={"cifar_stem": True}))
-    projector: Optional[dict] = field(default_factory=lambda: {"type": "mlp"})
+    projector: Optional[dict] = field(default_factory=lambda: {"type": "mlp"})  # embedding head (self-supervised)
     predictor: Optional[dict] = None
+    # The classifier head of supervised training and fine-tuning (linear, cosine or gcr); it takes the
+    # projector's place, so a run has one or the other. Its out_dim defaults to the data's classes.
+    classifier: Optional[dict] = None
     # Masked image modelling (`visrep list masks`, `visrep list decoders`); all None for other methods.
     masking: Optional[dict] = None     # e.g. {name: random, ratio: 0.75, mode: drop}
     decoder: Optional[dict] = None     # e.g. {type: mae, dim: 512, depth: 8, heads: 16}
@@ -357,7 +360,8 @@ def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | N
 
 # A section whose kind the user changes is taken whole from the user, not merged into the preset's: the
 # preset's options belong to the old kind (e.g. `method=simclr objective.name=vicreg` drops `temperature`).
-_KIND_KEYS = {"objective": "name", "projector": "type", "predictor": "type", "views": "policy", "backbone": "name",
+_KIND_KEYS = {"objective": "name", "projector": "type", "predictor": "type", "classifier": "type", "views": "policy",
+              "backbone": "name",
               "masking": "name", "decoder": "type", "loss_predictor": "type"}
 
 
@@ -388,8 +392,7 @@ def validate(cfg: RunConfig) -> None:
     _check_ranges(cfg)
     # Cheap parts are built here so a bad option fails before any data is decoded (and in --print-config).
     policy = build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
-    check_head_spec(cfg.projector, "projector")
-    check_head_spec(cfg.predictor, "predictor")
+    check_heads(cfg)
 
     masking = build_mask_generator(cfg.masking)
     check_decoder_spec(cfg.decoder, "decoder")
@@ -471,6 +474,42 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(betas)}")
 
 
+def check_heads(cfg: RunConfig) -> None:
+    """The head sections' rules, written once: each spec is valid, classifier heads go under `classifier`, and a
+    run has a projector or a classifier after its backbone, not both."""
+    for where in ("projector", "predictor", "classifier"):
+        check_head_spec(getattr(cfg, where), where)
+    names = classifier_head_names()
+    kind = lambda spec: spec.get("type", "mlp") if isinstance(spec, dict) else None  # noqa: E731
+    for where in ("projector", "predictor"):
+        if kind(getattr(cfg, where)) in names:
+            raise ConfigError(f"{where}.type={kind(getattr(cfg, where))} is a classifier head: set classifier.type="
+                              f"{kind(getattr(cfg, where))} and {where}=null (classifiers have their own section)")
+    if cfg.classifier is not None and kind(cfg.classifier) not in (*names, "none"):
+        raise ConfigError(f"classifier.type must be one of {', '.join(names)}, got {kind(cfg.classifier)!r} "
+                          "(embedding heads go under projector)")
+    if kind(cfg.classifier) in names and kind(cfg.projector) not in (None, "none"):
+        raise ConfigError("a run has one head after its backbone: a classifier (supervised, fine-tuning) or a "
+                          "projector (self-supervised); set projector=null or classifier=null")
+
+
+def upgrade_saved_run(config: dict, tensors: dict | None = None) -> tuple[dict, dict | None]:
+    """Bring a saved run's config (and its tensors) to the current schema, in this one place.
+
+    Runs saved before the `classifier` section kept their classifier head under `projector` (tensors
+    `model.projector.*`): the head moves to `classifier` and its tensors to `model.classifier.*`. The weights and
+    what the config means are unchanged.
+    """
+    spec = config.get("projector")
+    if "classifier" in config or not (isinstance(spec, dict) and spec.get("type") in classifier_head_names()):
+        return config, tensors
+    config = {**config, "classifier": spec, "projector": None}
+    if tensors is not None:
+        old, new = "model.projector.", "model.classifier."
+        tensors = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in tensors.items()}
+    return config, tensors
+
+
 def config_from_json(text: str) -> RunConfig:
-    """Rebuild a RunConfig saved in a checkpoint (no preset merge: it was resolved already)."""
-    return from_dict(RunConfig, json.loads(text))
+    """Rebuild a RunConfig saved in a checkpoint or a study plan (no preset merge: it was resolved already)."""
+    return from_dict(RunConfig, upgrade_saved_run(json.loads(text))[0])

@@ -12,6 +12,7 @@ This is the one place that knows how a run folder or checkpoint becomes modules 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from visrep.checkpoint import first_non_finite, load_checkpoint, strip_prefix, weights_fingerprint
-from visrep.config import RunConfig, config_from_json
+from visrep.config import RunConfig, from_dict, upgrade_saved_run
 from visrep.errors import ConfigError, VisrepError
 from visrep.methods import build_template
 from visrep.methods.template import build_backbone_of
@@ -30,7 +31,8 @@ def load_run(source, *, force: bool = False) -> tuple[dict, dict, "RunConfig"]:
     """(tensors, metadata, RunConfig) of a checkpoint file or run directory written by `visrep pretrain`.
 
     The file is verified (content hash, metadata schema; `force=True` loads a file that fails its hash), and
-    weights holding NaN/Inf are refused: they come from a diverged run and would give meaningless numbers.
+    weights holding NaN/Inf are refused: they come from a diverged run and would give meaningless numbers. A run
+    saved under an older config schema is brought to the current one (`visrep.config.upgrade_saved_run`).
     """
     tensors, meta = load_checkpoint(source, force=force)
     if "config" not in meta:
@@ -39,7 +41,8 @@ def load_run(source, *, force: bool = False) -> tuple[dict, dict, "RunConfig"]:
     if bad is not None:
         raise VisrepError(f"checkpoint '{source}' holds non-finite weights ('{bad}' has NaN/Inf), so it comes from "
                           "a diverged run; use an earlier checkpoint or retrain with a lower optim.lr")
-    return tensors, meta, config_from_json(json.dumps(meta["config"]))
+    config, tensors = upgrade_saved_run(meta["config"], tensors)
+    return tensors, {**meta, "config": config}, from_dict(RunConfig, config)
 
 
 def load_backbone(source: str, *, image_size: int | None = None, branch: str = "student",
@@ -96,9 +99,6 @@ def load_backbone(source: str, *, image_size: int | None = None, branch: str = "
             model = build_backbone(source, **opts)
         # Options that add no parameters (timm's global_pool, act_layer) change the features but not the weights,
         # so the fingerprint that keys the feature cache covers the name, the options and `pretrained` too.
-        import hashlib
-        import json
-
         recipe = json.dumps([name, opts, bool(pretrained)], sort_keys=True, default=str)
         fp = hashlib.sha1((weights_fingerprint(model.state_dict()) + recipe).encode()).hexdigest()[:16]
         info = {"source": source, "kind": "timm" if pretrained else "random-init", "branch": "student",

@@ -20,24 +20,25 @@ from typing import Sequence
 
 import torch
 
+from torch import nn
+
+from visrep.checkpoint import weights_fingerprint
+from visrep.data.sources import load_dataset
 from visrep.device import resolve_device
 from visrep.errors import ConfigError, DataError, VisrepError
+from visrep.evaluate.calibration import expected_calibration_error, reliability_diagram
 from visrep.evaluate.features import IMAGENET_MEAN, IMAGENET_STD, TRANSFORM_VERSION, extract_features_with_info
+from visrep.evaluate.fewshot import fewshot_eval
+from visrep.evaluate.knn import knn_classify
+from visrep.evaluate.linear import lbfgs_probe, linear_probe
+from visrep.evaluate.regression import landmark_nme, regression_metrics
+from visrep.models.heads import classifier_head_names
+from visrep.runs import RebuiltRun, load_backbone, load_run, run_path
+from visrep.version import __version__
 
 
 def _version() -> str:
-    try:
-        from visrep.version import __version__
-
-        return str(__version__)
-    except Exception:  # a partially written package must not break evaluation
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version("visrep")
-    except Exception:
-        return "unknown"
+    return str(__version__)
 
 
 
@@ -50,8 +51,6 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_model(source: str, image_size: int | None, branch: str, seed: int, options: dict | None = None,
                 force: bool = False, pretrained: bool = False):
-    from visrep.runs import load_backbone, run_path
-
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise ConfigError(f"model source must be a checkpoint path, run directory or timm:NAME, got {source!r}")
     source = str(source)
@@ -73,10 +72,6 @@ def _load_model(source: str, image_size: int | None, branch: str, seed: int, opt
 
 def _load_split(dataset: str, split: str, root, download: bool, options: dict, subset: int | None, seed: int,
                 image_size: int | None = None):
-    try:
-        from visrep.data.sources import load_dataset
-    except ImportError as e:  # pragma: no cover - only while the data package is incomplete
-        raise DataError(f"dataset loading is unavailable ({e})") from None
     # --image-size resizes on load too, so a folder of mixed sizes loads (resize + centre crop, as evaluation does).
     ds = load_dataset(dataset, split, root, image_size=image_size, download=download, **options)
     if len(ds.labels) == 0:
@@ -196,8 +191,6 @@ def evaluate_knn(source: str, *, dataset: str = "digits", root: str | None = Non
     "dataset", "image_size", "normalization", "feature_dim", "cache", "visrep_version", "timestamp",
     "seconds"}.
     """
-    from visrep.evaluate.knn import knn_classify
-
     (ftr, ltr, fte, lte, c), record, t0 = _prepare(
         source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
         image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,
@@ -230,8 +223,6 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
     Returns {"protocol": "linear", "top1", "top5" (fractions), every probe hyper-parameter, and the same
     provenance fields as `evaluate_knn`}.
     """
-    from visrep.evaluate.linear import lbfgs_probe, linear_probe
-
     if solver not in ("sgd", "lbfgs"):
         raise ConfigError(f"linear probe solver must be sgd or lbfgs, got {solver!r}")
     (ftr, ltr, fte, lte, c), record, t0 = _prepare(
@@ -248,48 +239,42 @@ def evaluate_linear(source: str, *, dataset: str = "digits", root: str | None = 
     return _finish(record, {"protocol": "linear", **res}, t0, out)
 
 
-def _classifier_head_names() -> list[str]:
-    from visrep.models.heads import CLASSIFIER_HEADS, HEADS
-
-    return [n for n in HEADS.names() if HEADS.get(n) in CLASSIFIER_HEADS]
-
-
 def _has_classifier_head(source: str, force: bool = False) -> bool:
-    from visrep.runs import load_run
-
     path = Path(str(source)).expanduser()
     if not path.exists():
         return False
     tensors, _, cfg = load_run(str(path), force=force)
     # an exported backbone keeps its run's config but not the head's weights
-    return isinstance(cfg.projector, dict) and cfg.projector.get("type") in _classifier_head_names() and \
-        any(k.startswith("model.projector.") for k in tensors)
+    return cfg.classifier is not None and any(k.startswith("model.classifier.") for k in tensors)
 
 
-def _load_head(source: str, image_size: int | None, force: bool = False):
+def _source_name(source) -> str:
+    return source.source if isinstance(source, RebuiltRun) else str(source)
+
+
+def _load_head(source, image_size: int | None, force: bool = False):
     """(backbone + trained head as one nn.Module in eval mode, RunConfig, meta, tensors) of a supervised or
-    fine-tuned run; raises ConfigError for runs without a classifier/regression head."""
-    from torch import nn
-
-    from visrep.runs import RebuiltRun, load_run, run_path
-
-    path = run_path(source)
-    tensors, meta, cfg = load_run(path, force=force)
-    kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
-    if kind not in _classifier_head_names():
-        raise ConfigError(f"'{source}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
+    fine-tuned run (a path, or a `RebuiltRun` already in memory); raises ConfigError for runs without a
+    classifier/regression head."""
+    if isinstance(source, RebuiltRun):  # e.g. `finetune` evaluating the run it has just rebuilt: no second load
+        run = source
+        tensors, meta, cfg = run.tensors, run.meta, run.cfg
+    else:
+        path = run_path(source)
+        tensors, meta, cfg = load_run(path, force=force)
+    if (cfg.classifier or {}).get("type") not in classifier_head_names():
+        raise ConfigError(f"'{_source_name(source)}' has no classifier head (its method is '{cfg.method}'); use eval knn or "
                           "eval linear for self-supervised checkpoints")
-    if not any(k.startswith("model.projector.") for k in tensors):
-        raise ConfigError(f"'{source}' holds a backbone only (an export keeps no classifier head); evaluate the run "
+    if not any(k.startswith("model.classifier.") for k in tensors):
+        raise ConfigError(f"'{_source_name(source)}' holds a backbone only (an export keeps no classifier head); evaluate the run "
                           "it was exported from, or use eval knn / eval linear")
-    run = RebuiltRun.of(path, tensors, meta, cfg, image_size)
-    return nn.Sequential(run.template.backbone, run.template.projector).eval(), cfg, meta, tensors, run.image_size
+    if not isinstance(source, RebuiltRun):
+        run = RebuiltRun.of(path, tensors, meta, cfg, image_size)
+    return nn.Sequential(run.template.backbone, run.template.classifier).eval(), cfg, meta, tensors, run.image_size
 
 
 def _head_outputs(source, *, dataset, root, test_split, image_size, batch_size, device, cache_dir, test_subset,
                   seed, progress, download, dataset_options, force=False):
-    from visrep.checkpoint import weights_fingerprint
-
     model, cfg, meta, tensors, size = _load_head(source, image_size, force)
     test = _load_split(dataset, test_split, root, download, dict(dataset_options or {}), test_subset, seed,
                        image_size)
@@ -298,9 +283,9 @@ def _head_outputs(source, *, dataset, root, test_split, image_size, batch_size, 
     outputs, labels, info = extract_features_with_info(
         model, test, image_size=size, batch_size=batch_size, device=dev, cache_dir=cache_dir,
         model_fingerprint=fp, mean=IMAGENET_MEAN, std=IMAGENET_STD, progress=progress, channels_last=True)
-    record = {"source": str(source),
+    record = {"source": _source_name(source),
               "model": {"kind": "checkpoint", "fingerprint": fp, "method": cfg.method, "backbone": cfg.backbone.name,
-                        "head": cfg.projector.get("type"), "finetune_mode": cfg.finetune.mode,
+                        "head": cfg.classifier.get("type"), "finetune_mode": cfg.finetune.mode,
                         "epoch": meta.get("epoch")},
               "dataset": {"name": dataset, "test_split": test_split, "test_size": int(len(labels)),
                           "test_subset": test_subset, "test_fingerprint": test.meta.get("fingerprint"),
@@ -319,12 +304,10 @@ def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | Non
     or a regression head).
 
     source: a checkpoint file or run directory written by `visrep pretrain` / `visrep finetune` with a
-    classifier head. The outputs go through the same eval transform and cache as kNN features.
+    classifier head, or that run rebuilt already (`visrep.runs.rebuild_run`). The outputs go through the same eval transform and cache as kNN features.
     Classification: "top1", "top5". Regression (objective `regression`): "mae", "rmse" in the target's
     units; landmarks (mtfl task=landmarks) add "nme" and "failure_rate" (see visrep.evaluate.regression).
     """
-    from visrep.evaluate.regression import landmark_nme, regression_metrics
-
     t0 = time.perf_counter()
     outputs, labels, test, cfg, meta, tensors, record = _head_outputs(
         source, dataset=dataset, root=root, test_split=test_split, image_size=image_size, batch_size=batch_size,
@@ -332,10 +315,10 @@ def evaluate_classifier(source: str, *, dataset: str = "digits", root: str | Non
         download=download, dataset_options=dataset_options, force=force)
     if cfg.objective.name == "regression":
         if test.targets is None:
-            raise DataError(f"'{source}' is a regression run, and dataset '{dataset}' has no regression targets "
+            raise DataError(f"'{_source_name(source)}' is a regression run, and dataset '{dataset}' has no regression targets "
                             "with these options (e.g. utkface task=age, mtfl task=landmarks)")
         if outputs.shape[1] != test.targets.shape[1]:
-            raise DataError(f"'{source}' predicts {outputs.shape[1]} targets, the dataset has {test.targets.shape[1]}")
+            raise DataError(f"'{_source_name(source)}' predicts {outputs.shape[1]} targets, the dataset has {test.targets.shape[1]}")
         mean, std = tensors.get("objective.target_mean"), tensors.get("objective.target_std")
         pred = outputs * std + mean if mean is not None and mean.numel() else outputs
         res = {"protocol": "regression", **regression_metrics(pred, test.targets, test.meta.get("target_names"))}
@@ -364,8 +347,6 @@ def evaluate_fewshot(source: str, *, dataset: str = "digits", root: str | None =
     Supports come from `train_split`, queries from `test_split`; one result per entry of `shots`, under
     "results" (and "top1"/"ci95" of the first). ways=None: every class.
     """
-    from visrep.evaluate.fewshot import fewshot_eval
-
     shots = [shots] if isinstance(shots, int) else list(shots)
     if not shots:
         raise ConfigError("few-shot needs at least one value of shots")
@@ -397,8 +378,6 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
     the `eval linear` protocol) or "auto" (own when the run has a classifier head, else linear).
     plot: PNG path for the reliability diagram (default: next to `out` as <out>.png, else none).
     """
-    from visrep.evaluate.calibration import expected_calibration_error, reliability_diagram
-
     if head not in ("auto", "own", "linear"):
         raise ConfigError(f"calibration head must be auto, own or linear, got {head!r}")
     if head == "auto":
@@ -413,8 +392,6 @@ def evaluate_calibration(source: str, *, dataset: str = "digits", root: str | No
             raise ConfigError("calibration needs a classifier; this run is a regression run")
         extra = {"head": "own classifier"}
     else:
-        from visrep.evaluate.linear import linear_probe
-
         (ftr, ltr, fte, labels, c), record, t0 = _prepare(
             source, dataset=dataset, root=root, train_split=train_split, test_split=test_split,
             image_size=image_size, branch=branch, batch_size=batch_size, device=device, cache_dir=cache_dir,

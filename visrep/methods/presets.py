@@ -140,10 +140,10 @@ _add("hpm_loss_pred_only", "HPM ablation 'loss prediction only': random masks + 
      optim=_MIM_OPTIM)
 
 # ------------------------------------------------------------------ supervised
-_add("supervised", "Supervised: one crop+flip view, a linear classifier head (projector.type=cosine|gcr swaps it) "
+_add("supervised", "Supervised: one crop+flip view, a linear classifier head (classifier.type=cosine|gcr swaps it) "
      "and cross-entropy with label smoothing (DeiT-style AdamW; mixing.* adds Mixup/CutMix)",
      views={"policy": "crop", "options": {"crop_scale": [0.25, 1.0]}},
-     projector={"type": "linear"}, predictor=None, target={"branch": "none"},
+     projector=None, classifier={"type": "linear"}, predictor=None, target={"branch": "none"},
      objective={"name": "cross_entropy", "params": {"label_smoothing": 0.1}},
      optim={"name": "adamw", "lr": 2.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_epochs": 5})
 
@@ -153,7 +153,7 @@ _add("supervised", "Supervised: one crop+flip view, a linear classifier head (pr
 # (as the official code does).
 _add("supervised_gcr", "Supervised with GCR heads: class subspaces (k 8, gamma 25) trained by Riemannian SGD beside SGD",
      views={"policy": "crop", "options": {"crop_scale": [0.08, 1.0]}},
-     projector={"type": "gcr", "k": 8, "gamma": 25.0}, predictor=None, target={"branch": "none"},
+     projector=None, classifier={"type": "gcr", "k": 8, "gamma": 25.0}, predictor=None, target={"branch": "none"},
      objective={"name": "cross_entropy", "params": {"label_smoothing": 0.1}},
      optim={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 5,
             "manifold_lr": 0.1, "manifold_momentum": 0.9, "manifold_qr_every": 5})

@@ -2,18 +2,18 @@
 
 Joint embedding and supervised (no `masking`):
 
-    views ──► backbone ──► projector [──► predictor] ──► student outputs, one per view
-                 └─ target branch (global views only): none | stopgrad | ema teacher ──► teacher outputs
+    views ──► backbone ──► projector or classifier [──► predictor] ──► student outputs, one per view
+                 └─ target branch (global views only): none | stopgrad | ema teacher ──► target outputs
 
 Masked image modelling (`masking` set; one view):
 
     view ──► mask generator ──► backbone (visible tokens, or mask tokens) ──► decoder ──► student [pred]
-      └──────────────────────────────────────────────── patchified pixels ──► teacher [target]
+      └──────────────────────────────────────────────── patchified pixels ──► target
                                   backbone tokens ──► loss_predictor ──► extras["loss_pred"]  (HPM; with
                                   share_input it reads the decoder's embedded tokens, as the official code)
     EMA teacher (backbone + loss_predictor) on the full view ──► per-patch scores ──► hard_patches masks
 
-`objective(student, teacher, **inputs)` turns the two lists into a loss; `inputs` are the extras the
+`objective(student, target, **inputs)` turns the two lists (`TemplateOutput.student`, `.target`) into a loss; `inputs` are the extras the
 objective names (mask, loss_pred, labels). Nothing here knows which method runs: a method is only the
 choice of views, masking, heads, target branch and objective (see `presets.py`).
 """
@@ -35,7 +35,9 @@ from visrep.models.masked import embed_dim_of, encode_masked, patch_size_of, pat
 @dataclass
 class TemplateOutput:
     student: list            # online outputs for every view (after the predictor, if any)
-    teacher: list            # target-branch outputs for the global views
+    target: list             # what the student is compared with, global views only: the EMA teacher's or the
+                             # stop-gradient outputs, the student's own (no target branch; supervised objectives
+                             # ignore it), or the patchified pixels (masked image modelling)
     features: torch.Tensor   # detached backbone features of the global views (for online probe/monitors)
     extras: dict = field(default_factory=dict)  # mask, loss_pred: inputs an objective may name
 
@@ -69,10 +71,13 @@ def check_masking(masking, *, decoder_type: str | None, loss_predictor: bool, ta
 class Template(nn.Module):
     def __init__(self, backbone: nn.Module, projector: nn.Module | None, predictor: nn.Module | None,
                  target: str = "none", masking: nn.Module | None = None, decoder: nn.Module | None = None,
-                 loss_predictor: nn.Module | None = None):
+                 loss_predictor: nn.Module | None = None, classifier: nn.Module | None = None):
         super().__init__()
+        if classifier is not None and projector is not None:
+            raise ConfigError("a run has one head after its backbone: a classifier or a projector, not both")
         self.backbone = backbone
         self.projector = projector if projector is not None else nn.Identity()
+        self.classifier = classifier  # supervised training and fine-tuning: takes the projector's place
         self.predictor = predictor
         self.target = target
         self.masking, self.decoder, self.loss_predictor = masking, decoder, loss_predictor
@@ -94,18 +99,24 @@ class Template(nn.Module):
             for m in self.teacher_backbone.modules():  # the teacher runs without stochastic depth (DINO, BYOL)
                 if hasattr(m, "drop_prob"):
                     m.drop_prob = 0.0
-            self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+            self.teacher_projector = copy.deepcopy(self.head).requires_grad_(False)
             if loss_predictor is not None:
                 self.teacher_loss_predictor = copy.deepcopy(loss_predictor).requires_grad_(False)
             if self.shared_input:  # the teacher's loss predictor reads the EMA decoder's input layers
                 self.teacher_decoder = copy.deepcopy(decoder).requires_grad_(False)
 
+    @property
+    def head(self) -> nn.Module:
+        """The head on the backbone's features: the classifier of a supervised run, else the projector."""
+        return self.classifier if self.classifier is not None else self.projector
+
     def student_modules(self):
-        parts = (self.backbone, self.projector, self.predictor, self.decoder, self.loss_predictor, self.mask_embedding)
+        parts = (self.backbone, self.projector, self.classifier, self.predictor, self.decoder, self.loss_predictor,
+                 self.mask_embedding)
         return [m for m in parts if m is not None]
 
     def _ema_pairs(self):
-        pairs = [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+        pairs = [(self.backbone, self.teacher_backbone), (self.head, self.teacher_projector)]
         if self.loss_predictor is not None:
             pairs.append((self.loss_predictor, self.teacher_loss_predictor))
         if self.shared_input:
@@ -116,16 +127,16 @@ class Template(nn.Module):
         if self.masking is not None:
             return self._forward_masked(views[0], seed)
         feats = [self.backbone(v) for v in views]
-        z = [self.projector(f) for f in feats]
+        z = [self.head(f) for f in feats]
         student = [self.predictor(x) for x in z] if self.predictor is not None else z
         if self.target == "ema":
             with torch.no_grad():
-                teacher = [self.teacher_projector(self.teacher_backbone(v)) for v in views[:n_global]]
+                target = [self.teacher_projector(self.teacher_backbone(v)) for v in views[:n_global]]
         elif self.target == "stopgrad":
-            teacher = [x.detach() for x in z[:n_global]]
-        else:
-            teacher = z[:n_global]
-        return TemplateOutput(student, teacher, torch.cat(feats[:n_global]).detach())
+            target = [x.detach() for x in z[:n_global]]
+        else:  # no target branch: the student's own outputs
+            target = z[:n_global]
+        return TemplateOutput(student, target, torch.cat(feats[:n_global]).detach())
 
     def _forward_masked(self, x: torch.Tensor, seed: int) -> TemplateOutput:
         p = self.patch_size
@@ -202,7 +213,8 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, backbon
     backbone = build_backbone_of(cfg, image_size) if backbone is None else backbone
     dim = feature_dim(backbone)
     projector = build_head(cfg.projector, dim, num_classes)
-    out_dim = getattr(projector, "out_dim", dim)
+    classifier = build_head(cfg.classifier, dim, num_classes)
+    out_dim = getattr(classifier or projector, "out_dim", dim)
     predictor = build_head(cfg.predictor, out_dim, num_classes)
     masking = build_mask_generator(cfg.masking)
     decoder = loss_predictor = None
@@ -211,4 +223,4 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, backbon
         decoder = build_decoder(cfg.decoder, width, p * p * 3, "decoder")
         # official HPM: the loss predictor also predicts p·p·3 values per patch, averaged to one score
         loss_predictor = build_decoder(cfg.loss_predictor, width, p * p * 3, "loss_predictor")
-    return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor)
+    return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor, classifier)

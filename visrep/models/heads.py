@@ -1,7 +1,7 @@
 """Heads that sit on the backbone's pooled features: projectors, predictors, DINO and SwAV heads, and the
 classifier heads of supervised training and fine-tuning (linear softmax, cosine, GCR Grassmann).
 
-A head is built from a small dict (the `projector:` / `predictor:` sections of a config):
+A head is built from a small dict (the `projector:` / `predictor:` / `classifier:` sections of a config):
 
     {"type": "mlp", "hidden_dim": 2048, "out_dim": 128, "num_layers": 2, "bn": True, "last_bn": False}
     {"type": "dino", "hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "num_layers": 3}
@@ -185,6 +185,11 @@ class GrassmannHead(nn.Module):
 
 # Heads whose out_dim defaults to the number of classes (or regression targets) of the training data.
 CLASSIFIER_HEADS = (LinearHead, CosineHead, GrassmannHead)
+
+
+def classifier_head_names() -> list[str]:
+    """The registered heads that are classifiers (the `classifier:` section's types)."""
+    return [n for n in HEADS.names() if HEADS.get(n) in CLASSIFIER_HEADS]
 
 
 def check_head_spec(spec: dict | None, where: str = "head"):

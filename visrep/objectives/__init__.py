@@ -1,13 +1,16 @@
 """Self-supervised objectives (losses).
 
 Every objective is an `nn.Module` with keyword-only constructor params and
-`forward(student: list[Tensor], teacher: list[Tensor]) -> scalar Tensor`:
+`forward(student: list[Tensor], target: list[Tensor]) -> scalar Tensor`:
 
 * `student`: online-branch outputs for ALL views ([B, D] each; global views first, then
   local crops), after the predictor when the method has one;
-* `teacher`: target-branch outputs for the GLOBAL views only. The objectives never detach
-  it (the method's target mode does) except where the algorithm itself needs it (SwAV
-  codes, DINO center, MoCo queue).
+* `target`: what the student is compared with, for the GLOBAL views only: the EMA teacher's
+  outputs (BYOL, DINO, MoCo), the stop-gradient outputs (SimSiam), the student's own outputs
+  when the method has no target branch (SimCLR, Barlow Twins, VICReg; supervised objectives
+  ignore it and read `labels` or `targets`), or the patchified pixels in masked image modelling.
+  The objectives never detach it (the method's target mode does) except where the algorithm
+  itself needs it (SwAV codes, DINO center, MoCo queue).
 
 Objectives that need more than the two lists (the mask of masked image modelling, the labels of
 supervised training) name them in a class attribute `inputs`, e.g. `inputs = ("mask",)`; the loop

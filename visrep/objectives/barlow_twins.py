@@ -48,8 +48,8 @@ class BarlowTwinsLoss(nn.Module):
     def _standardize(z: Tensor) -> Tensor:
         return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + 1e-5)
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        check_views("barlow_twins", student, teacher, min_student=2, max_student=2, min_teacher=0)
+    def forward(self, student: list[Tensor], target: list[Tensor]) -> Tensor:
+        check_views("barlow_twins", student, target, min_student=2, max_student=2, min_target=0)
         with float32(*student):
             z0, z1 = student[0].float(), student[1].float()
             if self.gather_distributed:

@@ -25,7 +25,7 @@ class NTXentLoss(nn.Module):
     Chen, Kornblith, Norouzi, Hinton (2020), "A Simple Framework for Contrastive Learning
     of Visual Representations".
 
-    Uses student[0] and student[1] (the projector outputs of the two views; `teacher` is
+    Uses student[0] and student[1] (the projector outputs of the two views; `target` is
     ignored). With z the 2N L2-normalized outputs and sim(a, b) = zₐ·z_b / τ, sample a with
     positive p(a) (the other view of the same image) has loss
         ℓ(a) = −log( exp sim(a, p(a)) / Σ_{b≠a} exp sim(a, b) ),
@@ -54,8 +54,8 @@ class NTXentLoss(nn.Module):
         self.temperature = _positive("ntxent temperature", temperature)
         self.gather_distributed = gather_distributed
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        check_views("ntxent", student, teacher, min_student=2, max_student=2, min_teacher=0)
+    def forward(self, student: list[Tensor], target: list[Tensor]) -> Tensor:
+        check_views("ntxent", student, target, min_student=2, max_student=2, min_target=0)
         with float32(*student):
             z0 = F.normalize(student[0].float(), dim=1)
             z1 = F.normalize(student[1].float(), dim=1)
@@ -85,7 +85,7 @@ class MoCoQueueLoss(nn.Module):
     Representation Learning"; Chen, Fan, Girshick, He (2020), "Improved Baselines with
     Momentum Contrastive Learning" (MoCo v2).
 
-    For direction i ∈ {0, 1}: q = normalize(student[i]), k = normalize(teacher[1−i]),
+    For direction i ∈ {0, 1}: q = normalize(student[i]), k = normalize(target[1−i]),
         ℓᵢ = mean over the batch of −log( exp(q·k/τ) / (exp(q·k/τ) + Σ_m exp(q·queue_m/τ)) ),
     loss = (ℓ₀ + ℓ₁) / 2. After the loss (in training mode only) the keys of both views,
     gathered over ranks, are written into the FIFO queue (wrapping around, no gradient).
@@ -126,15 +126,15 @@ class MoCoQueueLoss(nn.Module):
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        check_views("moco_queue", student, teacher, min_student=2, max_student=2, min_teacher=2)
+    def forward(self, student: list[Tensor], target: list[Tensor]) -> Tensor:
+        check_views("moco_queue", student, target, min_student=2, max_student=2, min_target=2)
         if student[0].shape[1] != self.out_dim:
             raise ConfigError(
                 f"moco_queue out_dim={self.out_dim} but the outputs have {student[0].shape[1]} features"
             )
-        with float32(*student, *teacher):
+        with float32(*student, *target):
             negatives = self.queue.clone()  # the buffer is overwritten below
-            keys = [F.normalize(t.float(), dim=1) for t in teacher[:2]]
+            keys = [F.normalize(t.float(), dim=1) for t in target[:2]]
             losses = []
             for i in (0, 1):
                 q = F.normalize(student[i].float(), dim=1)
@@ -170,7 +170,7 @@ class InfoNCELoss(nn.Module):
     Chen, Xie, He (2021), "An Empirical Study of Training Self-Supervised Vision
     Transformers" (MoCo v3).
 
-    For q = normalize(student[i]) (predictor outputs) and k = normalize(teacher[1−i])
+    For q = normalize(student[i]) (predictor outputs) and k = normalize(target[1−i])
     (momentum-encoder outputs), gathered over ranks into k_all [N, D]:
         ctr(q, k) = 2τ · CE(q·k_allᵀ / τ, labels),  labels = arange(B) + rank·B,
     loss = ctr(q₀, k₁) + ctr(q₁, k₀): the SUM of the two directions, exactly as in the
@@ -205,7 +205,7 @@ class InfoNCELoss(nn.Module):
         labels = torch.arange(q.shape[0], device=q.device) + offset
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        check_views("infonce", student, teacher, min_student=2, max_student=2, min_teacher=2)
-        with float32(*student, *teacher):
-            return self._ctr(student[0], teacher[1]) + self._ctr(student[1], teacher[0])
+    def forward(self, student: list[Tensor], target: list[Tensor]) -> Tensor:
+        check_views("infonce", student, target, min_student=2, max_student=2, min_target=2)
+        with float32(*student, *target):
+            return self._ctr(student[0], target[1]) + self._ctr(student[1], target[0])

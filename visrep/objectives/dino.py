@@ -11,12 +11,12 @@ from visrep.objectives.inputs import check_views
 
 
 class DINOLoss(nn.Module):
-    """DINO cross-entropy between teacher and student output distributions.
+    """DINO cross-entropy between teacher (target) and student output distributions.
 
     Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin (2021), "Emerging Properties
     in Self-Supervised Vision Transformers".
 
-    With c the center [1, K] (a buffer), teacher global views tᵢ and all student views sⱼ:
+    With c the center [1, K] (a buffer), teacher (target) global views tᵢ and all student views sⱼ:
         Pᵢ = softmax((tᵢ − c) / τ_t),  log Qⱼ = log_softmax(sⱼ / τ_s)
         loss = mean over pairs (i, j), j ≠ i, of mean_b[ −Σ_k Pᵢ log Qⱼ ].
     Then, in training mode only and without gradient,
@@ -64,15 +64,15 @@ class DINOLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.register_buffer("center", torch.zeros(1, self.out_dim))
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        check_views("dino", student, teacher, min_student=2, min_teacher=1)
-        if len(teacher) > len(student):
-            raise ConfigError("dino: more teacher views than student views")
+    def forward(self, student: list[Tensor], target: list[Tensor]) -> Tensor:
+        check_views("dino", student, target, min_student=2, min_target=1)
+        if len(target) > len(student):
+            raise ConfigError("dino: more teacher (target) views than student views")
         if student[0].shape[1] != self.out_dim:
             raise ConfigError(f"dino out_dim={self.out_dim} but the outputs have {student[0].shape[1]}")
-        with float32(*student, *teacher):
+        with float32(*student, *target):
             center = self.center.clone()
-            probs = [F.softmax((t.float() - center) / self.teacher_temp, dim=-1) for t in teacher]
+            probs = [F.softmax((t.float() - center) / self.teacher_temp, dim=-1) for t in target]
             logps = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
             terms = [
                 -(p * lq).sum(dim=-1).mean()
@@ -82,13 +82,13 @@ class DINOLoss(nn.Module):
             ]
             loss = torch.stack(terms).mean()
             if self.training:
-                self.update_center(teacher)
+                self.update_center(target)
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher: list[Tensor]) -> None:
+    def update_center(self, target: list[Tensor]) -> None:
         """c ← m·c + (1 − m)·(mean of the teacher rows over all views and ranks)."""
-        batch_center = torch.cat([t.detach().float() for t in teacher]).mean(dim=0, keepdim=True)
+        batch_center = torch.cat([t.detach().float() for t in target]).mean(dim=0, keepdim=True)
         if self.gather_distributed:
             batch_center = all_reduce_mean(batch_center)
         m = self.center_momentum

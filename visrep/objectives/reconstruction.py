@@ -1,6 +1,6 @@
 """Masked-image-modelling objectives: pixel reconstruction (MAE, SimMIM) and Hard Patches Mining.
 
-These take the template's masked outputs:  student = [pred [B, L, P]], teacher = [target [B, L, P]]
+These take the template's masked outputs:  student = [pred [B, L, P]], target = [patchified pixels [B, L, P]]
 (the view's patchified pixels), plus keyword inputs named in `inputs`: `mask` [B, L] (True = masked)
 and, for HPM, `loss_pred` [B, L]. Per-image counts of masked patches are equal (see data/masking.py),
 so the mean over masked patches is the same on every process and needs no gathering.
@@ -57,10 +57,10 @@ def relative_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return (bce * w).sum() / w.sum().clamp_min(1.0)
 
 
-def _check(name: str, student, teacher, mask) -> None:
-    if len(student) != 1 or len(teacher) != 1:
+def _check(name: str, student, target, mask) -> None:
+    if len(student) != 1 or len(target) != 1:
         raise ConfigError(f"objective '{name}' needs one masked view (the masked template), got "
-                          f"{len(student)} student / {len(teacher)} teacher outputs; set masking and decoder")
+                          f"{len(student)} student / {len(target)} target outputs; set masking and decoder")
     if mask is None:
         raise ConfigError(f"objective '{name}' needs a mask: set the masking section (e.g. masking.name=random)")
 
@@ -89,9 +89,9 @@ class ReconstructionLoss(nn.Module):
             raise ConfigError(f"reconstruction loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.loss, self.norm_pix = loss, bool(norm_pix)
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor], mask: Tensor | None = None) -> Tensor:
-        _check("reconstruction", student, teacher, mask)
-        return masked_mean(per_patch_loss(student[0], teacher[0], self.loss, self.norm_pix), mask)
+    def forward(self, student: list[Tensor], target: list[Tensor], mask: Tensor | None = None) -> Tensor:
+        _check("reconstruction", student, target, mask)
+        return masked_mean(per_patch_loss(student[0], target[0], self.loss, self.norm_pix), mask)
 
 
 class HPMLoss(nn.Module):
@@ -120,12 +120,12 @@ class HPMLoss(nn.Module):
             raise ConfigError(f"hpm loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.loss, self.norm_pix, self.pred_weight = loss, bool(norm_pix), float(pred_weight)
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor], mask: Tensor | None = None,
+    def forward(self, student: list[Tensor], target: list[Tensor], mask: Tensor | None = None,
                 loss_pred: Tensor | None = None) -> dict[str, Tensor]:
-        _check("hpm", student, teacher, mask)
+        _check("hpm", student, target, mask)
         if loss_pred is None:
             raise ConfigError("objective 'hpm' needs loss predictions: set the loss_predictor section")
-        per = per_patch_loss(student[0], teacher[0], self.loss, self.norm_pix)
+        per = per_patch_loss(student[0], target[0], self.loss, self.norm_pix)
         rec = masked_mean(per, mask)
         pred = relative_loss(loss_pred, per.detach(), mask)
         # Both terms are logged as they are (the loop logs every term an objective returns).

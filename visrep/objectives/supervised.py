@@ -14,7 +14,7 @@ class CrossEntropyLoss(nn.Module):
 
         ℓ = −(1/B) Σ_b Σ_c q_{b,c} log softmax(z_b)_c,   q = (1 − ε)·onehot(y) + ε/C
 
-    student: logits of every view ([B, C] each; labels are repeated per view); teacher is unused.
+    student: logits of every view ([B, C] each; labels are repeated per view); `target` is unused.
     labels: class indices [B], or soft targets [B, C] (Mixup/CutMix), which are smoothed the same way.
 
     Example:
@@ -31,7 +31,7 @@ class CrossEntropyLoss(nn.Module):
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor], labels: Tensor | None = None) -> Tensor:
+    def forward(self, student: list[Tensor], target: list[Tensor], labels: Tensor | None = None) -> Tensor:
         if labels is None:
             raise ConfigError("objective 'cross_entropy' needs labels")
         logits = torch.cat([s.float() for s in student])
@@ -90,7 +90,8 @@ class RegressionLoss(nn.Module):
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor], targets: Tensor | None = None) -> Tensor:
+    def forward(self, student: list[Tensor], target: list[Tensor], targets: Tensor | None = None) -> Tensor:
+        # `target` (the template's target-branch list) is unused: the regression targets come from the batch
         if targets is None:
             raise ConfigError("objective 'regression' needs a dataset with regression targets (e.g. utkface "
                               "task=age, mtfl task=landmarks)")

@@ -52,8 +52,8 @@ class SwAVLoss(nn.Module):
     Visual Features by Contrasting Cluster Assignments".
 
     student[j] are the prototype scores of view j (cosine similarities between normalized
-    features and normalized prototypes, [B, K]), global views first; teacher[i] are the
-    scores of global view i (detached here). With qᵢ = sinkhorn_knopp(teacher[i]):
+    features and normalized prototypes, [B, K]), global views first; target[i] are the
+    scores of global view i (detached here). With qᵢ = sinkhorn_knopp(target[i]):
         loss = mean over pairs (i global, j ≠ i any view) of mean_b[ −Σ_k qᵢ log softmax(sⱼ/τ) ].
     The Sinkhorn sums run over the batch of all ranks (all_reduce), so the codes equal the
     1-process codes of the full batch; the loss averages the local batch. Prototype
@@ -88,11 +88,11 @@ class SwAVLoss(nn.Module):
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.gather_distributed = gather_distributed
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        check_views("swav", student, teacher, min_student=2, min_teacher=1)
-        if len(teacher) > len(student):
-            raise ConfigError("swav: more teacher views than student views")
-        with float32(*student, *teacher):
+    def forward(self, student: list[Tensor], target: list[Tensor]) -> Tensor:
+        check_views("swav", student, target, min_student=2, min_target=1)
+        if len(target) > len(student):
+            raise ConfigError("swav: more target views than student views")
+        with float32(*student, *target):
             codes = [
                 sinkhorn_knopp(
                     t,
@@ -100,7 +100,7 @@ class SwAVLoss(nn.Module):
                     iterations=self.sinkhorn_iterations,
                     gather_distributed=self.gather_distributed,
                 )
-                for t in teacher
+                for t in target
             ]
             logps = [F.log_softmax(s.float() / self.temperature, dim=1) for s in student]
             terms = [

@@ -57,8 +57,8 @@ class VICRegLoss(nn.Module):
         self.gamma, self.eps = float(gamma), float(eps)
         self.gather_distributed = gather_distributed
 
-    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        check_views("vicreg", student, teacher, min_student=2, max_student=2, min_teacher=0)
+    def forward(self, student: list[Tensor], target: list[Tensor]) -> Tensor:
+        check_views("vicreg", student, target, min_student=2, max_student=2, min_target=0)
         with float32(*student):
             z0, z1 = student[0].float(), student[1].float()
             if self.gather_distributed:

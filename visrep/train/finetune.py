@@ -20,10 +20,13 @@ import copy
 import json
 from pathlib import Path
 
+import torch
+
 from visrep.checkpoint import add_prefix, read_checkpoint_meta, save_checkpoint
-from visrep.config import RunConfig, from_dict
+from visrep.config import RunConfig, from_dict, upgrade_saved_run
 from visrep.errors import ConfigError
-from visrep.evaluate.api import _classifier_head_names, evaluate_classifier
+from visrep.evaluate.api import evaluate_classifier
+from visrep.models.heads import classifier_head_names
 from visrep.models.lora import count_parameters, merge_lora
 from visrep.runs import load_run, rebuild_run, run_path
 from visrep.train.loop import pretrain
@@ -36,10 +39,10 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
     have moved with the run, or been deleted). force: load an init that fails its integrity check.
     """
     cfg = copy.deepcopy(cfg)
-    kind = cfg.projector.get("type") if isinstance(cfg.projector, dict) else None
-    if kind not in _classifier_head_names():
-        raise ConfigError(f"finetune needs a classifier head (projector.type one of "
-                          f"{', '.join(_classifier_head_names())}), got {kind!r}")
+    kind = cfg.classifier.get("type") if isinstance(cfg.classifier, dict) else None
+    if kind not in classifier_head_names():
+        raise ConfigError(f"finetune needs a classifier head (classifier.type one of "
+                          f"{', '.join(classifier_head_names())}), got {kind!r}")
     if cfg.predictor is not None or cfg.masking is not None or cfg.target.branch != "none":
         raise ConfigError("finetune trains backbone + head with one view: use method=supervised (no predictor, "
                           "masking or target branch)")
@@ -49,7 +52,7 @@ def prepare_finetune_config(cfg: RunConfig, *, resume: bool = False, force: bool
     own = Path(cfg.out_dir) / "checkpoints" / "last.safetensors"
     if init and resume and own.is_file():
         meta = read_checkpoint_meta(own)
-        src = from_dict(RunConfig, meta["config"])
+        src = from_dict(RunConfig, upgrade_saved_run(meta["config"])[0])
         cfg.backbone = copy.deepcopy(src.backbone)
         if cfg.data.image_size is None:
             cfg.data.image_size = src.data.image_size
@@ -69,9 +72,6 @@ def export_backbone(out_dir: Path, run=None) -> Path:
     """Write the trained backbone (LoRA merged) as a checkpoint `load_backbone` reads: timm keys under
     `model.backbone.`, the config with finetune.mode=full and no init. `run`: the run already rebuilt
     (`visrep.runs.rebuild_run`), so its checkpoint is not read again."""
-    import torch
-
-
     run = run if run is not None else rebuild_run(out_dir / "checkpoints" / "last.safetensors")
     cfg, meta = run.cfg, run.meta
     with torch.no_grad():
@@ -100,7 +100,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
             return summary  # nothing was changed
         summary.pop("already_finished")  # trained, but killed before its export or evaluation: finish those
         summary["stop_reason"] = "completed"
-    # The trained run, rebuilt once: its parameter counts and its export.
+    # The trained run, rebuilt once: its parameter counts, its export and its evaluation.
 
     run = rebuild_run(out_dir / "checkpoints" / "last.safetensors", force=force)
     trainable, total = count_parameters(run.template)
@@ -111,7 +111,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
         summary["export"] = str(export_backbone(out_dir, run))
         if evaluate:
             d = cfg.data
-            res = evaluate_classifier(str(out_dir), dataset=d.dataset, root=d.root, test_split=d.test_split,
+            res = evaluate_classifier(run, dataset=d.dataset, root=d.root, test_split=d.test_split,
                                       download=d.download, dataset_options=d.options, progress=not quiet,
                                       device=cfg.train.device, out=str(out_dir / "eval.json"))
             summary["eval"] = {k: v for k, v in res.items()

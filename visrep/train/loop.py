@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from visrep.config import RunConfig
+from visrep.config import RunConfig, upgrade_saved_run
 from visrep.data.batches import EpochBatches
 from visrep.errors import ConfigError, TrainingError
 from visrep.objectives import loss_terms
@@ -66,7 +66,7 @@ def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
     with state.autocast():
         out = state.forward(views, state.views.n_global, seed=seed + 1)  # seed: the step's masks, if any
         available = {"labels": labels, "targets": batch["targets"], **out.extras}
-        terms = loss_terms(state.objective(out.student, out.teacher, **{k: available[k] for k in state.inputs}))
+        terms = loss_terms(state.objective(out.student, out.target, **{k: available[k] for k in state.inputs}))
     loss = terms["loss"]
     bad = ~torch.isfinite(loss.detach()) & (state.bad_step < 0)
     state.bad_step = torch.where(bad, step, state.bad_step)
@@ -148,6 +148,8 @@ def _open_checkpoint(cfg: RunConfig, ckpt_path: Path, resume: bool, force: bool)
         raise ConfigError(f"nothing to resume: '{ckpt_path}' does not exist")
     tensors, meta = load_checkpoint(ckpt_path, force=force)  # hash, schema, step
     check_resume_meta(meta, ckpt_path)
+    config, tensors = upgrade_saved_run(meta["config"], tensors)  # a run saved under an older config schema
+    meta = {**meta, "config": config}
     bad = first_non_finite({k: v for k, v in tensors.items() if k.startswith(("model.", "objective.", "probe."))})
     if bad is not None:
         raise CheckpointError(f"cannot resume: checkpoint '{ckpt_path}' holds non-finite weights ('{bad}' has "
