@@ -7,6 +7,7 @@
 #
 #   benchmarks/b2_seeds.sh                  # everything (about 2 h 20 min on 2 cores)
 #   SEEDS="0" BUDGET=60 benchmarks/b2_seeds.sh   # a quick look
+#   AB_SEEDS="0 1" benchmarks/b2_seeds.sh        # the A/B arms on fewer seeds than the main pair
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -25,7 +26,12 @@ pair() {  # two run names, seed: one per core, at the same time
   wait $a; wait $b
 }
 for s in $SEEDS; do pair visrep_simclr lightly_simclr "$s"; done
-for s in $SEEDS; do pair visrep_simclr_lightlyviews lightly_simclr_visrepviews "$s"; done
-for s in $SEEDS; do run random_init "$s" 0; done
+for s in ${AB_SEEDS:-$SEEDS}; do pair visrep_simclr_lightlyviews lightly_simclr_visrepviews "$s"; done
+set -- $SEEDS  # random init: evaluation only, two at a time
+while [ $# -gt 0 ]; do
+  run random_init "$1" 0 & a=$!
+  if [ $# -gt 1 ]; then run random_init "$2" 1 & b=$!; wait $b; fi
+  wait $a; shift; [ $# -gt 0 ] && shift
+done
 "$PY" benchmarks/b2_quality.py --only random_init --seeds "${SEEDS// /,}" --runs-dir "$DIR" --out "$OUT" >/dev/null
 echo "wrote $OUT"
