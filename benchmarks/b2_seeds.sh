@@ -8,6 +8,7 @@
 #   benchmarks/b2_seeds.sh                  # everything (about 2 h 20 min on 2 cores)
 #   SEEDS="0" BUDGET=60 benchmarks/b2_seeds.sh   # a quick look
 #   AB_SEEDS="0 1" benchmarks/b2_seeds.sh        # the A/B arms on fewer seeds than the main pair
+#   EXTRA="--train-subset 500 --test-subset 100 --batch-size 32" BUDGET=3 RUNS_DIR=/tmp/b2 OUT=/tmp/b2.json benchmarks/b2_seeds.sh  # smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,22 +17,24 @@ SEEDS=${SEEDS:-0 1 2}
 DIR=${RUNS_DIR:-benchmarks/results/b2_quality_seeds}
 OUT=${OUT:-benchmarks/results/b2_quality_seeds.json}
 export VISREP_CACHE=${VISREP_CACHE:-$PWD/.cache/visrep}
+TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT  # each run's own summary; the one to keep is written at the end
 run() {  # run name, seed, core
   "$PY" benchmarks/b2_quality.py --only "$1" --seeds "$2" --threads 1 --cpu-core "$3" --budget-s "$BUDGET" \
-    --runs-dir "$DIR" --out "$(mktemp)" "${@:4}"
+    --runs-dir "$DIR" --out "$TMP/$1_$2.json" ${EXTRA:-}
 }
-pair() {  # two run names, seed: one per core, at the same time
-  run "$1" "$3" 0 & a=$!
-  run "$2" "$3" 1 & b=$!
-  wait $a; wait $b
+both() {  # (run, seed) on core 0 and (run, seed) on core 1, at the same time; a failure stops the script after both end
+  local failed=0
+  run "$1" "$2" 0 & a=$!
+  run "$3" "$4" 1 & b=$!
+  wait $a || failed=1; wait $b || failed=1
+  return $failed
 }
+pair() { both "$1" "$3" "$2" "$3"; }  # two runs, one seed
 for s in $SEEDS; do pair visrep_simclr lightly_simclr "$s"; done
 for s in ${AB_SEEDS:-$SEEDS}; do pair visrep_simclr_lightlyviews lightly_simclr_visrepviews "$s"; done
 set -- $SEEDS  # random init: evaluation only, two at a time
 while [ $# -gt 0 ]; do
-  run random_init "$1" 0 & a=$!
-  if [ $# -gt 1 ]; then run random_init "$2" 1 & b=$!; wait $b; fi
-  wait $a; shift; [ $# -gt 0 ] && shift
+  if [ $# -gt 1 ]; then both random_init "$1" random_init "$2"; shift 2; else run random_init "$1" 0; shift; fi
 done
-"$PY" benchmarks/b2_quality.py --only random_init --seeds "${SEEDS// /,}" --runs-dir "$DIR" --out "$OUT" >/dev/null
+"$PY" benchmarks/b2_quality.py --only random_init --seeds "$(echo $SEEDS | tr ' ' ',')" --runs-dir "$DIR" --out "$OUT" >/dev/null
 echo "wrote $OUT"

@@ -295,8 +295,9 @@ def test_a_run_saved_with_its_classifier_under_projector_loads_evaluates_and_res
     part["train"]["max_steps"] = 2
     visrep.pretrain(visrep.resolve(part), quiet=True)
     _as_saved_before_the_classifier_section(Path(part["out_dir"]))
-    part["train"]["max_steps"] = None
-    resumed = visrep.pretrain(visrep.resolve(part), resume=True, quiet=True)
+    # resumed from the folder alone (the CLI's `pretrain --resume RUN_DIR`): the saved config is upgraded too
+    resumed = visrep.pretrain(visrep.resume_config(part["out_dir"], ["train.max_steps=null"]), resume=True,
+                              quiet=True)
     assert resumed["steps"] == full["steps"] == 4
     a = load_checkpoint(run / "checkpoints" / "last.safetensors")[0]  # rewritten above: model.projector.*
     b = load_checkpoint(Path(part["out_dir"]) / "checkpoints" / "last.safetensors")[0]  # saved anew
@@ -306,7 +307,7 @@ def test_a_run_saved_with_its_classifier_under_projector_loads_evaluates_and_res
 
 
 def test_classifier_heads_have_their_own_section():
-    with pytest.raises(ConfigError, match="projector.type=gcr is a classifier head: set classifier.type=gcr"):
+    with pytest.raises(ConfigError, match="projector.type=gcr is a classifier head .*classifier.type=gcr and projector=null"):
         visrep.resolve({"method": "supervised", "projector": {"type": "gcr"}})
     with pytest.raises(ConfigError, match="one head after its backbone"):
         visrep.resolve({"method": "supervised", "projector": {"type": "mlp"}})

@@ -108,7 +108,7 @@ def test_a_method_registered_from_a_test_file_trains_without_touching_visrep(tmp
             super().__init__()
             self.eps = eps
 
-        def forward(self, student, teacher):
+        def forward(self, student, target):
             cos = nn.functional.cosine_similarity(student[0].float(), student[1].float(), eps=self.eps)
             return {"loss": 1 - cos.mean(), "mean_cosine": cos.mean().detach()}
 

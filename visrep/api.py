@@ -25,7 +25,7 @@ def resume_config(run_dir: str, overrides: list[str] | dict | None = None, *, co
     the run was moved."""
     from pathlib import Path
 
-    from visrep.config import deep_merge, from_dict, parse_overrides, validate
+    from visrep.config import deep_merge, from_dict, parse_overrides, upgrade_saved_run, validate
     from visrep.checkpoint import read_checkpoint_meta
 
     path = Path(run_dir).expanduser()
@@ -40,7 +40,7 @@ def resume_config(run_dir: str, overrides: list[str] | dict | None = None, *, co
     saved = read_checkpoint_meta(ckpt).get("config")
     if saved is None:
         raise ConfigError(f"the checkpoint in '{run_dir}' records no config; resume with --config instead")
-    cfg = from_dict(RunConfig, deep_merge(saved, over))
+    cfg = from_dict(RunConfig, deep_merge(upgrade_saved_run(saved)[0], over))  # saved under an older schema too
     validate(cfg)
     return cfg
 

@@ -481,10 +481,13 @@ def check_heads(cfg: RunConfig) -> None:
         check_head_spec(getattr(cfg, where), where)
     names = classifier_head_names()
     kind = lambda spec: spec.get("type", "mlp") if isinstance(spec, dict) else None  # noqa: E731
-    for where in ("projector", "predictor"):
-        if kind(getattr(cfg, where)) in names:
-            raise ConfigError(f"{where}.type={kind(getattr(cfg, where))} is a classifier head: set classifier.type="
-                              f"{kind(getattr(cfg, where))} and {where}=null (classifiers have their own section)")
+    if kind(cfg.predictor) in names:
+        raise ConfigError(f"predictor.type={kind(cfg.predictor)} is a classifier head; a predictor maps embeddings "
+                          "to embeddings (predictor.type=mlp; num_layers=1 is one linear layer)")
+    if kind(cfg.projector) in names:
+        raise ConfigError(f"projector.type={kind(cfg.projector)} is a classifier head (its width is the number of "
+                          f"classes): a supervised run sets classifier.type={kind(cfg.projector)} and projector=null; "
+                          "a linear projection is projector.type=mlp with num_layers=1")
     if cfg.classifier is not None and kind(cfg.classifier) not in (*names, "none"):
         raise ConfigError(f"classifier.type must be one of {', '.join(names)}, got {kind(cfg.classifier)!r} "
                           "(embedding heads go under projector)")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-
 from torch import nn
 
 from visrep.checkpoint import weights_fingerprint

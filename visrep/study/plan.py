@@ -45,7 +45,6 @@ from visrep.objectives import build_objective
 from visrep.rank.api import rank
 
 
-
 BUDGETS = {"steps": "train.steps", "epochs": "train.epochs", "seconds": "train.time_budget_s"}
 BUDGET_KEYS = ("train.steps", "train.epochs", "train.time_budget_s", "train.max_steps")
 STUDY_KEYS = ("name", "base", "budget", "factors", "points", "models", "evaluations", "out_dir")
@@ -397,6 +396,8 @@ def plan(study, *, check_build: bool = True) -> Plan:
         for key in _SECTIONS_ADDED_LATER:  # unset, a section added later leaves the ids of earlier studies as they were
             if identity.get(key) is None:
                 identity.pop(key, None)
+        if identity.get("projector") is None and "classifier" in identity:  # hashed as it was written before
+            identity["projector"] = identity.pop("classifier")
         for section, keys_ in (("train", ("progress", "log_every", "num_threads", "device")),):
             identity[section] = {k: v for k, v in identity[section].items() if k not in keys_}
         run_id = short_hash(identity)

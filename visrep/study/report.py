@@ -31,10 +31,6 @@ from visrep.study.run import _status_path, _write_json, backbone_params
 from visrep.study.store import ResultsStore, metrics_of
 
 
-
-
-
-
 FIGURE_DPI = 110
 
 

@@ -33,8 +33,6 @@ from visrep.study.store import ResultsStore
 from visrep.train.loop import pretrain
 
 
-
-
 def _status_path(run_dir: Path) -> Path:
     return run_dir / "study_status.json"
 

@@ -102,7 +102,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, quiet: bool = False, evalu
         summary["stop_reason"] = "completed"
     # The trained run, rebuilt once: its parameter counts, its export and its evaluation.
 
-    run = rebuild_run(out_dir / "checkpoints" / "last.safetensors", force=force)
+    run = rebuild_run(out_dir, force=force)
     trainable, total = count_parameters(run.template)
     summary.update(mode=cfg.finetune.mode, init=cfg.finetune.init, layer_decay=cfg.finetune.layer_decay,
                    label_fraction=cfg.data.label_fraction, trainable_parameters=trainable, total_parameters=total,
