@@ -36,8 +36,8 @@ from visrep.models.masked import embed_dim_of, encode_masked, patch_size_of, pat
 class TemplateOutput:
     student: list            # online outputs for every view (after the predictor, if any)
     target: list             # what the student is compared with, global views only: the EMA teacher's or the
-                             # stop-gradient outputs, the student's own (no target branch; supervised objectives
-                             # ignore it), or the patchified pixels (masked image modelling)
+                             # stop-gradient outputs, the student's own (no target branch), the patchified pixels
+                             # (masked image modelling); empty with a classifier (the labels come with the batch)
     features: torch.Tensor   # detached backbone features of the global views (for online probe/monitors)
     extras: dict = field(default_factory=dict)  # mask, loss_pred: inputs an objective may name
 
@@ -129,7 +129,9 @@ class Template(nn.Module):
         feats = [self.backbone(v) for v in views]
         z = [self.head(f) for f in feats]
         student = [self.predictor(x) for x in z] if self.predictor is not None else z
-        if self.target == "ema":
+        if self.classifier is not None:  # supervised: the targets are the labels, which come with the batch
+            target = []
+        elif self.target == "ema":
             with torch.no_grad():
                 target = [self.teacher_projector(self.teacher_backbone(v)) for v in views[:n_global]]
         elif self.target == "stopgrad":

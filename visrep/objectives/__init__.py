@@ -7,8 +7,9 @@ Every objective is an `nn.Module` with keyword-only constructor params and
   local crops), after the predictor when the method has one;
 * `target`: what the student is compared with, for the GLOBAL views only: the EMA teacher's
   outputs (BYOL, DINO, MoCo), the stop-gradient outputs (SimSiam), the student's own outputs
-  when the method has no target branch (SimCLR, Barlow Twins, VICReg; supervised objectives
-  ignore it and read `labels` or `targets`), or the patchified pixels in masked image modelling.
+  when the method has no target branch (SimCLR, Barlow Twins, VICReg), the patchified pixels in
+  masked image modelling, or nothing with a classifier head (supervised objectives read `labels` or
+  `targets` from the batch).
   The objectives never detach it (the method's target mode does) except where the algorithm
   itself needs it (SwAV codes, DINO center, MoCo queue).
 
