@@ -9,7 +9,7 @@ process does.
 Example:
     >>> import torch
     >>> from visrep.data.sources import ImageDataset
-    >>> ds = ImageDataset(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10), [str(i) for i in range(10)])
+    >>> ds = ImageDataset(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10), [str(i) for i in range(10)], "toy")
     >>> batches = EpochBatches(ds, batch_size=4, seed=0)
     >>> batches.steps_per_epoch, sorted(batches(0)["labels"].tolist() + batches(1)["labels"].tolist()) == sorted(
     ...     epoch_permutation(10, 0, 0)[:8].tolist())
