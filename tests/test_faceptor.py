@@ -1,5 +1,6 @@
 """Faceptor's parts: multi-dataset batches (one sampler per task), and their resume."""
 import doctest
+import math
 import importlib
 
 import pytest
@@ -62,3 +63,86 @@ def test_sampler_mistakes_are_one_sentence():
         TaskBatches({"a": _ds(8, "a", 4), "b": _ds(8, "b", 6)}, {"a": 2, "b": 2}, seed=0)
     with pytest.raises(ConfigError, match="multiple of the 2 processes"):
         TaskBatches({"a": _ds(8, "a")}, {"a": 3}, seed=0, world_size=2)
+
+
+# ------------------------------------------------------------------------------------------------ the model parts
+from visrep.models import build_backbone  # noqa: E402
+from visrep.models.faceptor import (FaceptorDecoder, LayerAttentionMemory, MapHead, TaskQueries,  # noqa: E402
+                                    ValueHead, encoder_levels, sine_2d, soft_argmax_points)
+
+
+def test_faceptor_docstring_examples():
+    import visrep.models.faceptor as mod
+
+    result = doctest.testmod(mod)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_adding_a_task_costs_exactly_its_two_query_tables():
+    queries = TaskQueries(32, {"age": 101, "gender": 2})
+    before = sum(p.numel() for p in queries.parameters())
+    queries.add("smile", 2)
+    assert sum(p.numel() for p in queries.parameters()) - before == 2 * 2 * 32
+    with pytest.raises(ConfigError, match="declared twice"):
+        queries.add("age", 3)
+
+
+def test_sine_2d_is_the_sine_of_the_normalised_grid_centre():
+    e = sine_2d(2, 4, 8)  # 4 features per axis: [sin(2π c), sin(2π c / 100), cos(2π c), cos(2π c / 100)]
+    assert e.shape == (8, 8)
+    c_y, c_x = 0.25, 0.625  # row 0 of 2, column 2 of 4
+    want_y = [math.sin(2 * math.pi * c_y), math.sin(2 * math.pi * c_y / 100), math.cos(2 * math.pi * c_y),
+              math.cos(2 * math.pi * c_y / 100)]
+    want_x = [math.sin(2 * math.pi * c_x), math.sin(2 * math.pi * c_x / 100), math.cos(2 * math.pi * c_x),
+              math.cos(2 * math.pi * c_x / 100)]
+    assert torch.allclose(e[2], torch.tensor(want_y + want_x), atol=1e-6)
+
+
+def test_a_decoder_layer_is_cross_attention_then_self_attention_then_ffn_post_norm():
+    torch.manual_seed(0)
+    dec = FaceptorDecoder(dim=8, depth=1, heads=2, ffn_dim=16).eval()
+    layer = dec.layers[0]
+    x, qp, m, mp = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    a = layer.norm1(x + layer.cross(x + qp, m + mp, m)[0])  # keys carry the memory's position, values do not
+    b = layer.norm2(a + layer.self_attn(a + qp, a + qp, a)[0])
+    want = layer.norm3(b + layer.ffn(b))
+    assert torch.allclose(dec(x, qp, m, mp), want, atol=1e-6)
+    swapped = layer.norm1(x + layer.self_attn(x + qp, x + qp, x)[0])  # the other order gives something else
+    assert not torch.allclose(want, layer.norm3(swapped + layer.ffn(swapped)), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "illama_tiny"])
+def test_layer_attention_reads_several_levels_and_stage_two_adds_only_its_new_parameters(name):
+    torch.manual_seed(0)
+    backbone = build_backbone(name, image_size=32, patch_size=8, depth=4).eval()
+    x = torch.rand(2, 3, 32, 32)
+    maps, grid = encoder_levels(backbone, x, [3])
+    assert grid == (4, 4) and maps[0].shape == (2, 16, backbone.embed_dim)
+    if name == "illama_tiny":  # the last level, normed, is what forward_masked returns
+        assert torch.allclose(backbone.forward_intermediates(x, [3], norm=True)[0], backbone.forward_masked(x)[0],
+                              atol=1e-5)
+    else:
+        want = backbone.forward_features(x)[:, backbone.num_prefix_tokens:]
+        assert torch.allclose(backbone.norm(maps[0]), want, atol=1e-5)
+    memory = LayerAttentionMemory(backbone.embed_dim, 16, [3])
+    m, pos, last = memory(maps, grid)
+    assert m.shape == (2, 16, 16) and pos.shape == (1, 16, 16) and torch.equal(last, m)
+    before = {k for k, _ in memory.named_parameters()}
+    memory.add_levels([0, 1])
+    added = {k: p.numel() for k, p in memory.named_parameters() if k not in before}
+    assert added == {"new_proj.0.weight": 16 * backbone.embed_dim, "new_proj.0.bias": 16,
+                     "new_proj.1.weight": 16 * backbone.embed_dim, "new_proj.1.bias": 16, "new_level_embed": 2 * 16}
+    maps, grid = encoder_levels(backbone, x, memory.all_levels)
+    m2, pos2, last2 = memory(maps, grid)
+    assert m2.shape == (2, 48, 16) and torch.equal(m2[:, :16], m) and torch.equal(last2, last)
+    with pytest.raises(ConfigError, match="must be new"):
+        memory.add_levels([3])
+    with pytest.raises(ConfigError, match="does not exist"):
+        encoder_levels(backbone, x, [4])
+
+
+def test_value_and_map_heads_give_one_output_per_query():
+    q, tokens = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    assert ValueHead(16)(q).shape == (2, 5)
+    maps = MapHead(16)(q, tokens, (3, 3))
+    assert maps.shape == (2, 5, 12, 12) and soft_argmax_points(maps).shape == (2, 5, 2)

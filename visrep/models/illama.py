@@ -305,6 +305,33 @@ class ILLaMA(nn.Module):
         t = self.norm(t)
         return t[:, :-1], t[:, -1]
 
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int], output_fmt: str = "NLC",
+                              intermediates_only: bool = True, norm: bool = False) -> list[torch.Tensor]:
+        """The patch tokens [B, n, D] after each block in `indices` (0-based; the class token dropped), as timm's
+        ViT `forward_intermediates(..., output_fmt="NLC", intermediates_only=True)` gives them (Faceptor's
+        Layer-Attention reads several levels). Blocks after the last index are not run."""
+        if output_fmt != "NLC" or not intermediates_only:
+            raise ValueError("iLLaMA's forward_intermediates returns NLC patch tokens only")
+        depth = len(self.blocks)
+        want = sorted({i % depth for i in indices})
+        t = self.patch_embed(x)
+        B, D, h, w = t.shape
+        t = t.flatten(2).transpose(1, 2)
+        angles = rope_angles(self._positions(h, w, t.device), self.head_dim, self.rope_base)
+        cls = self.cls_token.to(t.dtype).expand(B, -1, -1)
+        if self.pos_embed is not None:
+            t = t + self._patch_positions(h, w).to(t.dtype)
+            cls = cls + self.pos_embed[:, -1:].to(t.dtype)
+        t = torch.cat([t, cls], dim=1)
+        mode = self._attention_mode(t.shape[1], t.device, t.dtype)
+        rope = rope_cos_sin(angles, t.dtype)
+        out = {}
+        for i, blk in enumerate(self.blocks[:want[-1] + 1]):
+            t = blk(t, rope, mode)
+            if i in want:
+                out[i] = self.norm(t)[:, :-1] if norm else t[:, :-1]
+        return [out[i % depth] for i in indices]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         patches, cls = self.forward_masked(x)
         return torch.cat([patches, cls.unsqueeze(1)], dim=1)

@@ -1,0 +1,254 @@
+"""Faceptor's parts: one shared transformer decoder in which every face task is a set of queries, standardised
+output heads shared by all tasks of one output shape, and Layer-Attention over several encoder levels.
+
+Qin et al., "Faceptor: A Generalist Model for Face Perception", 2024 (official code: lxq1000/Faceptor). The
+shapes and defaults below follow that code:
+
+* **Layer-Attention memory.** Each chosen encoder level l (its patch tokens [B, N, D_enc]) is projected to the
+  decoder width d by its own Linear, and every token gets a position embedding
+  pos = MLP(sine2d(grid centre)) + e_l, where e_l is the level's learned embedding and sine2d the 2-D sine
+  embedding of the token's normalised grid centre (2π scale, temperature 10000, d/2 features per axis; sin and
+  cos in blocks rather than interleaved, a permutation the MLP absorbs). The
+  tokens of all levels are concatenated into the decoder's memory, so the cross-attention softmax weighs the
+  levels per query and per task. Stage 1 reads the last level only; stage 2 adds earlier levels (new
+  projections and level embeddings) for one target task and trains only those.
+* **Decoder layer** (post-norm, dropout 0): with task queries x, their position embeddings q_pos, memory m and
+  its position embeddings p:
+      x ← LN(x + CrossAttn(q = x + q_pos, k = m + p, v = m))
+      x ← LN(x + SelfAttn(q = k = x + q_pos, v = x))
+      x ← LN(x + FFN(x)),   FFN = Linear(d, ffn)-ReLU-Linear(ffn, d)   (official: 9 layers, d 256, 8 heads, ffn 2048)
+  Only the last layer's output is read.
+* **Task queries.** Task t owns a query-feature table F_t [Q_t, d] (init N(0, 1)) and a query-position table
+  P_t [Q_t, d] (init U(0, 1)): adding a task costs exactly 2·Q_t·d parameters.
+* **Value head** (classification, multilabel, regression, age distribution): one Linear(d → 1) applied to every
+  query of every value task (shared by all of them), giving [B, Q_t] outputs.
+* **Map head** (landmarks): a pixel decoder upsamples the last level's projected tokens 4×
+  (ConvTranspose 2×2/2 → channel LayerNorm → GELU → ConvTranspose 2×2/2), each query's MLP(d, d, d; 3 layers)
+  embedding is dot-multiplied with every pixel feature into a heatmap [B, Q_t, 4h, 4w], and a point is the
+  heatmap-weighted mean of the pixel centres after a sigmoid, in [0, 1] image coordinates (x + 0.5) / w.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from visrep.errors import ConfigError
+from visrep.models.masked import patch_size_of
+
+__all__ = ["sine_2d", "encoder_levels", "LayerAttentionMemory", "DecoderLayer", "FaceptorDecoder", "TaskQueries",
+           "ValueHead", "MapHead", "soft_argmax_points"]
+
+
+def sine_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """[h·w, dim] sine embedding of the normalised grid centres ((i + 0.5)/n, raster order): dim/2 features for
+    y then dim/2 for x, each half [sin(2π·c/T^(2k/(dim/2)))…, cos(…)…] (DETR's / Faceptor's anchor embedding)."""
+    if dim % 4:
+        raise ConfigError(f"the decoder width must be a multiple of 4 for the 2-D sine embedding, got {dim}")
+    half = dim // 2
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    freq = temperature ** (2 * torch.arange(half // 2, dtype=torch.float32) / half)
+
+    def embed(c: torch.Tensor) -> torch.Tensor:
+        a = 2 * math.pi * c[:, None] / freq
+        return torch.cat([a.sin(), a.cos()], dim=1)  # [n, half]
+
+    ey, ex = embed(ys), embed(xs)
+    return torch.cat([ey[:, None, :].expand(h, w, half), ex[None, :, :].expand(h, w, half)], dim=-1).reshape(h * w, dim)
+
+
+def encoder_levels(backbone: nn.Module, x: torch.Tensor, levels: list[int]) -> tuple[list[torch.Tensor], tuple]:
+    """The patch tokens [B, N, D] after each block in `levels` (0-based, negative from the end) and the token grid
+    (h, w): timm ViTs through their `forward_intermediates`, iLLaMA through its own of the same name."""
+    if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "patch_embed"):
+        raise ConfigError(f"Faceptor reads the patch tokens of several encoder layers; backbone "
+                          f"{type(backbone).__name__} has none (use a ViT or iLLaMA backbone)")
+    depth = len(backbone.blocks)
+    for lv in levels:
+        if not -depth <= lv < depth:
+            raise ConfigError(f"encoder level {lv} does not exist: the backbone has {depth} blocks (0..{depth - 1})")
+    wanted = [lv % depth for lv in levels]
+    ordered = sorted(set(wanted))  # timm returns the intermediates in block order, whatever order was asked
+    maps = backbone.forward_intermediates(x, indices=ordered, output_fmt="NLC", intermediates_only=True)
+    by_level = dict(zip(ordered, maps))
+    p = patch_size_of(backbone)
+    return [by_level[lv] for lv in wanted], (x.shape[-2] // p, x.shape[-1] // p)
+
+
+class LayerAttentionMemory(nn.Module):
+    """Projects each chosen encoder level to the decoder width and adds Faceptor's position embedding; the
+    decoder's memory is every level's tokens, concatenated. `add_levels` is stage 2's extension."""
+
+    def __init__(self, encoder_dim: int, dim: int, levels: list[int]):
+        super().__init__()
+        if not levels:
+            raise ConfigError("Layer-Attention needs at least one encoder level")
+        self.encoder_dim, self.dim = int(encoder_dim), int(dim)
+        self.levels = [int(lv) for lv in levels]
+        self.proj = nn.ModuleList(nn.Linear(encoder_dim, dim) for _ in self.levels)
+        self.level_embed = nn.Parameter(torch.randn(len(self.levels), dim))
+        self.adapt_pos = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.new_levels: list[int] = []
+        self.new_proj = nn.ModuleList()
+        self.new_level_embed = None
+        for m in self.proj:
+            _c2_xavier(m)
+
+    def add_levels(self, levels: list[int]) -> None:
+        """Stage 2: more encoder levels, each with a new projection and level embedding (the only new parameters)."""
+        levels = [int(lv) for lv in levels]
+        clash = sorted(set(levels) & set(self.levels + self.new_levels))
+        if clash or len(set(levels)) != len(levels) or not levels:
+            raise ConfigError(f"stage-2 levels must be new and distinct, got {levels} (already read: "
+                              f"{self.levels + self.new_levels})")
+        self.new_levels = levels
+        self.new_proj = nn.ModuleList(nn.Linear(self.encoder_dim, self.dim) for _ in levels)
+        for m in self.new_proj:
+            _c2_xavier(m)
+        self.new_level_embed = nn.Parameter(torch.randn(len(levels), self.dim).to(self.level_embed))
+
+    @property
+    def all_levels(self) -> list[int]:
+        return self.levels + self.new_levels
+
+    def forward(self, maps: list[torch.Tensor], grid: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """maps: the tokens of `all_levels`, in that order. Returns (memory [B, L·N, d], its position embedding
+        [1, L·N, d], the last stage-1 level's projected tokens [B, N, d] for the map head)."""
+        projs = list(self.proj) + list(self.new_proj)
+        embeds = self.level_embed if self.new_level_embed is None else torch.cat([self.level_embed,
+                                                                                  self.new_level_embed])
+        if len(maps) != len(projs):
+            raise ValueError(f"expected {len(projs)} encoder levels, got {len(maps)}")
+        base = self.adapt_pos(sine_2d(*grid, self.dim).to(maps[0]))  # [N, d]
+        tokens = [proj(m) for proj, m in zip(projs, maps)]
+        pos = torch.cat([base + embeds[i] for i in range(len(tokens))]).unsqueeze(0)
+        return torch.cat(tokens, dim=1), pos, tokens[len(self.levels) - 1]
+
+
+def _c2_xavier(m: nn.Linear) -> None:
+    """Detectron2's c2_xavier_fill (Faceptor's input projections): kaiming-uniform with a = 1, zero bias."""
+    nn.init.kaiming_uniform_(m.weight, a=1)
+    nn.init.zeros_(m.bias)
+
+
+class DecoderLayer(nn.Module):
+    """Cross-attention to the memory, then self-attention among the queries, then FFN; post-norm (see module)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int):
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"decoder width {dim} must be divisible by its {heads} heads")
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, dim))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, query_pos, memory, memory_pos, need_weights: bool = False):
+        a, w = self.cross(x + query_pos, memory + memory_pos, memory, need_weights=need_weights)
+        x = self.norm1(x + a)
+        q = x + query_pos
+        x = self.norm2(x + self.self_attn(q, q, x, need_weights=False)[0])
+        return self.norm3(x + self.ffn(x)), w
+
+
+class FaceptorDecoder(nn.Module):
+    """`depth` DecoderLayers shared by every task; returns the last layer's query features [B, Q, d] (and, with
+    `return_attention`, the last layer's cross-attention weights [B, Q, L·N], averaged over heads)."""
+
+    def __init__(self, dim: int = 256, depth: int = 9, heads: int = 8, ffn_dim: int = 2048):
+        super().__init__()
+        if depth < 1:
+            raise ConfigError(f"decoder depth must be at least 1, got {depth}")
+        self.dim, self.depth, self.heads, self.ffn_dim = int(dim), int(depth), int(heads), int(ffn_dim)
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn_dim) for _ in range(depth))
+        for p in self.parameters():  # official: N(0, 1/√fan_in) for every weight with two or more dimensions
+            if p.dim() > 1:
+                nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
+
+    def forward(self, queries, query_pos, memory, memory_pos, return_attention: bool = False):
+        w = None
+        for i, layer in enumerate(self.layers):
+            queries, w = layer(queries, query_pos, memory, memory_pos,
+                               need_weights=return_attention and i == len(self.layers) - 1)
+        return (queries, w) if return_attention else queries
+
+
+class TaskQueries(nn.Module):
+    """One query-feature table [Q_t, d] (N(0, 1)) and one query-position table [Q_t, d] (U(0, 1)) per task."""
+
+    def __init__(self, dim: int, counts: dict[str, int]):
+        super().__init__()
+        self.dim = int(dim)
+        self.feat = nn.ParameterDict()
+        self.pos = nn.ParameterDict()
+        for name, q in counts.items():
+            self.add(name, q)
+
+    def add(self, name: str, count: int) -> None:
+        if name in self.feat:
+            raise ConfigError(f"task '{name}' is declared twice")
+        if int(count) < 1:
+            raise ConfigError(f"task '{name}' needs at least one query, got {count}")
+        self.feat[name] = nn.Parameter(torch.randn(int(count), self.dim))
+        self.pos[name] = nn.Parameter(torch.rand(int(count), self.dim))
+
+    def forward(self, name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.feat[name].unsqueeze(0).expand(batch, -1, -1),
+                self.pos[name].unsqueeze(0).expand(batch, -1, -1))
+
+
+class ValueHead(nn.Module):
+    """One Linear(d → 1) on every query: [B, Q, d] → [B, Q] (shared by all value tasks, as in the official code)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, 1)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.fc(q).squeeze(-1)
+
+
+class _ChannelNorm(nn.Module):
+    """LayerNorm over the channels of [B, C, H, W] (eps 1e-6, the official Norm2d)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MapHead(nn.Module):
+    """Pixel decoder (4× up) + per-query MLP embedding; `forward(queries, tokens, grid)` → heatmap logits
+    [B, Q, 4h, 4w]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pixel = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), _ChannelNorm(dim), nn.GELU(),
+                                   nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim),
+                                   nn.ReLU(inplace=True), nn.Linear(dim, dim))
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor, grid: tuple) -> torch.Tensor:
+        b, n, d = tokens.shape
+        pix = self.pixel(tokens.transpose(1, 2).reshape(b, d, *grid))
+        return torch.einsum("bqc,bchw->bqhw", self.embed(queries), pix)
+
+
+def soft_argmax_points(heatmap_logits: torch.Tensor) -> torch.Tensor:
+    """[B, Q, H, W] logits → [B, Q, 2] points (x, y) in [0, 1]: the sigmoid heatmap's weighted mean of the pixel
+    centres ((i + 0.5) / size), as Faceptor's `heatmap2points`.
+
+        >>> logits = torch.full((1, 1, 4, 4), -30.0); logits[0, 0, 1, 3] = 30.0   # one hot pixel: row 1, col 3
+        >>> soft_argmax_points(logits).tolist()
+        [[[0.875, 0.375]]]
+    """
+    h, w = heatmap_logits.shape[-2:]
+    p = torch.sigmoid(heatmap_logits.float())
+    p = p / p.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w
+    return torch.stack([(p.sum(-2) * xs).sum(-1), (p.sum(-1) * ys).sum(-1)], dim=-1)
