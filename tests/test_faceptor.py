@@ -146,3 +146,49 @@ def test_value_and_map_heads_give_one_output_per_query():
     assert ValueHead(16)(q).shape == (2, 5)
     maps = MapHead(16)(q, tokens, (3, 3))
     assert maps.shape == (2, 5, 12, 12) and soft_argmax_points(maps).shape == (2, 5, 2)
+
+
+# ------------------------------------------------------------------------------------------------ the losses
+from visrep.objectives.faces import (dldl_v2_loss, expected_age, gaussian_heatmaps, landmark_loss,  # noqa: E402
+                                     task_weights)
+
+
+def test_face_loss_docstring_examples():
+    import visrep.objectives.faces as mod
+
+    result = doctest.testmod(mod)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_dldl_v2_on_a_hand_computed_case():
+    # 3 bins, true age 1, σ = 1: q ∝ (e^-0.5, 1, e^-0.5); logits with sigmoid (0.5, 0.5, 0.5) → p = (1/3, 1/3, 1/3)
+    q = torch.tensor([math.exp(-0.5), 1.0, math.exp(-0.5)])
+    q = q / q.sum()
+    kl = float((q * torch.log(q * 3)).sum())
+    assert float(dldl_v2_loss(torch.zeros(1, 3), torch.tensor([1.0]), sigma=1.0)) == pytest.approx(kl + 0.0, abs=1e-6)
+    assert float(expected_age(torch.zeros(1, 3))) == pytest.approx(1.0)
+    # a confident wrong prediction costs more than a right one
+    right, wrong = torch.tensor([[-9.0, 9.0, -9.0]]), torch.tensor([[9.0, -9.0, -9.0]])
+    assert dldl_v2_loss(right, torch.tensor([1.0])) < dldl_v2_loss(wrong, torch.tensor([1.0]))
+
+
+def test_landmark_loss_and_its_gaussian_targets():
+    pts = torch.tensor([[[0.375, 0.625]]])  # in a 4×4 heatmap: pixel column 1, row 2
+    g = gaussian_heatmaps(pts, (4, 4), sigma=1.0)
+    assert g.shape == (1, 1, 4, 4) and float(g[0, 0, 2, 1]) == pytest.approx(1.0)
+    assert float(g[0, 0, 2, 2]) == pytest.approx(math.exp(-0.5))
+    logits = torch.zeros(1, 1, 4, 4)
+    bce = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, g))
+    assert float(landmark_loss(logits, pts, pts, sigma=1.0)) == pytest.approx(bce)  # perfect points: BCE only
+    off = pts + torch.tensor([0.3, 0.4])
+    assert float(landmark_loss(logits, off, pts, sigma=1.0)) == pytest.approx(bce + 0.5)
+    with pytest.raises(ConfigError, match="outside the image"):
+        landmark_loss(logits, pts, pts + 1.0)
+
+
+def test_task_weights_are_normalised_within_each_type():
+    w = task_weights({"a": ("multilabel", 2.0), "b": ("multilabel", 2.0), "c": ("landmarks", 1.0)},
+                     {"multilabel": 1.0, "landmarks": 4.0})
+    assert w == {"a": 0.5, "b": 0.5, "c": 4.0}
+    with pytest.raises(ConfigError, match="every task has weight 0"):
+        task_weights({"a": ("classification", 0.0)})
