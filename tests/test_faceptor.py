@@ -192,3 +192,71 @@ def test_task_weights_are_normalised_within_each_type():
     assert w == {"a": 0.5, "b": 0.5, "c": 4.0}
     with pytest.raises(ConfigError, match="every task has weight 0"):
         task_weights({"a": ("classification", 0.0)})
+
+
+# ------------------------------------------------------------------------------------------------ tasks as data
+from conftest import fake_utk_archive  # noqa: E402
+from visrep.data.tasks import TASKS, load_task_data, num_queries, resolve_tasks  # noqa: E402
+from visrep.errors import DataError  # noqa: E402
+
+
+def _folder_dataset(root, classes=("happy", "sad", "surprised"), n=4, size=12):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_a_new_task_is_declared_by_config_alone(tmp_path):
+    import yaml
+
+    root = _folder_dataset(tmp_path / "expressions")
+    declared = yaml.safe_load(f"""
+tasks:
+  - utkface_age
+  - {{task: mtfl_smile, weight: 0.5}}
+  - {{name: expression, dataset: imagefolder, data_dir: {root}, output: classification}}
+""")["tasks"]
+    specs = resolve_tasks(declared)
+    assert [t.name for t in specs] == ["utkface_age", "mtfl_smile", "expression"]
+    assert specs[1].weight == 0.5 and specs[1].dataset == "mtfl" and specs[2].loss == "cross_entropy"
+    ds = load_task_data(specs[2], "train", image_size=16)
+    assert ds.classes == ["happy", "sad", "surprised"] and num_queries(specs[2], ds) == 3
+
+
+@pytest.mark.parametrize("entries, match", [
+    ([], "non-empty list"),
+    (["utkface_gender", "utkface_gender"], "used twice"),
+    (["no_such_task"], "unknown task 'no_such_task'"),
+    ([{"name": "x", "dataset": "utkface"}], "needs output"),
+    ([{"name": "x", "dataset": "utkface", "output": "boxes"}], "output must be one of"),
+    ([{"task": "utkface_age", "loss": "bce"}], "does not fit output 'age_distribution'"),
+    ([{"task": "utkface_age", "weight": 0}], "every task has weight 0"),
+    ([{"task": "utkface_age", "sigma": 2}], "unknown key"),
+    ([{"task": "utkface_age", "queries": 0}], "positive integer"),
+])
+def test_task_mistakes_are_one_sentence(entries, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_tasks(entries)
+
+
+@pytest.mark.filterwarnings("ignore:utkface. skipped")
+def test_a_task_whose_data_lacks_its_labels_is_refused(tmp_path):
+    fake_utk_archive(tmp_path / "utkface-96.tar.gz")
+    wrong = resolve_tasks([{"task": "utkface_gender", "output": "age_distribution", "loss": None, "queries": None}])[0]
+    with pytest.warns(UserWarning, match="malformed"), pytest.raises(DataError, match="needs one regression target"):
+        load_task_data(wrong, "train", root=tmp_path, image_size=16)
+    age = resolve_tasks(["utkface_age"])[0]
+    ds = load_task_data(age, "train", root=tmp_path, image_size=16)
+    assert num_queries(age, ds) == 101 and ds.targets.shape[1] == 1
+    race = resolve_tasks([{"task": "utkface_race", "queries": 4}])[0]
+    with pytest.raises(ConfigError, match="4 queries, but its data has 5 classes"):
+        num_queries(race, load_task_data(race, "train", root=tmp_path, image_size=16))
+    assert set(TASKS.names()) >= {"utkface_age", "utkface_gender", "utkface_race", "utkface_age_group",
+                                  "mtfl_landmarks", "mtfl_smile", "mtfl_glasses", "mtfl_gender", "mtfl_pose"}
