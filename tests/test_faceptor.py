@@ -260,3 +260,53 @@ def test_a_task_whose_data_lacks_its_labels_is_refused(tmp_path):
         num_queries(race, load_task_data(race, "train", root=tmp_path, image_size=16))
     assert set(TASKS.names()) >= {"utkface_age", "utkface_gender", "utkface_race", "utkface_age_group",
                                   "mtfl_landmarks", "mtfl_smile", "mtfl_glasses", "mtfl_gender", "mtfl_pose"}
+
+
+# ------------------------------------------------------------------------------------------------ the whole head
+from visrep.models.faceptor import FaceptorHead, NaiveTaskHeads  # noqa: E402
+
+TASKS3 = {"age": ("age_distribution", 101), "smile": ("classification", 2), "points": ("landmarks", 5)}
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    return build_backbone("vit_tiny", image_size=32, patch_size=8, depth=3)
+
+
+def test_the_head_decodes_each_tasks_rows_with_its_queries():
+    vit, head = _tiny_vit(), FaceptorHead(192, TASKS3, dim=16, depth=2, heads=2, ffn_dim=32)
+    x = torch.rand(6, 3, 32, 32)
+    out = head(vit, x, {"age": (0, 2), "smile": (2, 5), "points": (5, 6)})
+    assert out["age"].shape == (2, 101) and out["smile"].shape == (3, 2) and out["points"].shape == (1, 5, 16, 16)
+    alone = head(vit, x[2:5], {"smile": (0, 3)})  # a task's outputs depend on its own rows only
+    assert set(alone) == {"smile"} and torch.allclose(alone["smile"], out["smile"], atol=1e-5)
+    naive = NaiveTaskHeads(192, TASKS3, dim=16, levels=(0, 2))(vit, x, {"age": (0, 2), "smile": (2, 5), "points": (5, 6)})
+    assert {k: tuple(v.shape) for k, v in naive.items()} == {"age": (2, 101), "smile": (3, 2), "points": (1, 5, 16, 16)}
+
+
+def test_adding_a_task_to_the_head_adds_exactly_its_query_tables():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    base = FaceptorHead(192, TASKS3, dim=16, depth=2, heads=2, ffn_dim=32)
+    more = FaceptorHead(192, {**TASKS3, "glasses": ("classification", 2), "pose": ("classification", 5)},
+                        dim=16, depth=2, heads=2, ffn_dim=32)
+    assert count(more) - count(base) == 2 * (2 + 5) * 16
+
+
+def test_stage_two_trains_only_the_new_levels():
+    vit, head = _tiny_vit(), FaceptorHead(192, TASKS3, dim=16, depth=2, heads=2, ffn_dim=32)
+    trainable = head.stage2([0, 1])
+    assert sorted(trainable) == ["memory.new_level_embed", "memory.new_proj.0.bias", "memory.new_proj.0.weight",
+                                 "memory.new_proj.1.bias", "memory.new_proj.1.weight"]
+    vit.requires_grad_(False)
+    before = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    vit_before = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=0.1)
+    x = torch.rand(4, 3, 32, 32)
+    out, attention = head(vit, x, {"age": (0, 4)}, return_attention=True)
+    out["age"].square().mean().backward()
+    opt.step()
+    changed = {k for k, v in head.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(trainable)
+    assert all(torch.equal(v, vit_before[k]) for k, v in vit.state_dict().items())
+    profile = head.level_profile(attention["age"])
+    assert profile.shape == (3,) and float(profile.sum()) == pytest.approx(1.0, abs=1e-5)

@@ -38,7 +38,7 @@ from visrep.errors import ConfigError
 from visrep.models.masked import patch_size_of
 
 __all__ = ["sine_2d", "encoder_levels", "LayerAttentionMemory", "DecoderLayer", "FaceptorDecoder", "TaskQueries",
-           "ValueHead", "MapHead", "soft_argmax_points"]
+           "ValueHead", "MapHead", "soft_argmax_points", "FaceptorHead", "NaiveTaskHeads"]
 
 
 def sine_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -252,3 +252,116 @@ def soft_argmax_points(heatmap_logits: torch.Tensor) -> torch.Tensor:
     ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h
     xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w
     return torch.stack([(p.sum(-2) * xs).sum(-1), (p.sum(-1) * ys).sum(-1)], dim=-1)
+
+
+VALUE_OUTPUTS = ("classification", "multilabel", "regression", "age_distribution")
+MAP_OUTPUTS = ("landmarks",)
+
+
+class FaceptorHead(nn.Module):
+    """The whole Faceptor head on an encoder: Layer-Attention memory, the shared decoder, per-task queries, and one
+    value head and one map head shared by the tasks of their output shape.
+
+    tasks: {name: (output type, number of queries)}. `forward(backbone, x, task_slices)` decodes each task's rows
+    (`task_slices[name] = (start, end)`; all rows when None) with that task's queries and returns
+    {task: [b, Q] values, or [b, Q, 4h, 4w] heatmap logits for landmarks}.
+    """
+
+    def __init__(self, encoder_dim: int, tasks: dict[str, tuple[str, int]], dim: int = 256, depth: int = 9,
+                 heads: int = 8, ffn_dim: int = 2048, levels: tuple = (-1,)):
+        super().__init__()
+        if not tasks:
+            raise ConfigError("a Faceptor head needs at least one task")
+        bad = {n: o for n, (o, _) in tasks.items() if o not in VALUE_OUTPUTS + MAP_OUTPUTS}
+        if bad:
+            raise ConfigError(f"unknown output type(s) {bad}; valid: {', '.join(VALUE_OUTPUTS + MAP_OUTPUTS)}")
+        self.tasks = {n: (o, int(q)) for n, (o, q) in tasks.items()}
+        self.memory = LayerAttentionMemory(encoder_dim, dim, list(levels))
+        self.decoder = FaceptorDecoder(dim, depth, heads, ffn_dim)
+        self.queries = TaskQueries(dim, {n: q for n, (_, q) in self.tasks.items()})
+        self.value = ValueHead(dim) if any(o in VALUE_OUTPUTS for o, _ in self.tasks.values()) else None
+        self.map = MapHead(dim) if any(o in MAP_OUTPUTS for o, _ in self.tasks.values()) else None
+
+    def forward(self, backbone: nn.Module, x: torch.Tensor, task_slices: dict | None = None,
+                return_attention: bool = False):
+        maps, grid = encoder_levels(backbone, x, self.memory.all_levels)
+        memory, pos, last = self.memory(maps, grid)
+        out, attention = {}, {}
+        for name, (output, _) in self.tasks.items():
+            if task_slices is not None and name not in task_slices:
+                continue
+            lo, hi = task_slices[name] if task_slices is not None else (0, x.shape[0])
+            if hi <= lo:
+                continue
+            qf, qp = self.queries(name, hi - lo)
+            feats = self.decoder(qf, qp, memory[lo:hi], pos, return_attention=return_attention)
+            if return_attention:
+                feats, attention[name] = feats
+            out[name] = self.map(feats, last[lo:hi], grid) if output in MAP_OUTPUTS else self.value(feats)
+        return (out, attention) if return_attention else out
+
+    def level_profile(self, attention: torch.Tensor) -> torch.Tensor:
+        """Layer-Attention profile: the share of the last decoder layer's cross-attention that falls on each
+        encoder level, averaged over samples and queries; [B, Q, L·N] weights → [L] (sums to 1)."""
+        n_levels = len(self.memory.all_levels)
+        b, q, ln = attention.shape
+        return attention.detach().reshape(b, q, n_levels, ln // n_levels).sum(-1).mean(dim=(0, 1))
+
+    def stage2(self, levels: list[int]) -> list[str]:
+        """Stage 2 of Faceptor: add encoder `levels` to the memory and freeze everything else of the head; returns
+        the names of the parameters that stay trainable (the new projections and level embeddings)."""
+        self.memory.add_levels(levels)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        names = []
+        for name, p in self.named_parameters():
+            if name.startswith(("memory.new_proj.", "memory.new_level_embed")):
+                p.requires_grad_(True)
+                names.append(name)
+        return names
+
+
+class NaiveTaskHeads(nn.Module):
+    """Naive Faceptor: the same encoder with one head per task GROUP (output type), no shared decoder.
+
+    Value groups read the concatenated class-free token means of `levels` (the official SwinFaceHead reads four
+    levels too) through an MLP shared by the group, then one Linear per task; the landmark group upsamples the
+    last level's tokens 4× (as the map head's pixel decoder) into one heatmap per point through a per-task 1×1
+    convolution. A smaller stand-in for the official SwinFace / UPerNet heads, at CPU scale.
+    """
+
+    def __init__(self, encoder_dim: int, tasks: dict[str, tuple[str, int]], dim: int = 256, levels: tuple = (-1,)):
+        super().__init__()
+        self.tasks = {n: (o, int(q)) for n, (o, q) in tasks.items()}
+        self.levels = [int(lv) for lv in levels]
+        groups = sorted({o for o, _ in self.tasks.values()})
+        width = encoder_dim * len(self.levels)
+        self.trunks = nn.ModuleDict()
+        for g in groups:
+            if g in MAP_OUTPUTS:
+                self.trunks[g] = nn.Sequential(nn.ConvTranspose2d(encoder_dim, dim, 2, stride=2), _ChannelNorm(dim),
+                                               nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, stride=2))
+            else:
+                self.trunks[g] = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim), nn.ReLU(inplace=True),
+                                               nn.Linear(dim, dim), nn.ReLU(inplace=True))
+        self.outputs = nn.ModuleDict({n: (nn.Conv2d(dim, q, 1) if o in MAP_OUTPUTS else nn.Linear(dim, q))
+                                      for n, (o, q) in self.tasks.items()})
+
+    def forward(self, backbone: nn.Module, x: torch.Tensor, task_slices: dict | None = None):
+        maps, grid = encoder_levels(backbone, x, self.levels)
+        pooled = torch.cat([m.mean(dim=1) for m in maps], dim=1)
+        last = maps[-1]
+        out = {}
+        for name, (output, _) in self.tasks.items():
+            if task_slices is not None and name not in task_slices:
+                continue
+            lo, hi = task_slices[name] if task_slices is not None else (0, x.shape[0])
+            if hi <= lo:
+                continue
+            if output in MAP_OUTPUTS:
+                b, n, d = last[lo:hi].shape
+                pix = self.trunks[output](last[lo:hi].transpose(1, 2).reshape(b, d, *grid))
+                out[name] = self.outputs[name](pix)
+            else:
+                out[name] = self.outputs[name](self.trunks[output](pooled[lo:hi]))
+        return out
