@@ -277,11 +277,13 @@ def test_the_head_decodes_each_tasks_rows_with_its_queries():
     vit, head = _tiny_vit(), FaceptorHead(192, TASKS3, dim=16, depth=2, heads=2, ffn_dim=32)
     x = torch.rand(6, 3, 32, 32)
     out = head(vit, x, {"age": (0, 2), "smile": (2, 5), "points": (5, 6)})
-    assert out["age"].shape == (2, 101) and out["smile"].shape == (3, 2) and out["points"].shape == (1, 5, 16, 16)
+    assert out["age"]["values"].shape == (2, 101) and out["smile"]["values"].shape == (3, 2)
+    assert out["points"]["heatmaps"].shape == (1, 5, 16, 16) and out["points"]["points"].shape == (1, 5, 2)
     alone = head(vit, x[2:5], {"smile": (0, 3)})  # a task's outputs depend on its own rows only
-    assert set(alone) == {"smile"} and torch.allclose(alone["smile"], out["smile"], atol=1e-5)
+    assert set(alone) == {"smile"} and torch.allclose(alone["smile"]["values"], out["smile"]["values"], atol=1e-5)
     naive = NaiveTaskHeads(192, TASKS3, dim=16, levels=(0, 2))(vit, x, {"age": (0, 2), "smile": (2, 5), "points": (5, 6)})
-    assert {k: tuple(v.shape) for k, v in naive.items()} == {"age": (2, 101), "smile": (3, 2), "points": (1, 5, 16, 16)}
+    assert {k: tuple(v[next(iter(v))].shape) for k, v in naive.items()} == {"age": (2, 101), "smile": (3, 2),
+                                                                            "points": (1, 5, 16, 16)}
 
 
 def test_adding_a_task_to_the_head_adds_exactly_its_query_tables():
@@ -303,10 +305,26 @@ def test_stage_two_trains_only_the_new_levels():
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=0.1)
     x = torch.rand(4, 3, 32, 32)
     out, attention = head(vit, x, {"age": (0, 4)}, return_attention=True)
-    out["age"].square().mean().backward()
+    out["age"]["values"].square().mean().backward()
     opt.step()
     changed = {k for k, v in head.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == set(trainable)
     assert all(torch.equal(v, vit_before[k]) for k, v in vit.state_dict().items())
     profile = head.level_profile(attention["age"])
     assert profile.shape == (3,) and float(profile.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_faceptor_objective_is_the_weighted_mean_of_the_task_losses():
+    from visrep.objectives import build_objective
+
+    fn = build_objective("faceptor", type_weights={"classification": 3.0})
+    fn.set_tasks({"smile": ("classification", "cross_entropy", 1.0), "attrs": ("multilabel", "bce", 1.0)})
+    outputs = {"smile": {"values": torch.zeros(2, 2)}, "attrs": {"values": torch.zeros(2, 3)}}
+    labels = {"smile": torch.tensor([0, 1]), "attrs": torch.zeros(2, dtype=torch.long)}
+    targets = {"smile": None, "attrs": torch.tensor([[1.0, 0.0, -1.0], [1.0, 1.0, 0.0]])}
+    terms = fn([], [], task_outputs=outputs, labels=labels, targets=targets)
+    ce, bce = math.log(2), 5 * math.log(2) / 2  # 5 known attribute labels, all at logit 0, summed / batch of 2
+    assert float(terms["loss_smile"]) == pytest.approx(ce) and float(terms["loss_attrs"]) == pytest.approx(bce)
+    assert float(terms["loss"]) == pytest.approx((3 * ce + 1 * bce) / 4)
+    with pytest.raises(ConfigError, match="no task has"):
+        build_objective("faceptor", type_weights={"landmarks": 1.0}).set_tasks({"smile": ("classification", "cross_entropy", 1.0)})

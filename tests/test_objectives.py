@@ -398,6 +398,13 @@ def _extra_inputs(name):
         return [randn(4, 5, seed=4)], [], {"labels": torch.tensor([0, 3, 4, 1])}
     if name == "regression":
         return [randn(4, 2, seed=5)], [], {"targets": randn(4, 2, seed=6) * 10 + 30}
+    if name == "faceptor":
+        heat = randn(2, 10, seed=8).view(2, 5, 1, 2).expand(2, 5, 2, 2).contiguous()
+        outputs = {"age": {"values": randn(3, 101, seed=7)},
+                   "points": {"heatmaps": heat, "points": torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(9))}}
+        return [], [], {"task_outputs": outputs, "labels": {"age": torch.zeros(3, dtype=torch.long),
+                                                            "points": torch.zeros(2, dtype=torch.long)},
+                        "targets": {"age": torch.tensor([[3.0], [40.0], [75.0]]), "points": torch.rand(2, 10)}}
     return None
 
 
@@ -412,6 +419,8 @@ def test_fp32_under_bf16_autocast(name):
     inputs = {k: inputs[k] for k in getattr(fn, "inputs", ())}
     if hasattr(fn, "set_target_stats"):  # regression standardises by the training targets' statistics
         fn.set_target_stats(inputs["targets"])
+    if hasattr(fn, "set_tasks"):  # faceptor: the tasks come from the training data
+        fn.set_tasks({"age": ("age_distribution", "dldl", 1.0), "points": ("landmarks", "landmarks", 1.0)})
     s16, t16 = [x.bfloat16() for x in s], [x.bfloat16() for x in t]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = loss_terms(fn(s16, t16, **inputs))["loss"]
@@ -423,7 +432,7 @@ def test_fp32_under_bf16_autocast(name):
 def test_registry_names():
     assert OBJECTIVES.names() == sorted(
         ["ntxent", "moco_queue", "infonce", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "swav",
-         "reconstruction", "hpm", "cross_entropy", "regression"]
+         "reconstruction", "hpm", "cross_entropy", "regression", "faceptor"]
     )
 
 

@@ -258,13 +258,18 @@ VALUE_OUTPUTS = ("classification", "multilabel", "regression", "age_distribution
 MAP_OUTPUTS = ("landmarks",)
 
 
+def _map_output(heatmaps: torch.Tensor) -> dict:
+    return {"heatmaps": heatmaps, "points": soft_argmax_points(heatmaps)}
+
+
 class FaceptorHead(nn.Module):
     """The whole Faceptor head on an encoder: Layer-Attention memory, the shared decoder, per-task queries, and one
     value head and one map head shared by the tasks of their output shape.
 
     tasks: {name: (output type, number of queries)}. `forward(backbone, x, task_slices)` decodes each task's rows
     (`task_slices[name] = (start, end)`; all rows when None) with that task's queries and returns
-    {task: [b, Q] values, or [b, Q, 4h, 4w] heatmap logits for landmarks}.
+    {task: {"values": [b, Q]}} for value tasks and {task: {"heatmaps": [b, Q, 4h, 4w] logits, "points": [b, Q, 2]}}
+    for landmarks (points in [0, 1] image coordinates, by soft-argmax).
     """
 
     def __init__(self, encoder_dim: int, tasks: dict[str, tuple[str, int]], dim: int = 256, depth: int = 9,
@@ -297,7 +302,8 @@ class FaceptorHead(nn.Module):
             feats = self.decoder(qf, qp, memory[lo:hi], pos, return_attention=return_attention)
             if return_attention:
                 feats, attention[name] = feats
-            out[name] = self.map(feats, last[lo:hi], grid) if output in MAP_OUTPUTS else self.value(feats)
+            out[name] = _map_output(self.map(feats, last[lo:hi], grid)) if output in MAP_OUTPUTS else \
+                {"values": self.value(feats)}
         return (out, attention) if return_attention else out
 
     def level_profile(self, attention: torch.Tensor) -> torch.Tensor:
@@ -361,7 +367,7 @@ class NaiveTaskHeads(nn.Module):
             if output in MAP_OUTPUTS:
                 b, n, d = last[lo:hi].shape
                 pix = self.trunks[output](last[lo:hi].transpose(1, 2).reshape(b, d, *grid))
-                out[name] = self.outputs[name](pix)
+                out[name] = _map_output(self.outputs[name](pix))
             else:
-                out[name] = self.outputs[name](self.trunks[output](pooled[lo:hi]))
+                out[name] = {"values": self.outputs[name](self.trunks[output](pooled[lo:hi]))}
         return out

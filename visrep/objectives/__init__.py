@@ -37,6 +37,7 @@ from visrep.objectives.barlow_twins import BarlowTwinsLoss
 from visrep.objectives.byol import BYOLLoss, SimSiamLoss
 from visrep.objectives.contrastive import InfoNCELoss, MoCoQueueLoss, NTXentLoss
 from visrep.objectives.dino import DINOLoss
+from visrep.objectives.faces import FaceptorLoss
 from visrep.objectives.reconstruction import HPMLoss, ReconstructionLoss, relative_loss
 from visrep.objectives.supervised import CrossEntropyLoss, RegressionLoss
 from visrep.objectives.swav import SwAVLoss, sinkhorn_knopp
@@ -58,6 +59,7 @@ for _name, _cls in (
     ("hpm", HPMLoss),
     ("cross_entropy", CrossEntropyLoss),
     ("regression", RegressionLoss),
+    ("faceptor", FaceptorLoss),
 ):
     OBJECTIVES.add(_name, _cls)
 

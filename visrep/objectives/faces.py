@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from visrep.errors import ConfigError
+from visrep.objectives.distributed import float32
 
 __all__ = ["age_distribution", "expected_age", "dldl_v2_loss", "masked_bce_loss", "landmark_loss",
-           "gaussian_heatmaps", "task_weights"]
+           "gaussian_heatmaps", "task_weights", "FaceptorLoss"]
 
 
 def age_distribution(logits: Tensor) -> Tensor:
@@ -109,3 +110,73 @@ def task_weights(tasks: dict[str, tuple[str, float]], type_weights: dict[str, fl
     if not any(v > 0 for v in out.values()):
         raise ConfigError("every task has weight 0: give at least one task a positive weight")
     return out
+
+
+class FaceptorLoss(nn.Module):
+    """Faceptor's multi-task objective: each task's loss by its output type, combined as Σ w_t·ℓ_t / Σ w_t over the
+    tasks in the step, with w_t = `task_weights` (λ_t normalised within its output type, times the type's weight).
+
+        classification     cross-entropy of the [b, Q = classes] values against the class labels
+        multilabel         `masked_bce_loss` of the [b, Q] values against the {0, 1, −1} targets
+        regression         L1 (or MSE) of the [b, Q] values against the targets
+        age_distribution   `dldl_v2_loss` of the [b, K] values against the age (σ = `age_sigma`)
+        landmarks          `landmark_loss` of the heatmaps and soft-argmax points against targets x1..xP, y1..yP
+
+    The tasks come from the training data by the data-fitting hook (`fit(dataset)` reads `dataset.tasks`: name →
+    (output, loss, weight)) or from `set_tasks`. The template's per-task outputs arrive as the `task_outputs` input
+    ({task: {"values"} or {"heatmaps", "points"}}), labels and targets as {task: tensor}. Returns the total under
+    "loss" and every task's own loss under "loss_<task>", which the loop logs.
+    """
+
+    inputs = ("task_outputs", "labels", "targets")
+
+    def __init__(self, *, age_sigma: float = 2.0, heatmap_sigma: float = 1.5, type_weights: dict | None = None):
+        super().__init__()
+        if age_sigma <= 0 or heatmap_sigma <= 0:
+            raise ConfigError("faceptor: age_sigma and heatmap_sigma must be positive")
+        self.age_sigma, self.heatmap_sigma = float(age_sigma), float(heatmap_sigma)
+        self.type_weights = dict(type_weights or {})
+        self.tasks: dict[str, tuple[str, str]] = {}
+        self.weights: dict[str, float] = {}
+
+    def set_tasks(self, tasks: dict[str, tuple[str, str, float]]) -> None:
+        """tasks: {name: (output type, loss, λ_t)}."""
+        unknown = sorted(set(self.type_weights) - {o for o, _, _ in tasks.values()})
+        if unknown:
+            raise ConfigError(f"faceptor: type_weights names output types no task has: {', '.join(unknown)}")
+        self.tasks = {n: (o, loss) for n, (o, loss, _) in tasks.items()}
+        self.weights = task_weights({n: (o, w) for n, (o, _, w) in tasks.items()}, self.type_weights)
+
+    def fit(self, dataset) -> None:
+        tasks = getattr(dataset, "tasks", None)
+        if not tasks:
+            raise ConfigError("objective 'faceptor' trains on tasks: declare them in the config's tasks: list")
+        self.set_tasks(tasks)
+
+    def task_loss(self, name: str, out: dict, labels: Tensor, targets: Tensor | None) -> Tensor:
+        output, loss = self.tasks[name]
+        if output == "classification":
+            return F.cross_entropy(out["values"].float(), labels)
+        if output == "multilabel":
+            return masked_bce_loss(out["values"], targets)
+        if output == "regression":
+            fn = F.l1_loss if loss == "l1" else F.mse_loss
+            return fn(out["values"].float(), targets.float())
+        if output == "age_distribution":
+            return dldl_v2_loss(out["values"], targets[:, 0], sigma=self.age_sigma)
+        points = targets.view(len(targets), 2, -1).transpose(1, 2)  # x1..xP, y1..yP → [b, P, 2]
+        return landmark_loss(out["heatmaps"], out["points"], points, sigma=self.heatmap_sigma)
+
+    def forward(self, student, target, task_outputs: dict, labels: dict, targets: dict) -> dict:
+        if not self.tasks:
+            raise ConfigError("objective 'faceptor' has no tasks: it is fitted to the training tasks before step 0")
+        terms, total, norm = {}, 0.0, 0.0
+        for name, out in task_outputs.items():
+            with float32(*out.values()):  # the losses' matmuls and norms in float32 under autocast too
+                loss = self.task_loss(name, out, labels[name], targets.get(name))
+            terms[f"loss_{name}"] = loss.detach()
+            w = self.weights[name]
+            total, norm = total + w * loss, norm + w
+        if norm == 0:
+            raise ConfigError("faceptor: the tasks in this step all have weight 0")
+        return {"loss": total / norm, **terms}
