@@ -29,8 +29,8 @@ def test_each_task_sees_every_sample_once_per_pass_and_restarts_on_its_own():
     for step in range(8):
         b = batches(step)
         for name, (lo, hi) in b["task_slices"].items():
-            assert torch.equal(b["images"][lo:hi, 0, 0, 0].long(), b["labels"][name])  # rows and labels agree
-            seen[name].append(b["labels"][name].tolist())
+            assert torch.equal(b["images"][lo:hi, 0, 0, 0].long(), b["task_labels"][name])  # rows and labels agree
+            seen[name].append(b["task_labels"][name].tolist())
     big = [x for batch in seen["big"] for x in batch]
     assert sorted(big[:12]) == list(range(12)) and sorted(big[12:]) == list(range(12))  # two whole passes
     small = [x for batch in seen["small"] for x in batch]
@@ -49,11 +49,11 @@ def test_a_resumed_sampler_draws_what_an_uninterrupted_one_does_and_ranks_split_
     ranks = [TaskBatches(data, {"a": 4, "b": 2}, seed=3, rank=r, world_size=2) for r in range(2)]
     for s in range(9):
         for name in data:
-            joined = torch.cat([r(s)["labels"][name] for r in ranks])
-            assert torch.equal(joined, history[s]["labels"][name])
+            joined = torch.cat([r(s)["task_labels"][name] for r in ranks])
+            assert torch.equal(joined, history[s]["task_labels"][name])
     # adding a task leaves the others' order as it was
     more = TaskBatches({**data, "c": _ds(6, "c")}, {"a": 4, "b": 2, "c": 3}, seed=3)
-    assert torch.equal(more(5)["labels"]["b"], history[5]["labels"]["b"])
+    assert torch.equal(more(5)["task_labels"]["b"], history[5]["task_labels"]["b"])
 
 
 def test_sampler_mistakes_are_one_sentence():
@@ -322,7 +322,7 @@ def test_the_faceptor_objective_is_the_weighted_mean_of_the_task_losses():
     outputs = {"smile": {"values": torch.zeros(2, 2)}, "attrs": {"values": torch.zeros(2, 3)}}
     labels = {"smile": torch.tensor([0, 1]), "attrs": torch.zeros(2, dtype=torch.long)}
     targets = {"smile": None, "attrs": torch.tensor([[1.0, 0.0, -1.0], [1.0, 1.0, 0.0]])}
-    terms = fn([], [], task_outputs=outputs, labels=labels, targets=targets)
+    terms = fn([], [], task_outputs=outputs, task_labels=labels, task_targets=targets)
     ce, bce = math.log(2), 5 * math.log(2) / 2  # 5 known attribute labels, all at logit 0, summed / batch of 2
     assert float(terms["loss_smile"]) == pytest.approx(ce) and float(terms["loss_attrs"]) == pytest.approx(bce)
     assert float(terms["loss"]) == pytest.approx((3 * ce + 1 * bce) / 4)

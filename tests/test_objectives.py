@@ -402,9 +402,9 @@ def _extra_inputs(name):
         heat = randn(2, 10, seed=8).view(2, 5, 1, 2).expand(2, 5, 2, 2).contiguous()
         outputs = {"age": {"values": randn(3, 101, seed=7)},
                    "points": {"heatmaps": heat, "points": torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(9))}}
-        return [], [], {"task_outputs": outputs, "labels": {"age": torch.zeros(3, dtype=torch.long),
-                                                            "points": torch.zeros(2, dtype=torch.long)},
-                        "targets": {"age": torch.tensor([[3.0], [40.0], [75.0]]), "points": torch.rand(2, 10)}}
+        return [], [], {"task_outputs": outputs, "task_labels": {"age": torch.zeros(3, dtype=torch.long),
+                                                                 "points": torch.zeros(2, dtype=torch.long)},
+                        "task_targets": {"age": torch.tensor([[3.0], [40.0], [75.0]]), "points": torch.rand(2, 10)}}
     return None
 
 

@@ -34,7 +34,8 @@ from visrep.errors import ConfigError
 
 class TaskBatches:
     """`batches(step, device)` → {"images": uint8 [Σ b_t, 3, H, W] (tasks in order), "task_slices": {task: (start,
-    end)} rows of each task, "labels": {task: [b_t]}, "targets": {task: [b_t, T] or None}}, this rank's share.
+    end)} rows of each task, "task_labels": {task: [b_t]}, "task_targets": {task: [b_t, T] or None}}, this rank's
+    share ("labels" and "targets", the single-dataset fields, are None).
 
     datasets: {task: ImageDataset}, all at one image size; per_step: {task: samples per step (global batch)}.
     """
@@ -87,4 +88,47 @@ class TaskBatches:
             slices[name] = (row, row + len(idx))
             row += len(idx)
         return {"images": torch.cat(images).to(device, non_blocking=True), "task_slices": slices,
-                "labels": labels, "targets": targets}
+                "task_labels": labels, "task_targets": targets, "labels": None, "targets": None}
+
+
+class MultiTaskData:
+    """The training data of a multi-task run: one dataset per task (all at one image size) and what the loop asks
+    of training data: `image_size`, `batches(...)` (a `TaskBatches`), `len`, and no single label space
+    (`classes` empty, `label_values` 0, so the online probe and the kNN monitor stay off).
+
+    tasks: {name: (output, loss, λ_t)} for the objective's data-fitting hook; queries: {name: (output, Q)} for
+    the model's task head.
+    """
+
+    classes: list = []
+    targets = None
+    label_values = 0
+
+    def __init__(self, datasets: dict, specs: dict, queries: dict[str, int], per_step: dict[str, int] | None = None):
+        self.datasets = dict(datasets)
+        self.specs = dict(specs)
+        self.per_step = dict(per_step) if per_step else None
+        self.tasks = {n: (s.output, s.loss, float(s.weight)) for n, s in self.specs.items()}
+        self.queries = {n: (self.specs[n].output, int(q)) for n, q in queries.items()}
+        sizes = {ds.image_size for ds in self.datasets.values()}
+        if len(sizes) != 1:
+            raise ConfigError(f"the tasks' images differ in size ({sorted(sizes)}); set data.image_size")
+        self.image_size = sizes.pop()
+        self.meta = {"tasks": {n: {"dataset": ds.name, "size": len(ds), "fingerprint": ds.meta.get("fingerprint")}
+                               for n, ds in self.datasets.items()}}
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds in self.datasets.values())
+
+    def counts(self, batch_size: int) -> dict[str, int]:
+        """Samples per step of each task: the tasks' own `batch` when given, else an equal share of batch_size."""
+        if self.per_step:
+            return self.per_step
+        share, n = divmod(int(batch_size), len(self.datasets))
+        if share < 1:
+            raise ConfigError(f"train.batch_size {batch_size} is smaller than the {len(self.datasets)} tasks: each "
+                              "step draws at least one sample from every task")
+        return {name: share for name in self.datasets}
+
+    def batches(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> TaskBatches:
+        return TaskBatches(self.datasets, self.counts(batch_size), seed, rank, world_size)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from visrep.cache import atomic_write, entry_lock
+from visrep.data.batches import EpochBatches
 from visrep.data.cifar import CIFAR, download as _download_cifar, missing_files, read_split, verify_files
 from visrep.data.walk import list_tree
 from visrep.errors import ConfigError, DataError
@@ -121,6 +122,15 @@ class ImageDataset:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
+
+    @property
+    def label_values(self) -> int:
+        """How many distinct labels the samples carry (a classifier and the monitors need two or more)."""
+        return int(torch.unique(self.labels).numel())
+
+    def batches(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> EpochBatches:
+        """The training batches of this dataset, addressed by step (`visrep.data.batches.EpochBatches`)."""
+        return EpochBatches(self, batch_size, seed, rank, world_size)
 
     def __repr__(self) -> str:
         n, _, h, w = self.images.shape

@@ -124,11 +124,12 @@ class FaceptorLoss(nn.Module):
 
     The tasks come from the training data by the data-fitting hook (`fit(dataset)` reads `dataset.tasks`: name →
     (output, loss, weight)) or from `set_tasks`. The template's per-task outputs arrive as the `task_outputs` input
-    ({task: {"values"} or {"heatmaps", "points"}}), labels and targets as {task: tensor}. Returns the total under
+    ({task: {"values"} or {"heatmaps", "points"}}), labels and targets as `task_labels`, `task_targets`
+    ({task: tensor}). Returns the total under
     "loss" and every task's own loss under "loss_<task>", which the loop logs.
     """
 
-    inputs = ("task_outputs", "labels", "targets")
+    inputs = ("task_outputs", "task_labels", "task_targets")
 
     def __init__(self, *, age_sigma: float = 2.0, heatmap_sigma: float = 1.5, type_weights: dict | None = None):
         super().__init__()
@@ -167,13 +168,13 @@ class FaceptorLoss(nn.Module):
         points = targets.view(len(targets), 2, -1).transpose(1, 2)  # x1..xP, y1..yP → [b, P, 2]
         return landmark_loss(out["heatmaps"], out["points"], points, sigma=self.heatmap_sigma)
 
-    def forward(self, student, target, task_outputs: dict, labels: dict, targets: dict) -> dict:
+    def forward(self, student, target, task_outputs: dict, task_labels: dict, task_targets: dict) -> dict:
         if not self.tasks:
             raise ConfigError("objective 'faceptor' has no tasks: it is fitted to the training tasks before step 0")
         terms, total, norm = {}, 0.0, 0.0
         for name, out in task_outputs.items():
             with float32(*out.values()):  # the losses' matmuls and norms in float32 under autocast too
-                loss = self.task_loss(name, out, labels[name], targets.get(name))
+                loss = self.task_loss(name, out, task_labels[name], task_targets.get(name))
             terms[f"loss_{name}"] = loss.detach()
             w = self.weights[name]
             total, norm = total + w * loss, norm + w
