@@ -97,4 +97,32 @@ def preset_overrides(tmp_path, method, **extra):
         for part in ("decoder", "loss_predictor"):
             if (preset.get(part) or {}).get("type") == "mae":
                 over[part] = dec
+    if preset.get("tasks"):  # multi-task: two synthetic classification tasks, a narrow head, no monitors
+        over["backbone"] = {"name": "vit_tiny", "options": {"depth": 2, "patch_size": 4}}
+        over["tasks"] = [{"name": f"synthetic_{k}", "dataset": "synthetic", "output": "classification",
+                          "options": {"n": 32, "num_classes": k, "seed": k}} for k in (3, 4)]
+        kind = (preset.get("task_head") or {}).get("type", "faceptor")
+        over["task_head"] = {"dim": 16, "depth": 1, "heads": 2, "ffn_dim": 32} if kind == "faceptor" else {"dim": 16}
+        over["monitor"] = {"knn_every": 0, "rankme_every": 0, "online_probe": False}
     return deep_merge(over, extra)
+
+
+def fake_mtfl_folder(root: Path, n_train: int = 8, n_test: int = 4) -> Path:
+    """An MTFL/ folder under `root` with well-formed annotation lines: seeded noise faces of 40×40 px, landmarks
+    inside the image, every attribute code in range."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = root / "MTFL" / "lfw_5590"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("training", n_train), ("testing", n_test)):
+        lines = []
+        for i in range(n):
+            name = f"{split}_{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / name)
+            pts = " ".join(str(int(v)) for v in rng.integers(5, 35, 10))
+            attrs = f"{1 + i % 2} {1 + (i // 2) % 2} {1 + (i // 3) % 2} {1 + i % 5}"
+            lines.append(f"lfw_5590\\{name} {pts} {attrs}")
+        (root / "MTFL" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import visrep
-from visrep.data.batches import EpochBatches
 from visrep.methods import METHODS
 from visrep.objectives import loss_terms
 from visrep.train import loop
@@ -36,7 +35,7 @@ def _build(tmp_path, method, **extra):
     over.setdefault("optim", {}).update(warmup_epochs=0, lr_scaling="none")
     cfg = visrep.resolve(over)
     train = load_training_data(cfg)
-    batches = EpochBatches(train, cfg.train.batch_size, cfg.seed)
+    batches = train.batches(cfg.train.batch_size, cfg.seed)
     return build_state(cfg, train, batches.steps_per_epoch, torch.device("cpu"), DistInfo()), batches(0)
 
 
@@ -44,8 +43,8 @@ def _build(tmp_path, method, **extra):
 def _loss(model, objective, state, batch) -> float:
     model = copy.deepcopy(model).train()  # batch statistics, as in training; the copy keeps BN buffers intact
     views = state.views(batch["images"], seed=123)
-    out = model(views, state.views.n_global, seed=124)
-    available = {"labels": batch["labels"], "targets": batch["targets"], **out.extras}
+    out = model(views, state.views.n_global, seed=124, **{k: batch[k] for k in model.inputs})
+    available = {**batch, **out.extras}
     return float(loss_terms(objective(out.student, out.target, **{k: available[k] for k in state.inputs}))["loss"])
 
 

@@ -102,9 +102,10 @@ def registries() -> dict:
     from visrep.models.decoders import DECODERS
     from visrep.objectives import OBJECTIVES
     from visrep.rank import SCORES
+    from visrep.data.tasks import TASKS
 
     return {"methods": METHODS, "views": VIEWS, "masks": MASKS, "backbones": BACKBONES, "datasets": SOURCES,
-            "objectives": OBJECTIVES, "heads": HEADS, "decoders": DECODERS, "scores": SCORES}
+            "objectives": OBJECTIVES, "heads": HEADS, "decoders": DECODERS, "scores": SCORES, "tasks": TASKS}
 
 
 def list_parts(kind: str) -> list[tuple[str, str]]:

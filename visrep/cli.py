@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("list", help="list registered parts")
     pl.add_argument("kind", nargs="?", default="all",
-                    help="methods | views | masks | backbones | datasets | objectives | heads | decoders | all")
+                    help="methods | views | masks | backbones | datasets | objectives | heads | decoders | scores | "
+                         "tasks | all")
 
     pd = sub.add_parser("demo", help="offline demo: SimCLR on bundled digits vs random init (~2 min on 2 cores)")
     pd.add_argument("--out-dir", default="runs/demo")

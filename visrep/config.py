@@ -24,14 +24,16 @@ import yaml
 from visrep.data.masking import build_mask_generator
 from visrep.data.mixing import build_mixing
 from visrep.data.sources import SOURCES
+from visrep.data.tasks import resolve_tasks
 from visrep.data.views import VIEWS, build_views
 from visrep.errors import ConfigError
 from visrep.methods import METHODS
 from visrep.methods.template import check_masking
 from visrep.models.decoders import check_decoder_spec
+from visrep.models.faceptor import check_task_head_spec
 from visrep.models.heads import check_head_spec, classifier_head_names
 from visrep.models.lora import check_lora_spec
-from visrep.objectives import OBJECTIVES, objective_params
+from visrep.objectives import OBJECTIVES, objective_inputs, objective_params
 
 
 @dataclass
@@ -161,6 +163,10 @@ class RunConfig:
     # The classifier head of supervised training and fine-tuning (linear, cosine or gcr); it takes the
     # projector's place, so a run has one or the other. Its out_dim defaults to the data's classes.
     classifier: Optional[dict] = None
+    # Multi-task face perception (Faceptor): the tasks (`visrep list tasks`, or declared here) and the head that
+    # answers them all from the backbone's layers, e.g. {type: faceptor, dim: 256, depth: 9, levels: [-1]}.
+    tasks: Optional[list] = None
+    task_head: Optional[dict] = None
     # Masked image modelling (`visrep list masks`, `visrep list decoders`); all None for other methods.
     masking: Optional[dict] = None     # e.g. {name: random, ratio: 0.75, mode: drop}
     decoder: Optional[dict] = None     # e.g. {type: mae, dim: 512, depth: 8, heads: 16}
@@ -360,7 +366,8 @@ def resolve_config(yaml_path: str | None = None, overrides: list[str] | dict | N
 
 # A section whose kind the user changes is taken whole from the user, not merged into the preset's: the
 # preset's options belong to the old kind (e.g. `method=simclr objective.name=vicreg` drops `temperature`).
-_KIND_KEYS = {"objective": "name", "projector": "type", "predictor": "type", "classifier": "type", "views": "policy",
+_KIND_KEYS = {"objective": "name", "projector": "type", "predictor": "type", "classifier": "type", "task_head": "type",
+              "views": "policy",
               "backbone": "name",
               "masking": "name", "decoder": "type", "loss_predictor": "type"}
 
@@ -393,6 +400,7 @@ def validate(cfg: RunConfig) -> None:
     # Cheap parts are built here so a bad option fails before any data is decoded (and in --print-config).
     policy = build_views(cfg.views.policy, cfg.data.image_size or 32, **cfg.views.options)
     check_heads(cfg)
+    check_tasks(cfg, policy)
 
     masking = build_mask_generator(cfg.masking)
     check_decoder_spec(cfg.decoder, "decoder")
@@ -494,6 +502,36 @@ def check_heads(cfg: RunConfig) -> None:
     if kind(cfg.classifier) in names and kind(cfg.projector) not in (None, "none"):
         raise ConfigError("a run has one head after its backbone: a classifier (supervised, fine-tuning) or a "
                           "projector (self-supervised); set projector=null or classifier=null")
+
+
+def check_tasks(cfg: RunConfig, policy) -> None:
+    """The multi-task sections' rules, written once: the tasks resolve, a task head answers them, the objective
+    reads per-task outputs, and nothing else sits on the backbone."""
+    spec = check_task_head_spec(cfg.task_head)
+    if cfg.tasks is None:
+        if spec is not None:
+            raise ConfigError("task_head needs a tasks: list (e.g. tasks: [utkface_age, mtfl_landmarks])")
+        return
+    tasks = resolve_tasks(cfg.tasks)
+    if spec is None:
+        raise ConfigError("tasks need a task_head (e.g. task_head.type=faceptor, or method=faceptor)")
+    if "task_outputs" not in objective_inputs(cfg.objective.name):
+        raise ConfigError(f"tasks need an objective that reads every task's outputs (objective.name=faceptor), "
+                          f"not '{cfg.objective.name}'")
+    for part in ("projector", "predictor", "classifier", "masking", "mixing"):
+        if getattr(cfg, part) is not None:
+            raise ConfigError(f"a multi-task run has its task_head on the backbone, so {part} must be null")
+    if cfg.target.branch != "none":
+        raise ConfigError("a multi-task run has no target branch: set target.branch=none")
+    if policy.n_views != 1:
+        raise ConfigError(f"a multi-task run reads one view; views.policy '{cfg.views.policy}' makes {policy.n_views}")
+    if any(t.output == "landmarks" for t in tasks) and cfg.views.policy != "none":
+        raise ConfigError("landmark tasks need views.policy=none: crops and flips would move the faces but not "
+                          "their points")
+    if cfg.monitor.knn_every or cfg.monitor.rankme_every or cfg.monitor.online_probe:
+        raise ConfigError("the kNN, RankMe and probe monitors read one labelled dataset; with tasks set "
+                          "monitor.knn_every=0 monitor.rankme_every=0 monitor.online_probe=false "
+                          "(`visrep eval faceptor` scores every task)")
 
 
 def upgrade_saved_run(config: dict, tensors: dict | None = None) -> tuple[dict, dict | None]:

@@ -144,7 +144,7 @@ class RebuiltRun:
     def of(cls, source, tensors: dict, meta: dict, cfg: RunConfig, image_size: int | None = None) -> "RebuiltRun":
         size = int(meta.get("image_size") or image_size or 32)
         outputs = int(meta.get("num_outputs") or meta.get("num_classes") or 0) or None
-        template = build_model(cfg, size, outputs, load_init=False)
+        template = build_model(cfg, size, outputs, load_init=False, tasks=meta.get("tasks"))
         try:
             template.load_state_dict(strip_prefix(tensors, "model."))
         except RuntimeError as e:
@@ -162,7 +162,7 @@ def rebuild_run(source, *, image_size: int | None = None, force: bool = False) -
 
 
 def build_model(cfg: RunConfig, image_size: int, num_outputs: int | None = None, *, load_init: bool = True,
-                force: bool = False) -> nn.Module:
+                force: bool = False, tasks: dict | None = None) -> nn.Module:
     """The template a run trains: `build_template(cfg, ...)`; with `finetune.init` (and `load_init`) its backbone
     starts from that run's weights; with `finetune.mode: lora` it is wrapped in peft LoRA adapters (also when
     rebuilding a saved LoRA run, so its state dict loads as saved)."""
@@ -174,7 +174,7 @@ def build_model(cfg: RunConfig, image_size: int, num_outputs: int | None = None,
         from visrep.models.lora import apply_lora
 
         backbone = apply_lora(backbone, ft.lora)
-    return build_template(cfg, image_size, num_outputs, backbone=backbone)
+    return build_template(cfg, image_size, num_outputs, backbone=backbone, tasks=tasks)
 
 
 def load_init_weights(backbone: nn.Module, source: str, branch: str = "student", force: bool = False) -> None:

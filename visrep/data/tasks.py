@@ -57,7 +57,19 @@ class TaskSpec:
         return dataclasses.asdict(self)
 
 
-TASKS = Registry("task")
+class _TaskRegistry(Registry):
+    def describe(self, dim: int = 256) -> list[tuple[str, str]]:
+        """`visrep list tasks`: each task's data, output, queries and what it costs a Faceptor head of width `dim`
+        (its two query tables, 2·Q·d parameters; the decoder and the output heads are shared)."""
+        rows = []
+        for name, t in self.items():
+            opts = ", ".join(f"{k}={v}" for k, v in t.options.items())
+            rows.append((name, f"{t.dataset}({opts}) → {t.output}, {t.queries} queries, loss {t.loss or OUTPUTS[t.output][0]}"
+                               f", +{2 * t.queries * dim:,} parameters at width {dim}: {t.description}"))
+        return rows
+
+
+TASKS = _TaskRegistry("task")
 _FIELDS = [f.name for f in dataclasses.fields(TaskSpec)]
 
 

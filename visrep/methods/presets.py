@@ -157,3 +157,24 @@ _add("supervised_gcr", "Supervised with GCR heads: class subspaces (k 8, gamma 2
      objective={"name": "cross_entropy", "params": {"label_smoothing": 0.1}},
      optim={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 5,
             "manifold_lr": 0.1, "manifold_momentum": 0.9, "manifold_qr_every": 5})
+
+# ------------------------------------------------------------------ multi-task faces
+# Faceptor (Qin et al. 2024, official code lxq1000/Faceptor): one encoder, one decoder shared by every task (9
+# post-norm layers, width 256, 8 heads, FFN 2048), each task a set of queries, a value head and a map head shared by
+# the tasks of their output shape, Layer-Attention over the chosen encoder levels (stage 1: the last one). AdamW
+# with weight decay 0.05 as the official runs (which start from FaRL weights at lr 5e-5; from scratch visrep uses
+# the MIM presets' lr). Views: none (resize only), because crops and flips would move faces but not landmarks.
+FACE_TASKS = ["utkface_age", "utkface_gender", "utkface_race", "mtfl_landmarks", "mtfl_smile", "mtfl_glasses",
+              "mtfl_pose"]
+_FACE_COMMON = dict(
+    views={"policy": "none"}, backbone={"name": "vit_tiny", "options": {}},
+    projector=None, predictor=None, classifier=None, target={"branch": "none"},
+    tasks=FACE_TASKS, objective={"name": "faceptor", "params": {}},
+    optim={"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_epochs": 1,
+           "clip_grad": 5.0},
+    monitor={"knn_every": 0, "rankme_every": 0, "online_probe": False})
+_add("faceptor", "Faceptor: Qin et al. 2024, Faceptor: A Generalist Model for Face Perception",
+     task_head={"type": "faceptor", "dim": 256, "depth": 9, "heads": 8, "ffn_dim": 2048, "levels": [-1]},
+     **_FACE_COMMON)
+_add("faceptor_naive", "Naive Faceptor (Qin et al. 2024): one head per task group on the shared encoder",
+     task_head={"type": "naive", "dim": 256, "levels": [-1]}, **_FACE_COMMON)

@@ -29,6 +29,7 @@ from visrep.data.masking import build_mask_generator
 from visrep.errors import ConfigError
 from visrep.models import build_backbone, build_head, feature_dim
 from visrep.models.decoders import build_decoder
+from visrep.models.faceptor import build_task_head
 from visrep.models.masked import embed_dim_of, encode_masked, patch_size_of, patchify
 
 
@@ -71,13 +72,18 @@ def check_masking(masking, *, decoder_type: str | None, loss_predictor: bool, ta
 class Template(nn.Module):
     def __init__(self, backbone: nn.Module, projector: nn.Module | None, predictor: nn.Module | None,
                  target: str = "none", masking: nn.Module | None = None, decoder: nn.Module | None = None,
-                 loss_predictor: nn.Module | None = None, classifier: nn.Module | None = None):
+                 loss_predictor: nn.Module | None = None, classifier: nn.Module | None = None,
+                 task_head: nn.Module | None = None):
         super().__init__()
         if classifier is not None and projector is not None:
             raise ConfigError("a run has one head after its backbone: a classifier or a projector, not both")
         self.backbone = backbone
         self.projector = projector if projector is not None else nn.Identity()
         self.classifier = classifier  # supervised training and fine-tuning: takes the projector's place
+        # Multi-task (Faceptor): a head that reads the backbone's layers itself and answers every task; it needs the
+        # rows of each task in the batch, which the loop passes as the batch fields named in `inputs`.
+        self.task_head = task_head
+        self.inputs = ("task_slices",) if task_head is not None else ()
         self.predictor = predictor
         self.target = target
         self.masking, self.decoder, self.loss_predictor = masking, decoder, loss_predictor
@@ -112,7 +118,7 @@ class Template(nn.Module):
 
     def student_modules(self):
         parts = (self.backbone, self.projector, self.classifier, self.predictor, self.decoder, self.loss_predictor,
-                 self.mask_embedding)
+                 self.mask_embedding, self.task_head)
         return [m for m in parts if m is not None]
 
     def _ema_pairs(self):
@@ -123,9 +129,13 @@ class Template(nn.Module):
             pairs.append((self.decoder, self.teacher_decoder))
         return pairs
 
-    def forward(self, views: list[torch.Tensor], n_global: int, seed: int = 0) -> TemplateOutput:
+    def forward(self, views: list[torch.Tensor], n_global: int, seed: int = 0, task_slices: dict | None = None
+                ) -> TemplateOutput:
         if self.masking is not None:
             return self._forward_masked(views[0], seed)
+        if self.task_head is not None:  # every task's outputs, from its own rows; no single feature to monitor
+            outputs = self.task_head(self.backbone, views[0], task_slices)
+            return TemplateOutput([], [], views[0].new_zeros(views[0].shape[0], 0), {"task_outputs": outputs})
         feats = [self.backbone(v) for v in views]
         z = [self.head(f) for f in feats]
         student = [self.predictor(x) for x in z] if self.predictor is not None else z
@@ -205,12 +215,14 @@ def build_backbone_of(cfg, image_size: int) -> nn.Module:
     return build_backbone(cfg.backbone.name, **opts)
 
 
-def build_template(cfg, image_size: int, num_classes: int | None = None, backbone: nn.Module | None = None) -> Template:
+def build_template(cfg, image_size: int, num_classes: int | None = None, backbone: nn.Module | None = None,
+                   tasks: dict | None = None) -> Template:
     """Backbone + heads + masking + target branch from a RunConfig: the composition only.
 
     num_classes: out_dim of a classifier head left without one (classes, or regression targets).
     backbone: a backbone built already (default: `build_backbone_of(cfg, image_size)` at random init); fine-tuning
     passes one that starts from a run's weights or carries LoRA adapters (`visrep.runs.build_model`).
+    tasks: {name: (output type, queries)} of a multi-task run (its `task_head`), from the training data.
     """
     backbone = build_backbone_of(cfg, image_size) if backbone is None else backbone
     dim = feature_dim(backbone)
@@ -225,4 +237,10 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, backbon
         decoder = build_decoder(cfg.decoder, width, p * p * 3, "decoder")
         # official HPM: the loss predictor also predicts p·p·3 values per patch, averaged to one score
         loss_predictor = build_decoder(cfg.loss_predictor, width, p * p * 3, "loss_predictor")
-    return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor, classifier)
+    task_head = None
+    if cfg.task_head is not None:
+        if not tasks:
+            raise ConfigError("task_head needs the tasks' query counts (a multi-task run's training data)")
+        task_head = build_task_head(cfg.task_head, embed_dim_of(backbone), tasks)
+    return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor, classifier,
+                    task_head)

@@ -4,7 +4,8 @@ output heads shared by all tasks of one output shape, and Layer-Attention over s
 Qin et al., "Faceptor: A Generalist Model for Face Perception", 2024 (official code: lxq1000/Faceptor). The
 shapes and defaults below follow that code:
 
-* **Layer-Attention memory.** Each chosen encoder level l (its patch tokens [B, N, D_enc]) is projected to the
+* **Layer-Attention memory.** Each chosen encoder level l (its patch tokens [B, N, D_enc], through the encoder's
+  final norm so that levels of every depth share one scale) is projected to the
   decoder width d by its own Linear, and every token gets a position embedding
   pos = MLP(sine2d(grid centre)) + e_l, where e_l is the level's learned embedding and sine2d the 2-D sine
   embedding of the token's normalised grid centre (2π scale, temperature 10000, d/2 features per axis; sin and
@@ -60,8 +61,9 @@ def sine_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Ten
 
 
 def encoder_levels(backbone: nn.Module, x: torch.Tensor, levels: list[int]) -> tuple[list[torch.Tensor], tuple]:
-    """The patch tokens [B, N, D] after each block in `levels` (0-based, negative from the end) and the token grid
-    (h, w): timm ViTs through their `forward_intermediates`, iLLaMA through its own of the same name."""
+    """The patch tokens [B, N, D] after each block in `levels` (0-based, negative from the end), each through the
+    encoder's final norm, and the token grid (h, w): timm ViTs through their `forward_intermediates`, iLLaMA through
+    its own of the same name."""
     if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "patch_embed"):
         raise ConfigError(f"Faceptor reads the patch tokens of several encoder layers; backbone "
                           f"{type(backbone).__name__} has none (use a ViT or iLLaMA backbone)")
@@ -71,7 +73,8 @@ def encoder_levels(backbone: nn.Module, x: torch.Tensor, levels: list[int]) -> t
             raise ConfigError(f"encoder level {lv} does not exist: the backbone has {depth} blocks (0..{depth - 1})")
     wanted = [lv % depth for lv in levels]
     ordered = sorted(set(wanted))  # timm returns the intermediates in block order, whatever order was asked
-    maps = backbone.forward_intermediates(x, indices=ordered, output_fmt="NLC", intermediates_only=True)
+    # each level through the encoder's final norm (timm's `norm=True`): levels of different depths on one scale
+    maps = backbone.forward_intermediates(x, indices=ordered, output_fmt="NLC", intermediates_only=True, norm=True)
     by_level = dict(zip(ordered, maps))
     p = patch_size_of(backbone)
     return [by_level[lv] for lv in wanted], (x.shape[-2] // p, x.shape[-1] // p)
@@ -371,3 +374,44 @@ class NaiveTaskHeads(nn.Module):
             else:
                 out[name] = {"values": self.outputs[name](self.trunks[output](pooled[lo:hi]))}
         return out
+
+
+TASK_HEAD_DEFAULTS = {"faceptor": {"dim": 256, "depth": 9, "heads": 8, "ffn_dim": 2048, "levels": [-1]},
+                      "naive": {"dim": 256, "levels": [-1]}}
+
+
+def check_task_head_spec(spec: dict | None) -> dict | None:
+    """Validate the config's `task_head:` section ({type: faceptor | naive, ...}); returns it with its defaults."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"task_head must be a mapping with a 'type', got {spec!r}")
+    kind = spec.get("type", "faceptor")
+    if kind not in TASK_HEAD_DEFAULTS:
+        raise ConfigError(f"task_head.type must be one of {', '.join(TASK_HEAD_DEFAULTS)}, got {kind!r}")
+    options = {k: v for k, v in spec.items() if k != "type"}
+    unknown = sorted(set(options) - set(TASK_HEAD_DEFAULTS[kind]))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for task_head '{kind}'; valid: "
+                          f"{', '.join(TASK_HEAD_DEFAULTS[kind])}")
+    out = {**TASK_HEAD_DEFAULTS[kind], **options}
+    for key in ("dim", "depth", "heads", "ffn_dim"):
+        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1):
+            raise ConfigError(f"task_head.{key} must be a positive integer, got {out[key]!r}")
+    if out["dim"] % 4 or ("heads" in out and out["dim"] % out["heads"]):
+        raise ConfigError(f"task_head.dim {out['dim']} must be a multiple of 4 and of task_head.heads")
+    levels = out["levels"]
+    if not isinstance(levels, (list, tuple)) or not levels or not all(isinstance(v, int) for v in levels) \
+            or len(set(levels)) != len(levels):
+        raise ConfigError(f"task_head.levels must be a non-empty list of distinct encoder block indices, got {levels!r}")
+    return {"type": kind, **out}
+
+
+def build_task_head(spec: dict, encoder_dim: int, tasks: dict[str, tuple[str, int]]) -> nn.Module:
+    """The task head the `task_head:` section names, for these tasks ({name: (output, queries)})."""
+    spec = check_task_head_spec(spec)
+    options = {k: v for k, v in spec.items() if k != "type"}
+    options["levels"] = tuple(options["levels"])
+    if spec["type"] == "naive":
+        return NaiveTaskHeads(encoder_dim, tasks, **options)
+    return FaceptorHead(encoder_dim, tasks, **options)

@@ -89,6 +89,11 @@ def objective_params(name: str) -> dict:
     }
 
 
+def objective_inputs(name: str) -> tuple:
+    """The batch and template fields the objective reads besides the two lists (its class's `inputs`)."""
+    return tuple(getattr(OBJECTIVES.get(name), "inputs", ()))
+
+
 def build_objective(name: str, **params):
     """Build a registered objective; an unknown param name raises ConfigError listing the valid ones."""
     valid = objective_params(name)

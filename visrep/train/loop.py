@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from visrep.config import RunConfig, upgrade_saved_run
-from visrep.data.batches import EpochBatches
 from visrep.errors import ConfigError, TrainingError
 from visrep.objectives import loss_terms
 from visrep.checkpoint import (CheckpointError, check_resume_meta, clean_stale_temps, first_non_finite,
@@ -64,8 +63,9 @@ def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
     for i, transform in enumerate(state.batch_transforms):  # e.g. Mixup/CutMix: mixed views, soft labels
         views, labels = transform(views, labels, seed=seed + 2 + i)
     with state.autocast():
-        out = state.forward(views, state.views.n_global, seed=seed + 1)  # seed: the step's masks, if any
-        available = {"labels": labels, "targets": batch["targets"], **out.extras}
+        out = state.forward(views, state.views.n_global, seed=seed + 1,  # seed: the step's masks, if any
+                            **{k: batch[k] for k in state.model.inputs})  # batch fields the template names
+        available = {**batch, "labels": labels, **out.extras}  # what an objective may name in its `inputs`
         terms = loss_terms(state.objective(out.student, out.target, **{k: available[k] for k in state.inputs}))
     loss = terms["loss"]
     bad = ~torch.isfinite(loss.detach()) & (state.bad_step < 0)
@@ -181,7 +181,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
         clean_stale_temps(ckpt_path.parent)  # leftovers of checkpoint writes that a kill interrupted
 
     train = load_training_data(cfg)
-    batches = EpochBatches(train, tc.batch_size, cfg.seed, dist.rank, dist.world_size)
+    batches = train.batches(tc.batch_size, cfg.seed, dist.rank, dist.world_size)  # addressed by step
     spe = batches.steps_per_epoch
     state = build_state(cfg, train, spe, device, dist, load_init=resumed is None, force=force)
     last_saved = None  # step of the last checkpoint on disk (named in the error messages)

@@ -21,7 +21,9 @@ from torch import nn
 from visrep.checkpoint import state_from_tensors, state_to_tensors
 from visrep.config import RunConfig
 from visrep.data.mixing import build_batch_transforms
+from visrep.data.multitask import MultiTaskData
 from visrep.data.sources import load_dataset
+from visrep.data.tasks import load_task_data, num_queries, resolve_tasks
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD, build_views
 from visrep.errors import ConfigError
 from visrep.objectives import build_objective
@@ -107,8 +109,11 @@ class TrainState:
 
 
 def load_training_data(cfg: RunConfig):
-    """The training set the config names: subset, held-out part removed, label fraction applied."""
+    """The training set the config names: subset, held-out part removed, label fraction applied; with `tasks`, one
+    such set per task (`MultiTaskData`)."""
     d = cfg.data
+    if cfg.tasks is not None:
+        return load_task_training_data(cfg)
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
     train = train.subset(d.subset, cfg.seed)
     if d.holdout is not None:  # the held-out part is for model selection; never trained on
@@ -118,10 +123,26 @@ def load_training_data(cfg: RunConfig):
     return train
 
 
+def load_task_training_data(cfg: RunConfig) -> MultiTaskData:
+    """Every task's training split at data.image_size, with data.subset / holdout / label_fraction applied to each."""
+    d = cfg.data
+    specs = resolve_tasks(cfg.tasks)
+    datasets, queries = {}, {}
+    for spec in specs:
+        ds = load_task_data(spec, spec.split, root=d.root, image_size=d.image_size, download=d.download)
+        ds = ds.subset(d.subset, cfg.seed)
+        if d.holdout is not None:
+            ds = ds.holdout(d.holdout, cfg.seed)[0]
+        if d.label_fraction is not None:
+            ds = ds.fraction(d.label_fraction, cfg.seed)
+        datasets[spec.name], queries[spec.name] = ds, num_queries(spec, ds)
+    return MultiTaskData(datasets, {s.name: s for s in specs}, queries)
+
+
 def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.device, dist: DistInfo, *,
                 load_init: bool = True, force: bool = False) -> TrainState:
     """Every part of a run, from its config and training set, ready for step 0 (or for `load`)."""
-    image_size = int(train.images.shape[-1])
+    image_size = int(train.image_size[1])
     num_classes = len(train.classes)
     views = build_views(cfg.views.policy, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                         **cfg.views.options).to(device)
@@ -129,7 +150,7 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
     np.random.seed(cfg.seed % 2**32)
     objective = build_objective(cfg.objective.name, **cfg.objective.params)
     inputs = tuple(getattr(objective, "inputs", ()))
-    n_label_values = int(torch.unique(train.labels).numel())
+    n_label_values = train.label_values
     if "labels" in inputs and n_label_values < 2:
         raise ConfigError(f"objective '{cfg.objective.name}' classifies, but the training set of '{cfg.data.dataset}' "
                           f"holds {n_label_values} class; a classifier needs at least two")
@@ -145,7 +166,8 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
             raise ConfigError(f"objective.schedules.{name}: objective '{cfg.objective.name}' has no attribute "
                               f"'{name}' to schedule")
     # A resumed run's weights come from its checkpoint, so finetune.init is not read again (it may have moved).
-    model = build_model(cfg, image_size, num_outputs, load_init=load_init, force=force).to(device)
+    tasks = getattr(train, "queries", None)  # a multi-task run's {task: (output, queries)}, for its task head
+    model = build_model(cfg, image_size, num_outputs, load_init=load_init, force=force, tasks=tasks).to(device)
     objective = objective.to(device)
     batch_transforms = build_batch_transforms(cfg.mixing, num_classes)
     # Parts whose behaviour follows training progress (iLLaMA's soft mask, HPM's α_t) expose
@@ -165,7 +187,8 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
         ids = [device.index] if device.type == "cuda" else None
         forward = DDP(model, device_ids=ids)
         wrap = lambda m: DDP(m, device_ids=ids)  # noqa: E731
-    probe = OnlineProbe(int(getattr(model.backbone, "num_features")), num_classes, cfg.monitor.probe_lr, device,
+    # (a multi-task run has no single label space: its probe stays off, built with one output)
+    probe = OnlineProbe(int(getattr(model.backbone, "num_features")), max(num_classes, 1), cfg.monitor.probe_lr, device,
                         wrap=wrap)
     schedules = Schedules(cfg, steps_per_epoch)
     return TrainState(
@@ -176,7 +199,7 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
         progress_hooks=progress_hooks, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps_of(cfg, steps_per_epoch),
         info={"image_size": image_size, "num_classes": num_classes, "num_outputs": num_outputs,
-              "classes": train.classes}, monitors_on=probe_on,
+              "classes": train.classes, **({"tasks": tasks} if tasks else {})}, monitors_on=probe_on,
         bad_step=torch.tensor(-1, device=device), bad_loss=torch.tensor(0.0, device=device))
 
 
