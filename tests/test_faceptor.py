@@ -1,5 +1,6 @@
 """Faceptor's parts: multi-dataset batches (one sampler per task), and their resume."""
 import doctest
+from pathlib import Path
 import math
 import importlib
 
@@ -367,3 +368,38 @@ def test_faceptor_trains_in_the_one_loop_and_resumes_bit_exactly(tmp_path, metho
     b, meta = load_checkpoint(tmp_path / "part")
     assert meta["tasks"]["utkface_age"] == ["age_distribution", 101]
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "optim.")))
+
+
+# ------------------------------------------------------------------------------------------------ eval and predict
+@pytest.mark.filterwarnings("ignore:utkface. skipped")
+def test_eval_faceptor_and_predict_from_the_cli(tmp_path, capsys):
+    import json
+
+    from visrep.cli import main, run
+
+    over = _faceptor_run(tmp_path, "run", train={"epochs": 1})
+    visrep.pretrain(visrep.resolve(over), quiet=True)
+    out = tmp_path / "eval" / "faces.json"
+    assert run(["eval", "faceptor", "--model", str(tmp_path / "run"), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    res = json.loads(out.read_text())
+    tasks = res["tasks"]
+    assert set(tasks) == {"utkface_age", "utkface_gender", "mtfl_landmarks", "mtfl_smile"}
+    assert tasks["utkface_age"]["metric"] == "mae" and tasks["utkface_age"]["mae"] >= 0
+    assert tasks["mtfl_landmarks"]["metric"] == "nme" and "failure_rate" in tasks["mtfl_landmarks"]
+    assert 0 <= tasks["utkface_gender"]["accuracy"] <= 1 and printed["tasks"]["mtfl_smile"]["metric"] == "accuracy"
+    assert res["layer_attention"]["utkface_age"]["levels"] == [-1]
+    assert res["layer_attention"]["utkface_age"]["share"] == pytest.approx([1.0])
+    for fig in res["figures"].values():
+        assert Path(fig).is_file() and Path(fig).stat().st_size > 1000
+
+    face = next((tmp_path / "faces" / "MTFL" / "lfw_5590").glob("*.jpg"))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    assert run(["predict", "--model", str(tmp_path / "run"), str(face), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["utkface_gender"]["class"] in ("male", "female") and len(rows[0]["mtfl_landmarks"]["points"]) == 5
+    assert 0 <= rows[0]["utkface_age"]["age"] <= 100
+    for image, message in ((tmp_path / "nope.jpg", "does not exist"), (tmp_path / "bad.jpg", "could not be read")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", "--model", str(tmp_path / "run"), str(image)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -107,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--bins", type=int, default=15)
     ca.add_argument("--plot", default=None, help="reliability diagram PNG (default: <out>.png)")
 
+    fp = esub.add_parser("faceptor", help="every task of a multi-task face run on its test split, Layer-Attention "
+                                          "profiles and a figure of predictions")
+    fp.add_argument("--model", required=True, help="run directory or checkpoint of a faceptor / faceptor_naive run")
+    fp.add_argument("--data-dir", default=None, help="the tasks' data root (default: the run's data.root)")
+    fp.add_argument("--image-size", type=int, default=None, help="default: the run's own")
+    fp.add_argument("--batch-size", type=int, default=64)
+    fp.add_argument("--device", default="cpu")
+    fp.add_argument("--test-subset", type=int, default=None, help="seeded subset of each task's test split")
+    fp.add_argument("--seed", type=int, default=0)
+    fp.add_argument("--out", default=None, help="JSON of the results; the figures go beside it")
+    fp.add_argument("--force", action="store_true", help="load a checkpoint that fails its integrity check")
+
+    pp = sub.add_parser("predict", help="every task's prediction of a multi-task face run for image files")
+    pp.add_argument("--model", required=True, help="run directory or checkpoint of a faceptor / faceptor_naive run")
+    pp.add_argument("images", nargs="+", help="image files")
+    pp.add_argument("--device", default="cpu")
+    pp.add_argument("--json", action="store_true", help="print JSON instead of one line per image and task")
+
     ps = sub.add_parser("study", help="studies: a grid of runs with a fair budget and the evaluations they get")
     ssub = ps.add_subparsers(dest="verb", required=True)
     spl = ssub.add_parser("plan", help="list and validate every run and evaluation of a study, with its cost")
@@ -263,6 +281,30 @@ def run(argv: list[str] | None = None) -> int:
               f"final loss {summary['final_loss']:.4f}"
               + (f", kNN top-1 {last['knn_top1']:.3f}" if "knn_top1" in last else "")
               + f"; checkpoint {summary['checkpoint']}")
+        return 0
+    if args.command == "eval" and args.protocol == "faceptor":
+        from visrep.evaluate.faces import evaluate_faceptor
+
+        res = evaluate_faceptor(args.model, root=args.data_dir, image_size=args.image_size, batch_size=args.batch_size,
+                                device=args.device, test_subset=args.test_subset, seed=args.seed, out=args.out,
+                                force=args.force)
+        slim = {name: {k: r[k] for k in ("metric", r["metric"], "failure_rate", "test_size") if k in r}
+                for name, r in res["tasks"].items()}
+        print(json.dumps({"protocol": "faceptor", "tasks": slim, "figures": res.get("figures"),
+                          "seconds": res["seconds"]}, indent=2))
+        return 0
+    if args.command == "predict":
+        from visrep.evaluate.faces import predict_images
+
+        rows = predict_images(args.model, args.images, device=args.device)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                print(row["image"])
+                for task, pred in row.items():
+                    if task != "image":
+                        print(f"  {task}: " + ", ".join(f"{k} {v}" for k, v in pred.items()))
         return 0
     if args.command == "eval":
         common = dict(dataset=args.dataset, root=args.data_dir, train_split=args.train_split,

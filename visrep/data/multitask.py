@@ -114,6 +114,7 @@ class MultiTaskData:
         if len(sizes) != 1:
             raise ConfigError(f"the tasks' images differ in size ({sorted(sizes)}); set data.image_size")
         self.image_size = sizes.pop()
+        self.task_classes = {n: list(ds.classes) for n, ds in self.datasets.items()}
         self.meta = {"tasks": {n: {"dataset": ds.name, "size": len(ds), "fingerprint": ds.meta.get("fingerprint")}
                                for n, ds in self.datasets.items()}}
 

@@ -199,7 +199,8 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
         progress_hooks=progress_hooks, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps_of(cfg, steps_per_epoch),
         info={"image_size": image_size, "num_classes": num_classes, "num_outputs": num_outputs,
-              "classes": train.classes, **({"tasks": tasks} if tasks else {})}, monitors_on=probe_on,
+              "classes": train.classes, **({"tasks": tasks, "task_classes": train.task_classes} if tasks else {})},
+        monitors_on=probe_on,
         bad_step=torch.tensor(-1, device=device), bad_loss=torch.tensor(0.0, device=device))
 
 
