@@ -403,3 +403,26 @@ def test_eval_faceptor_and_predict_from_the_cli(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["predict", "--model", str(tmp_path / "run"), str(image)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:utkface. skipped")
+def test_stage_two_trains_only_the_new_levels_of_a_stage_one_run(tmp_path):
+    stage1 = _faceptor_run(tmp_path, "stage1", train={"epochs": 1})
+    visrep.pretrain(visrep.resolve(stage1), quiet=True)
+    head = {**stage1["task_head"], "stage2": {"init": str(tmp_path / "stage1"), "task": "utkface_age", "levels": [0]}}
+    stage2 = _faceptor_run(tmp_path, "stage2", task_head=head, train={"epochs": 1, "batch_size": 2})
+    s = visrep.pretrain(visrep.resolve(stage2), quiet=True)
+    assert s["steps"] == s["train_size"] // 2  # the target task alone, 2 faces per step
+    a, _ = load_checkpoint(tmp_path / "stage1")
+    b, meta = load_checkpoint(tmp_path / "stage2")
+    new = {k for k in b if k.startswith("model.") and k not in a}
+    assert new == {"model.task_head.memory.new_proj.0.weight", "model.task_head.memory.new_proj.0.bias",
+                   "model.task_head.memory.new_level_embed"}
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))  # everything else as stage 1 left it
+    assert set(meta["tasks"]) == set(stage1["tasks"])  # the stage-1 model, whole
+    res = visrep.evaluate_faceptor(str(tmp_path / "stage2"), figures=False)
+    assert set(res["tasks"]) == {"utkface_age"} and res["layer_attention"]["utkface_age"]["levels"] == [-1, 0]
+    wrong = _faceptor_run(tmp_path, "wrong", task_head={**head, "stage2": {**head["stage2"], "task": "mtfl_pose"}},
+                          tasks=[*stage1["tasks"], "mtfl_pose"])
+    with pytest.raises(ConfigError, match="has no task 'mtfl_pose'"):
+        visrep.pretrain(visrep.resolve(wrong), quiet=True)

@@ -8,7 +8,7 @@ from visrep.errors import ConfigError, DataError, TrainingError, VisrepError
 from visrep.version import __version__
 
 _API = ("pretrain", "finetune", "resolve", "resume_config", "evaluate_knn", "evaluate_classifier", "evaluate_linear",
-        "evaluate_fewshot", "evaluate_calibration", "list_parts", "format_listing")
+        "evaluate_fewshot", "evaluate_calibration", "evaluate_faceptor", "predict", "list_parts", "format_listing")
 _STAGES = ("rank", "study")  # visrep.rank(models, dataset=...) ranks; visrep.study.plan / run_study / status / report
 
 __all__ = [*_API, *_STAGES, "VisrepError", "ConfigError", "DataError", "TrainingError", "__version__"]

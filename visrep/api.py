@@ -87,6 +87,20 @@ def evaluate_classifier(source: str, **kwargs) -> dict:
     return _classifier(source, **kwargs)
 
 
+def evaluate_faceptor(source: str, **kwargs) -> dict:
+    """Every task of a multi-task face run on its test split; see `visrep.evaluate.faces.evaluate_faceptor`."""
+    from visrep.evaluate.faces import evaluate_faceptor as _faceptor
+
+    return _faceptor(source, **kwargs)
+
+
+def predict(source: str, images: list[str], **kwargs) -> list[dict]:
+    """Every task's prediction of a multi-task face run for image files; see `visrep.evaluate.faces.predict_images`."""
+    from visrep.evaluate.faces import predict_images
+
+    return predict_images(source, images, **kwargs)
+
+
 def evaluate_linear(source: str, **kwargs) -> dict:
     from visrep.evaluate.api import evaluate_linear as _linear
 

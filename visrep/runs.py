@@ -174,7 +174,38 @@ def build_model(cfg: RunConfig, image_size: int, num_outputs: int | None = None,
         from visrep.models.lora import apply_lora
 
         backbone = apply_lora(backbone, ft.lora)
-    return build_template(cfg, image_size, num_outputs, backbone=backbone, tasks=tasks)
+    template = build_template(cfg, image_size, num_outputs, backbone=backbone, tasks=tasks)
+    stage2 = (cfg.task_head or {}).get("stage2")
+    if stage2:  # Faceptor stage 2: the stage-1 run's weights, then only the new levels train
+        if load_init:
+            load_stage1_weights(template, stage2["init"], force=force)
+        template.backbone.requires_grad_(False)
+        template.task_head.freeze_all_but_new_levels()
+    return template
+
+
+def stage1_tasks(source: str, target: str, force: bool = False) -> dict:
+    """The {task: (output, queries)} of a stage-1 multi-task run, checked to hold the stage-2 target task."""
+    _, meta, cfg = load_run(run_path(source, "task_head.stage2.init"), force=force)
+    tasks = meta.get("tasks")
+    if not tasks or cfg.task_head is None or cfg.task_head.get("type", "faceptor") != "faceptor":
+        raise ConfigError(f"task_head.stage2.init: '{source}' is not a Faceptor run (stage 2 extends one)")
+    if target not in tasks:
+        raise ConfigError(f"task_head.stage2.task: '{source}' has no task '{target}' (its tasks: {', '.join(tasks)})")
+    return {n: tuple(v) for n, v in tasks.items()}
+
+
+def load_stage1_weights(template: nn.Module, source: str, force: bool = False) -> None:
+    """Every weight of a stage-1 run (backbone and task head) into a stage-2 template, which differs from it only by
+    its new levels."""
+    tensors, _, _ = load_run(run_path(source, "task_head.stage2.init"), force=force)
+    state = strip_prefix({k: v for k, v in tensors.items() if k.startswith("model.")}, "model.")
+    missing, unexpected = template.load_state_dict(state, strict=False)
+    new = [k for k in missing if k.startswith(("task_head.memory.new_proj.", "task_head.memory.new_level_embed"))]
+    if unexpected or len(new) != len(missing):
+        other = sorted(set(missing) - set(new)) + sorted(unexpected)
+        raise ConfigError(f"task_head.stage2.init: '{source}' does not hold the model this config describes "
+                          f"(e.g. {other[0]}); keep its backbone and task_head settings")
 
 
 def load_init_weights(backbone: nn.Module, source: str, branch: str = "student", force: bool = False) -> None:

@@ -104,12 +104,13 @@ class MultiTaskData:
     targets = None
     label_values = 0
 
-    def __init__(self, datasets: dict, specs: dict, queries: dict[str, int], per_step: dict[str, int] | None = None):
+    def __init__(self, datasets: dict, specs: dict, queries: dict[str, tuple[str, int]],
+                 per_step: dict[str, int] | None = None):
         self.datasets = dict(datasets)
         self.specs = dict(specs)
         self.per_step = dict(per_step) if per_step else None
         self.tasks = {n: (s.output, s.loss, float(s.weight)) for n, s in self.specs.items()}
-        self.queries = {n: (self.specs[n].output, int(q)) for n, q in queries.items()}
+        self.queries = {n: (str(o), int(q)) for n, (o, q) in queries.items()}  # may hold more tasks (stage 2)
         sizes = {ds.image_size for ds in self.datasets.values()}
         if len(sizes) != 1:
             raise ConfigError(f"the tasks' images differ in size ({sorted(sizes)}); set data.image_size")

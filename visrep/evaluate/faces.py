@@ -33,6 +33,13 @@ def _run_of(source, force: bool = False) -> RebuiltRun:
     return run
 
 
+def _scored_tasks(run: RebuiltRun) -> list:
+    """The tasks a run answers for: all of its tasks, or a stage-2 run's target task (its new levels serve it)."""
+    specs = resolve_tasks(run.cfg.tasks)
+    stage2 = (run.cfg.task_head or {}).get("stage2")
+    return [s for s in specs if s.name == stage2["task"]] if stage2 else specs
+
+
 @torch.no_grad()
 def task_outputs(run: RebuiltRun, images: torch.Tensor, names: list[str], *, batch_size: int = 64,
                  device="cpu", attention: bool = False):
@@ -109,7 +116,7 @@ def evaluate_faceptor(source, *, root: str | None = None, image_size: int | None
     t0 = time.perf_counter()
     run = _run_of(source, force)
     dev = resolve_device(device)
-    specs = resolve_tasks(run.cfg.tasks)
+    specs = _scored_tasks(run)
     size = run.image_size if image_size is None else int(image_size)
     results, profiles, shown = {}, {}, {}
     for spec in specs:
@@ -207,7 +214,7 @@ def predict_images(source, images: list[str], *, device: str = "cpu", force: boo
             raise DataError(f"image '{p}' could not be read as an image")
         decoded.append(img)
     x = torch.stack(decoded)
-    specs = resolve_tasks(run.cfg.tasks)
+    specs = _scored_tasks(run)
     outs = task_outputs(run, x, [s.name for s in specs], device=resolve_device(device))
     classes = run.meta.get("task_classes", {})
     rows = [{"image": str(p)} for p in images]

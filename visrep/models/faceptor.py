@@ -320,6 +320,10 @@ class FaceptorHead(nn.Module):
         """Stage 2 of Faceptor: add encoder `levels` to the memory and freeze everything else of the head; returns
         the names of the parameters that stay trainable (the new projections and level embeddings)."""
         self.memory.add_levels(levels)
+        return self.freeze_all_but_new_levels()
+
+    def freeze_all_but_new_levels(self) -> list[str]:
+        """Stage 2's trainable set: the new levels' projections and embeddings; returns their names."""
         for p in self.parameters():
             p.requires_grad_(False)
         names = []
@@ -376,7 +380,7 @@ class NaiveTaskHeads(nn.Module):
         return out
 
 
-TASK_HEAD_DEFAULTS = {"faceptor": {"dim": 256, "depth": 9, "heads": 8, "ffn_dim": 2048, "levels": [-1]},
+TASK_HEAD_DEFAULTS = {"faceptor": {"dim": 256, "depth": 9, "heads": 8, "ffn_dim": 2048, "levels": [-1], "stage2": None},
                       "naive": {"dim": 256, "levels": [-1]}}
 
 
@@ -400,6 +404,15 @@ def check_task_head_spec(spec: dict | None) -> dict | None:
             raise ConfigError(f"task_head.{key} must be a positive integer, got {out[key]!r}")
     if out["dim"] % 4 or ("heads" in out and out["dim"] % out["heads"]):
         raise ConfigError(f"task_head.dim {out['dim']} must be a multiple of 4 and of task_head.heads")
+    stage2 = out.get("stage2")
+    if stage2 is not None:
+        if not isinstance(stage2, dict) or set(stage2) - {"init", "task", "levels"} or \
+                not all(stage2.get(k) for k in ("init", "task", "levels")):
+            raise ConfigError("task_head.stage2 must be {init: STAGE-1 RUN, task: TARGET TASK, levels: [new encoder "
+                              f"levels]}}, got {stage2!r}")
+        new = stage2["levels"]
+        if not isinstance(new, (list, tuple)) or not all(isinstance(v, int) for v in new) or len(set(new)) != len(new):
+            raise ConfigError(f"task_head.stage2.levels must be a list of distinct encoder block indices, got {new!r}")
     levels = out["levels"]
     if not isinstance(levels, (list, tuple)) or not levels or not all(isinstance(v, int) for v in levels) \
             or len(set(levels)) != len(levels):
@@ -410,8 +423,11 @@ def check_task_head_spec(spec: dict | None) -> dict | None:
 def build_task_head(spec: dict, encoder_dim: int, tasks: dict[str, tuple[str, int]]) -> nn.Module:
     """The task head the `task_head:` section names, for these tasks ({name: (output, queries)})."""
     spec = check_task_head_spec(spec)
-    options = {k: v for k, v in spec.items() if k != "type"}
+    options = {k: v for k, v in spec.items() if k not in ("type", "stage2")}
     options["levels"] = tuple(options["levels"])
     if spec["type"] == "naive":
         return NaiveTaskHeads(encoder_dim, tasks, **options)
-    return FaceptorHead(encoder_dim, tasks, **options)
+    head = FaceptorHead(encoder_dim, tasks, **options)
+    if spec.get("stage2"):  # the structure of a stage-2 run: its new levels (weights and freezing: `runs.build_model`)
+        head.memory.add_levels(list(spec["stage2"]["levels"]))
+    return head

@@ -27,7 +27,7 @@ from visrep.data.tasks import load_task_data, num_queries, resolve_tasks
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD, build_views
 from visrep.errors import ConfigError
 from visrep.objectives import build_objective
-from visrep.runs import build_model
+from visrep.runs import build_model, stage1_tasks
 from visrep.train.distributed import DistInfo
 from visrep.train.monitor import OnlineProbe
 from visrep.train.optim import ScheduledOptimizer, build_optimizers
@@ -128,6 +128,12 @@ def load_task_training_data(cfg: RunConfig) -> MultiTaskData:
     d = cfg.data
     specs = resolve_tasks(cfg.tasks)
     datasets, queries = {}, {}
+    stage2 = (cfg.task_head or {}).get("stage2")
+    if stage2:  # Faceptor stage 2: the stage-1 model's tasks (its query tables), trained on the target task only
+        queries = stage1_tasks(stage2["init"], stage2["task"])
+        specs = [s for s in specs if s.name == stage2["task"]]
+        if not specs:
+            raise ConfigError(f"task_head.stage2.task '{stage2['task']}' is not in the tasks: list")
     for spec in specs:
         ds = load_task_data(spec, spec.split, root=d.root, image_size=d.image_size, download=d.download)
         ds = ds.subset(d.subset, cfg.seed)
@@ -135,7 +141,10 @@ def load_task_training_data(cfg: RunConfig) -> MultiTaskData:
             ds = ds.holdout(d.holdout, cfg.seed)[0]
         if d.label_fraction is not None:
             ds = ds.fraction(d.label_fraction, cfg.seed)
-        datasets[spec.name], queries[spec.name] = ds, num_queries(spec, ds)
+        datasets[spec.name] = ds
+        q = (spec.output, num_queries(spec, ds))
+        if tuple(queries.setdefault(spec.name, q)) != q:
+            raise ConfigError(f"task '{spec.name}' is {q} here and {tuple(queries[spec.name])} in the stage-1 run")
     return MultiTaskData(datasets, {s.name: s for s in specs}, queries)
 
 
