@@ -426,3 +426,29 @@ def test_stage_two_trains_only_the_new_levels_of_a_stage_one_run(tmp_path):
                           tasks=[*stage1["tasks"], "mtfl_pose"])
     with pytest.raises(ConfigError, match="has no task 'mtfl_pose'"):
         visrep.pretrain(visrep.resolve(wrong), quiet=True)
+
+
+def test_auxiliary_mode_scales_the_helpers_down():
+    from visrep.objectives import build_objective
+
+    fn = build_objective("faceptor", main_task="age", helper_weight=0.25)
+    fn.set_tasks({"age": ("age_distribution", "dldl", 1.0), "gender": ("classification", "cross_entropy", 1.0),
+                  "race": ("classification", "cross_entropy", 1.0)})
+    assert fn.weights == {"age": 1.0, "gender": 0.125, "race": 0.125}  # 1/2 within classification, then × 0.25
+    with pytest.raises(ConfigError, match="main_task 'pose' is not one of the tasks"):
+        build_objective("faceptor", main_task="pose").set_tasks({"age": ("age_distribution", "dldl", 1.0)})
+
+
+@pytest.mark.filterwarnings("ignore:utkface. skipped")
+def test_a_task_trains_on_a_fraction_of_its_labels_and_the_summary_counts_each_tasks_parameters(tmp_path):
+    full = _faceptor_run(tmp_path, "full", train={"epochs": 1, "max_steps": 1})
+    s_full = visrep.pretrain(visrep.resolve(full), quiet=True)
+    few = _faceptor_run(tmp_path, "few", train={"epochs": 1, "max_steps": 1},
+                        tasks=["utkface_age", "utkface_gender", "mtfl_landmarks",
+                               {"task": "mtfl_smile", "label_fraction": 0.5}])
+    s_few = visrep.pretrain(visrep.resolve(few), quiet=True)
+    assert s_full["train_size"] - s_few["train_size"] == 4  # half of the smile task's 8 faces (class-balanced)
+    head = s_full["parameters"]["task_head"]["breakdown"]
+    assert head["tasks"] == {"utkface_age": 2 * 101 * 16, "utkface_gender": 2 * 2 * 16, "mtfl_landmarks": 2 * 5 * 16,
+                             "mtfl_smile": 2 * 2 * 16}
+    assert s_full["parameters"]["all"]["total"] == sum(v["total"] for k, v in s_full["parameters"].items() if k != "all")

@@ -49,6 +49,7 @@ class TaskSpec:
     queries: int | None = None        # default: from the data (classes, attributes, targets, points; 101 age bins)
     loss: str | None = None           # default: the output type's first loss
     weight: float = 1.0               # λ_t, normalised within its output type (Faceptor)
+    label_fraction: float | None = None  # train on a seeded class-balanced fraction of its labels (low-label)
     split: str = "train"
     test_split: str = "test"
     description: str = ""
@@ -131,6 +132,9 @@ def resolve_tasks(entries) -> list[TaskSpec]:
             raise ConfigError(f"{where}: queries must be a positive integer, got {spec.queries!r}")
         if not isinstance(spec.weight, (int, float)) or spec.weight < 0:
             raise ConfigError(f"{where}: weight must be a number >= 0, got {spec.weight!r}")
+        if spec.label_fraction is not None and not (isinstance(spec.label_fraction, (int, float))
+                                                    and 0 < spec.label_fraction <= 1):
+            raise ConfigError(f"{where}: label_fraction must be in (0, 1], got {spec.label_fraction!r}")
         if not isinstance(spec.options, dict):
             raise ConfigError(f"{where}: options must be a mapping, got {spec.options!r}")
         if any(t.name == spec.name for t in out):

@@ -309,6 +309,12 @@ class FaceptorHead(nn.Module):
                 {"values": self.value(feats)}
         return (out, attention) if return_attention else out
 
+    def parameter_breakdown(self) -> dict:
+        """The head's parameters: what every task shares (memory, decoder, output heads) and each task's own
+        query tables (2·Q·d)."""
+        tasks = {n: self.queries.feat[n].numel() + self.queries.pos[n].numel() for n in self.tasks}
+        return {"shared": sum(p.numel() for p in self.parameters()) - sum(tasks.values()), "tasks": tasks}
+
     def level_profile(self, attention: torch.Tensor) -> torch.Tensor:
         """Layer-Attention profile: the share of the last decoder layer's cross-attention that falls on each
         encoder level, averaged over samples and queries; [B, Q, L·N] weights → [L] (sums to 1)."""
@@ -359,6 +365,11 @@ class NaiveTaskHeads(nn.Module):
                                                nn.Linear(dim, dim), nn.ReLU(inplace=True))
         self.outputs = nn.ModuleDict({n: (nn.Conv2d(dim, q, 1) if o in MAP_OUTPUTS else nn.Linear(dim, q))
                                       for n, (o, q) in self.tasks.items()})
+
+    def parameter_breakdown(self) -> dict:
+        """Each output type's shared trunk, and each task's own output layer."""
+        return {"shared": sum(p.numel() for p in self.trunks.parameters()),
+                "tasks": {n: sum(p.numel() for p in m.parameters()) for n, m in self.outputs.items()}}
 
     def forward(self, backbone: nn.Module, x: torch.Tensor, task_slices: dict | None = None):
         maps, grid = encoder_levels(backbone, x, self.levels)

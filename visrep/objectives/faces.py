@@ -1,5 +1,9 @@
 """Face-task losses of Faceptor (Qin et al. 2024; official code lxq1000/Faceptor, core/model/loss/) and its task
 weighting. Each is a plain function of a task's outputs and labels, usable from plain PyTorch.
+
+Auxiliary supervised learning (Faceptor's AuxSL): `FaceptorLoss(main_task=...)` keeps the main task's weight and
+multiplies every other task's by `helper_weight` (default 0.1): the helpers shape the shared encoder and decoder
+without dominating the loss.
 """
 from __future__ import annotations
 
@@ -131,10 +135,14 @@ class FaceptorLoss(nn.Module):
 
     inputs = ("task_outputs", "task_labels", "task_targets")
 
-    def __init__(self, *, age_sigma: float = 2.0, heatmap_sigma: float = 1.5, type_weights: dict | None = None):
+    def __init__(self, *, age_sigma: float = 2.0, heatmap_sigma: float = 1.5, type_weights: dict | None = None,
+                 main_task: str | None = None, helper_weight: float = 0.1):
         super().__init__()
         if age_sigma <= 0 or heatmap_sigma <= 0:
             raise ConfigError("faceptor: age_sigma and heatmap_sigma must be positive")
+        if not 0 <= helper_weight <= 1:
+            raise ConfigError(f"faceptor: helper_weight must be in [0, 1], got {helper_weight}")
+        self.main_task, self.helper_weight = main_task, float(helper_weight)
         self.age_sigma, self.heatmap_sigma = float(age_sigma), float(heatmap_sigma)
         self.type_weights = dict(type_weights or {})
         self.tasks: dict[str, tuple[str, str]] = {}
@@ -146,7 +154,13 @@ class FaceptorLoss(nn.Module):
         if unknown:
             raise ConfigError(f"faceptor: type_weights names output types no task has: {', '.join(unknown)}")
         self.tasks = {n: (o, loss) for n, (o, loss, _) in tasks.items()}
-        self.weights = task_weights({n: (o, w) for n, (o, _, w) in tasks.items()}, self.type_weights)
+        weights = task_weights({n: (o, w) for n, (o, _, w) in tasks.items()}, self.type_weights)
+        if self.main_task is not None:  # auxiliary supervised learning: the helpers' weights scaled down
+            if self.main_task not in tasks:
+                raise ConfigError(f"faceptor: main_task '{self.main_task}' is not one of the tasks "
+                                  f"({', '.join(tasks)})")
+            weights = {n: w * (1.0 if n == self.main_task else self.helper_weight) for n, w in weights.items()}
+        self.weights = weights
 
     def fit(self, dataset) -> None:
         tasks = getattr(dataset, "tasks", None)

@@ -37,7 +37,8 @@ from visrep.device import resolve_device
 from visrep.train.distributed import any_rank, any_rank_flags, setup_distributed, teardown_distributed
 from visrep.train.monitor import FeatureMonitor
 from visrep.train.runlog import RunLog
-from visrep.train.state import TrainState, build_state, checkpoint_contents, load_state, load_training_data
+from visrep.train.state import (TrainState, build_state, checkpoint_contents, load_state, load_training_data,
+                                parameter_counts)
 
 
 def view_seed(seed: int, step: int, rank: int) -> int:
@@ -280,7 +281,8 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
     summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": state.step,
                "total_steps": total, "train_size": len(train), "epochs_done": state.step / spe,
                "stop_reason": stop_reason, "final_loss": last_loss, "seconds": time.time() - t_start,
-               "loop_seconds": time.time() - t_loop, "history": state.history, "checkpoint": str(ckpt_path)}
+               "loop_seconds": time.time() - t_loop, "history": state.history, "checkpoint": str(ckpt_path),
+               "parameters": parameter_counts(state.model)}
     if dist.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

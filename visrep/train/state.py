@@ -139,8 +139,9 @@ def load_task_training_data(cfg: RunConfig) -> MultiTaskData:
         ds = ds.subset(d.subset, cfg.seed)
         if d.holdout is not None:
             ds = ds.holdout(d.holdout, cfg.seed)[0]
-        if d.label_fraction is not None:
-            ds = ds.fraction(d.label_fraction, cfg.seed)
+        fraction = spec.label_fraction if spec.label_fraction is not None else d.label_fraction
+        if fraction is not None:
+            ds = ds.fraction(fraction, cfg.seed)
         datasets[spec.name] = ds
         q = (spec.output, num_queries(spec, ds))
         if tuple(queries.setdefault(spec.name, q)) != q:
@@ -211,6 +212,23 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
               "classes": train.classes, **({"tasks": tasks, "task_classes": train.task_classes} if tasks else {})},
         monitors_on=probe_on,
         bad_step=torch.tensor(-1, device=device), bad_loss=torch.tensor(0.0, device=device))
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """{part: {"total", "trainable"}} over the template's parts, and the whole; a part that has a
+    `parameter_breakdown()` (e.g. a task head: its shared part and each task's queries) adds it."""
+    out = {}
+    for name, part in model.named_children():
+        params = list(part.parameters())
+        if not params:
+            continue
+        out[name] = {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params
+                                                                               if p.requires_grad)}
+        if hasattr(part, "parameter_breakdown"):
+            out[name]["breakdown"] = part.parameter_breakdown()
+    out["all"] = {"total": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return out
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
