@@ -4,12 +4,12 @@ Every setting trains a ViT-Tiny (64 px, patch 8; from random init, or from `--in
 and every task gets the same number of its own samples per step (`--per-task`), so each task sees as many of its
 images in a joint run as in its single-task run. Settings (per seed):
 
-  single:<task>   one model per task: `faceptor_naive` with that task alone (the encoder + its task's head)
+  single:<task>   one model per task: `faceptor` with that task alone (the encoder, the decoder and its queries)
   naive           Naive Faceptor: one head per output type on one encoder, all seven tasks
   faceptor        Faceptor stage 1: the shared decoder with task queries, all seven tasks
   stage2_age      Faceptor stage 2 for age: the stage-1 run + Layer-Attention on `--stage2-levels`, age data only
   aux_age10       auxiliary mode: all tasks, UTKFace age at 10 % of its labels as the main task (helpers × 0.1)
-  single_age10    single-task age at the same 10 % of the labels
+  single_age10    single-task age at the same 10 % of the labels (the same Faceptor head as aux_age10)
 
 Each finished (setting, seed) is one JSON in `--out-dir` (resumable: a rerun skips them) with every task's test
 metric (`visrep eval faceptor`: MAE for age, accuracy for classes, NME and failure rate for landmarks), the
@@ -50,7 +50,6 @@ def config(args, setting: str, seed: int, out_dir: Path) -> dict:
     if setting.startswith("single"):
         task = "utkface_age" if setting == "single_age10" else setting.split(":", 1)[1]
         tasks = [{"task": task, "label_fraction": 0.1}] if setting == "single_age10" else [task]
-        method, head = "faceptor_naive", {"dim": args.dim, "levels": [-1]}
     elif setting == "naive":
         method, head = "faceptor_naive", {"dim": args.dim, "levels": [-1]}
     elif setting == "stage2_age":

@@ -200,7 +200,12 @@ def load_stage1_weights(template: nn.Module, source: str, force: bool = False) -
     its new levels."""
     tensors, _, _ = load_run(run_path(source, "task_head.stage2.init"), force=force)
     state = strip_prefix({k: v for k, v in tensors.items() if k.startswith("model.")}, "model.")
-    missing, unexpected = template.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = template.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: another backbone or task_head setting
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ConfigError(f"task_head.stage2.init: '{source}' does not hold the model this config describes "
+                          f"({lines[1] if len(lines) > 1 else lines[0]}); keep its backbone and task_head settings") from None
     new = [k for k in missing if k.startswith(("task_head.memory.new_proj.", "task_head.memory.new_level_embed"))]
     if unexpected or len(new) != len(missing):
         other = sorted(set(missing) - set(new)) + sorted(unexpected)

@@ -51,8 +51,8 @@ class TaskBatches:
         for i, (name, ds) in enumerate(self.datasets.items()):
             b = int(per_step[name])
             if b < world_size or b % world_size:
-                raise ConfigError(f"task '{name}': {b} samples per step must be a positive multiple of the "
-                                  f"{world_size} processes")
+                raise ConfigError(f"task '{name}': {b} samples per step (train.batch_size shared by the tasks) must "
+                                  f"be a positive multiple of the {world_size} processes")
             if len(ds) < b:
                 raise ConfigError(f"task '{name}': {b} samples per step, but its dataset holds only {len(ds)} images")
             self.per_step[name] = b
@@ -104,11 +104,9 @@ class MultiTaskData:
     targets = None
     label_values = 0
 
-    def __init__(self, datasets: dict, specs: dict, queries: dict[str, tuple[str, int]],
-                 per_step: dict[str, int] | None = None):
+    def __init__(self, datasets: dict, specs: dict, queries: dict[str, tuple[str, int]]):
         self.datasets = dict(datasets)
         self.specs = dict(specs)
-        self.per_step = dict(per_step) if per_step else None
         self.tasks = {n: (s.output, s.loss, float(s.weight)) for n, s in self.specs.items()}
         self.queries = {n: (str(o), int(q)) for n, (o, q) in queries.items()}  # may hold more tasks (stage 2)
         sizes = {ds.image_size for ds in self.datasets.values()}
@@ -123,13 +121,11 @@ class MultiTaskData:
         return sum(len(ds) for ds in self.datasets.values())
 
     def counts(self, batch_size: int) -> dict[str, int]:
-        """Samples per step of each task: the tasks' own `batch` when given, else an equal share of batch_size."""
-        if self.per_step:
-            return self.per_step
-        share, n = divmod(int(batch_size), len(self.datasets))
-        if share < 1:
-            raise ConfigError(f"train.batch_size {batch_size} is smaller than the {len(self.datasets)} tasks: each "
-                              "step draws at least one sample from every task")
+        """Samples per step of each task: an equal share of train.batch_size (a multiple of the number of tasks)."""
+        share, rest = divmod(int(batch_size), len(self.datasets))
+        if share < 1 or rest:
+            raise ConfigError(f"train.batch_size {batch_size} must be a positive multiple of the {len(self.datasets)} "
+                              "tasks: every step draws the same number of samples from each task")
         return {name: share for name in self.datasets}
 
     def batches(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> TaskBatches:

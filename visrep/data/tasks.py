@@ -10,7 +10,7 @@ with no code, e.g. a class-per-folder dataset as a classification task:
 Output types and what their data must hold:
     classification     class labels (one query per class; cross-entropy)
     multilabel         labels [N, A] in {0, 1, −1 unknown} as regression targets (one query per attribute; BCE)
-    regression         regression targets [N, T] (one query per target; L1 on standardised targets)
+    regression         regression targets [N, T] (one query per target; L1 or MSE on the targets as given)
     age_distribution   an age in years as the one regression target (one query per bin 0..K−1; DLDL-v2)
     landmarks          points as targets [N, 2P]: x1..xP then y1..yP in [0, 1] of the image (one query per point)
 """

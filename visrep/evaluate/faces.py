@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from visrep.data.sources import _decode
+from visrep.data.faces import _decode_square
 from visrep.data.tasks import load_task_data, resolve_tasks
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from visrep.device import resolve_device
@@ -122,6 +122,10 @@ def evaluate_faceptor(source, *, root: str | None = None, image_size: int | None
     for spec in specs:
         ds = load_task_data(spec, spec.test_split, root=root or run.cfg.data.root, image_size=size, download=False)
         ds = ds.subset(test_subset, seed)
+        trained = run.meta.get("task_classes", {}).get(spec.name)
+        if spec.output == "classification" and trained is not None and list(ds.classes) != list(trained):
+            raise DataError(f"task '{spec.name}': the test split's classes {ds.classes} are not the {trained} the "
+                            "run was trained on, so its accuracy would compare the wrong labels")
         got = task_outputs(run, ds.images, [spec.name], batch_size=batch_size, device=dev, attention=True)
         outs, prof = got if isinstance(got, tuple) else (got, {})
         results[spec.name] = {"output": spec.output, "dataset": ds.name, "test_size": len(ds),
@@ -199,27 +203,39 @@ def _figures(path: Path, specs, shown: dict, profiles: dict) -> dict:
 
 
 def predict_images(source, images: list[str], *, device: str = "cpu", force: bool = False) -> list[dict]:
-    """Every task's prediction for each image file: [{"image": path, task: prediction, ...}, ...]. A missing or
-    unreadable image is a one-sentence DataError naming it."""
+    """Every task's prediction for each image file: [{"image": path, task: prediction, ...}, ...]; landmarks as
+    pixel coordinates of the image as given (`points_px`). Images are framed as the face datasets frame theirs
+    (zero-padded to a centred square, resized). A missing or unreadable image is a one-sentence DataError."""
     run = _run_of(source, force)
     if not images:
         raise ConfigError("predict needs at least one image file")
-    decoded = []
+    decoded, frames = [], []
     for p in images:
         path = Path(p).expanduser()
-        if not path.is_file():
+        if path.is_dir():
+            raise DataError(f"'{p}' is a folder, not an image file")
+        if not path.exists():
             raise DataError(f"image '{p}' does not exist")
-        img = _decode(path.read_bytes(), run.image_size)  # uint8, the shorter side to the run's size, centred
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"image '{p}' could not be read ({e.strerror or type(e).__name__})") from None
+        # framed as the face datasets frame their images: zero-padded to a centred square, then resized
+        (img, frame), = _decode_square([data], run.image_size, 1)
         if img is None:
             raise DataError(f"image '{p}' could not be read as an image")
         decoded.append(img)
+        frames.append(frame)
     x = torch.stack(decoded)
     specs = _scored_tasks(run)
     outs = task_outputs(run, x, [s.name for s in specs], device=resolve_device(device))
     classes = run.meta.get("task_classes", {})
     rows = [{"image": str(p)} for p in images]
     for spec in specs:
-        for row, pred in zip(rows, decode_outputs(spec, outs[spec.name], classes.get(spec.name))):
+        for row, pred, (side, left, top) in zip(rows, decode_outputs(spec, outs[spec.name], classes.get(spec.name)),
+                                                frames):
+            if "points" in pred:  # from [0, 1] of the padded square to pixels of the image as given
+                pred = {"points_px": [[round(x * side - left, 1), round(y * side - top, 1)] for x, y in pred["points"]]}
             row[spec.name] = pred
     return rows
 

@@ -241,6 +241,6 @@ def build_template(cfg, image_size: int, num_classes: int | None = None, backbon
     if cfg.task_head is not None:
         if not tasks:
             raise ConfigError("task_head needs the tasks' query counts (a multi-task run's training data)")
-        task_head = build_task_head(cfg.task_head, embed_dim_of(backbone), tasks)
+        task_head = build_task_head(cfg.task_head, embed_dim_of(backbone), tasks, len(backbone.blocks))
     return Template(backbone, projector, predictor, cfg.target.branch, masking, decoder, loss_predictor, classifier,
                     task_head)

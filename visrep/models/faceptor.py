@@ -74,7 +74,8 @@ def encoder_levels(backbone: nn.Module, x: torch.Tensor, levels: list[int]) -> t
     wanted = [lv % depth for lv in levels]
     ordered = sorted(set(wanted))  # timm returns the intermediates in block order, whatever order was asked
     # each level through the encoder's final norm (timm's `norm=True`): levels of different depths on one scale
-    maps = backbone.forward_intermediates(x, indices=ordered, output_fmt="NLC", intermediates_only=True, norm=True)
+    maps = backbone.forward_intermediates(x, indices=ordered, output_fmt="NLC", intermediates_only=True, norm=True,
+                                          stop_early=True)  # the blocks after the deepest level are not run
     by_level = dict(zip(ordered, maps))
     p = patch_size_of(backbone)
     return [by_level[lv] for lv in wanted], (x.shape[-2] // p, x.shape[-1] // p)
@@ -118,7 +119,7 @@ class LayerAttentionMemory(nn.Module):
 
     def forward(self, maps: list[torch.Tensor], grid: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """maps: the tokens of `all_levels`, in that order. Returns (memory [B, L·N, d], its position embedding
-        [1, L·N, d], the last stage-1 level's projected tokens [B, N, d] for the map head)."""
+        [1, L·N, d], the deepest stage-1 level's projected tokens [B, N, d] for the map head)."""
         projs = list(self.proj) + list(self.new_proj)
         embeds = self.level_embed if self.new_level_embed is None else torch.cat([self.level_embed,
                                                                                   self.new_level_embed])
@@ -127,7 +128,8 @@ class LayerAttentionMemory(nn.Module):
         base = self.adapt_pos(sine_2d(*grid, self.dim).to(maps[0]))  # [N, d]
         tokens = [proj(m) for proj, m in zip(projs, maps)]
         pos = torch.cat([base + embeds[i] for i in range(len(tokens))]).unsqueeze(0)
-        return torch.cat(tokens, dim=1), pos, tokens[len(self.levels) - 1]
+        deepest = max(range(len(self.levels)), key=lambda i: self.levels[i])  # the map head reads the last block
+        return torch.cat(tokens, dim=1), pos, tokens[deepest]
 
 
 def _c2_xavier(m: nn.Linear) -> None:
@@ -275,6 +277,9 @@ class FaceptorHead(nn.Module):
     for landmarks (points in [0, 1] image coordinates, by soft-argmax).
     """
 
+    # embeddings rather than weights: not weight-decayed (as visrep's other tokens and position embeddings)
+    no_weight_decay_prefixes = ("queries.", "memory.level_embed", "memory.new_level_embed")
+
     def __init__(self, encoder_dim: int, tasks: dict[str, tuple[str, int]], dim: int = 256, depth: int = 9,
                  heads: int = 8, ffn_dim: int = 2048, levels: tuple = (-1,)):
         super().__init__()
@@ -413,8 +418,10 @@ def check_task_head_spec(spec: dict | None) -> dict | None:
     for key in ("dim", "depth", "heads", "ffn_dim"):
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1):
             raise ConfigError(f"task_head.{key} must be a positive integer, got {out[key]!r}")
-    if out["dim"] % 4 or ("heads" in out and out["dim"] % out["heads"]):
-        raise ConfigError(f"task_head.dim {out['dim']} must be a multiple of 4 and of task_head.heads")
+    if out["dim"] % 4:
+        raise ConfigError(f"task_head.dim must be a multiple of 4 (the 2-D sine position embedding), got {out['dim']}")
+    if "heads" in out and out["dim"] % out["heads"]:
+        raise ConfigError(f"task_head.dim {out['dim']} must be divisible by task_head.heads {out['heads']}")
     stage2 = out.get("stage2")
     if stage2 is not None:
         if not isinstance(stage2, dict) or set(stage2) - {"init", "task", "levels"} or \
@@ -431,14 +438,32 @@ def check_task_head_spec(spec: dict | None) -> dict | None:
     return {"type": kind, **out}
 
 
-def build_task_head(spec: dict, encoder_dim: int, tasks: dict[str, tuple[str, int]]) -> nn.Module:
-    """The task head the `task_head:` section names, for these tasks ({name: (output, queries)})."""
+def build_task_head(spec: dict, encoder_dim: int, tasks: dict[str, tuple[str, int]], depth: int) -> nn.Module:
+    """The task head the `task_head:` section names, for these tasks ({name: (output, queries)}) on an encoder of
+    `depth` blocks. Levels are block indices (negative from the end); the last block must be among them, or the
+    blocks after the deepest level would never train."""
     spec = check_task_head_spec(spec)
     options = {k: v for k, v in spec.items() if k not in ("type", "stage2")}
-    options["levels"] = tuple(options["levels"])
+    levels = _block_indices(options["levels"], depth, "task_head.levels")
+    if depth - 1 not in levels:
+        raise ConfigError(f"task_head.levels {options['levels']} must include the encoder's last block (-1): the "
+                          "blocks after the deepest level read would never train")
+    options["levels"] = tuple(levels)
     if spec["type"] == "naive":
         return NaiveTaskHeads(encoder_dim, tasks, **options)
     head = FaceptorHead(encoder_dim, tasks, **options)
     if spec.get("stage2"):  # the structure of a stage-2 run: its new levels (weights and freezing: `runs.build_model`)
-        head.memory.add_levels(list(spec["stage2"]["levels"]))
+        head.memory.add_levels(_block_indices(spec["stage2"]["levels"], depth, "task_head.stage2.levels"))
     return head
+
+
+def _block_indices(levels, depth: int, where: str) -> list[int]:
+    """Levels as block indices 0..depth−1 (negative ones from the end), each once."""
+    out = []
+    for lv in levels:
+        if not -depth <= lv < depth:
+            raise ConfigError(f"{where}: block {lv} does not exist, the encoder has {depth} blocks (0..{depth - 1})")
+        out.append(lv % depth)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{where} {list(levels)} names a block twice")
+    return out

@@ -306,10 +306,12 @@ class ILLaMA(nn.Module):
         return t[:, :-1], t[:, -1]
 
     def forward_intermediates(self, x: torch.Tensor, indices: list[int], output_fmt: str = "NLC",
-                              intermediates_only: bool = True, norm: bool = False) -> list[torch.Tensor]:
+                              intermediates_only: bool = True, norm: bool = False,
+                              stop_early: bool = True) -> list[torch.Tensor]:
         """The patch tokens [B, n, D] after each block in `indices` (0-based; the class token dropped), as timm's
         ViT `forward_intermediates(..., output_fmt="NLC", intermediates_only=True)` gives them (Faceptor's
-        Layer-Attention reads several levels). Blocks after the last index are not run."""
+        Layer-Attention reads several levels). Blocks after the last index are never run (`stop_early` is accepted
+        for timm's signature)."""
         if output_fmt != "NLC" or not intermediates_only:
             raise ValueError("iLLaMA's forward_intermediates returns NLC patch tokens only")
         depth = len(self.blocks)

@@ -14,6 +14,9 @@ from torch import Tensor, nn
 from visrep.errors import ConfigError
 from visrep.objectives.distributed import float32
 
+# The output types of face tasks (visrep.data.tasks.OUTPUTS holds the same names with their losses; a test checks).
+OUTPUT_TYPES = ("classification", "multilabel", "regression", "age_distribution", "landmarks")
+
 __all__ = ["age_distribution", "expected_age", "dldl_v2_loss", "masked_bce_loss", "landmark_loss",
            "gaussian_heatmaps", "task_weights", "FaceptorLoss"]
 
@@ -47,12 +50,12 @@ def dldl_v2_loss(logits: Tensor, age: Tensor, sigma: float = 2.0, l1_weight: flo
         raise ConfigError(f"age: expected logits [B, K] and ages [B], got {tuple(logits.shape)} and {tuple(age.shape)}")
     k = logits.shape[1]
     bins = torch.arange(k, dtype=torch.float32, device=logits.device)
-    y = age.float().clamp(0, k - 1).unsqueeze(1)
-    q = torch.exp(-((bins - y) ** 2) / (2 * sigma ** 2))
+    y = age.float().unsqueeze(1)
+    q = torch.exp(-((bins - y.clamp(0, k - 1)) ** 2) / (2 * sigma ** 2))  # an age past the last bin: its edge
     q = q / q.sum(dim=1, keepdim=True)
     p = age_distribution(logits)
     kl = (torch.xlogy(q, q) - q * torch.log(p.clamp_min(1e-12))).sum(dim=1).mean()
-    mae = (p @ bins - y.squeeze(1)).abs().mean()
+    mae = (p @ bins - y.squeeze(1)).abs().mean()  # against the true age, as the official code
     return kl + l1_weight * mae
 
 
@@ -87,8 +90,6 @@ def landmark_loss(heatmap_logits: Tensor, points_pred: Tensor, points: Tensor, s
 
         ℓ = (1/BQ) Σ ‖p̂ − p‖₂  +  λ · mean BCE(heatmap, G_σ(p))
     """
-    if points.min() < 0 or points.max() > 1:
-        raise ConfigError("landmarks outside the image: points must lie in [0, 1] image coordinates")
     coord = (points_pred.float() - points.float()).norm(dim=-1).mean()
     target = gaussian_heatmaps(points, heatmap_logits.shape[-2:], sigma)
     return coord + heatmap_weight * F.binary_cross_entropy_with_logits(heatmap_logits.float(), target)
@@ -150,9 +151,13 @@ class FaceptorLoss(nn.Module):
 
     def set_tasks(self, tasks: dict[str, tuple[str, str, float]]) -> None:
         """tasks: {name: (output type, loss, λ_t)}."""
-        unknown = sorted(set(self.type_weights) - {o for o, _, _ in tasks.values()})
+        unknown = sorted(set(self.type_weights) - set(OUTPUT_TYPES))
         if unknown:
-            raise ConfigError(f"faceptor: type_weights names output types no task has: {', '.join(unknown)}")
+            raise ConfigError(f"faceptor: type_weights names unknown output types {', '.join(unknown)}; valid: "
+                              f"{', '.join(OUTPUT_TYPES)}")
+        negative = {k: v for k, v in self.type_weights.items() if not v >= 0}
+        if negative:
+            raise ConfigError(f"faceptor: type_weights must be >= 0, got {negative}")
         self.tasks = {n: (o, loss) for n, (o, loss, _) in tasks.items()}
         weights = task_weights({n: (o, w) for n, (o, _, w) in tasks.items()}, self.type_weights)
         if self.main_task is not None:  # auxiliary supervised learning: the helpers' weights scaled down
@@ -160,6 +165,8 @@ class FaceptorLoss(nn.Module):
                 raise ConfigError(f"faceptor: main_task '{self.main_task}' is not one of the tasks "
                                   f"({', '.join(tasks)})")
             weights = {n: w * (1.0 if n == self.main_task else self.helper_weight) for n, w in weights.items()}
+            if weights[self.main_task] == 0:
+                raise ConfigError(f"faceptor: the main task '{self.main_task}' has weight 0")
         self.weights = weights
 
     def fit(self, dataset) -> None:

@@ -66,13 +66,15 @@ def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_nor
     decay, no_decay = [], []
     seen = set(exclude or ())
     for module in modules:
+        # a part may name more parameters that are embeddings, not weights (e.g. a task head's query tables)
+        embeddings = tuple(getattr(module, "no_weight_decay_prefixes", ()))
         for name, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             # Tokens and position embeddings are not decayed either (timm, MAE, DeiT).
             if exclude_bias_norm and (p.ndim <= 1 or name.endswith(".bias") or name.endswith("token")
-                                      or "pos_embed" in name):
+                                      or "pos_embed" in name or (embeddings and name.startswith(embeddings))):
                 no_decay.append(p)
             else:
                 decay.append(p)

@@ -108,12 +108,12 @@ class TrainState:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def load_training_data(cfg: RunConfig):
+def load_training_data(cfg: RunConfig, saved: dict | None = None, force: bool = False):
     """The training set the config names: subset, held-out part removed, label fraction applied; with `tasks`, one
-    such set per task (`MultiTaskData`)."""
+    such set per task (`MultiTaskData`). saved: a resumed run's checkpoint metadata (what it was built with)."""
     d = cfg.data
     if cfg.tasks is not None:
-        return load_task_training_data(cfg)
+        return load_task_training_data(cfg, saved, force)
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
     train = train.subset(d.subset, cfg.seed)
     if d.holdout is not None:  # the held-out part is for model selection; never trained on
@@ -123,14 +123,16 @@ def load_training_data(cfg: RunConfig):
     return train
 
 
-def load_task_training_data(cfg: RunConfig) -> MultiTaskData:
+def load_task_training_data(cfg: RunConfig, saved: dict | None = None, force: bool = False) -> MultiTaskData:
     """Every task's training split at data.image_size, with data.subset / holdout / label_fraction applied to each."""
     d = cfg.data
     specs = resolve_tasks(cfg.tasks)
     datasets, queries = {}, {}
     stage2 = (cfg.task_head or {}).get("stage2")
     if stage2:  # Faceptor stage 2: the stage-1 model's tasks (its query tables), trained on the target task only
-        queries = stage1_tasks(stage2["init"], stage2["task"])
+        # (a resumed run was built already: its own checkpoint says how, and the stage-1 run may have moved since)
+        queries = {n: tuple(v) for n, v in saved["tasks"].items()} if saved and "tasks" in saved else \
+            stage1_tasks(stage2["init"], stage2["task"], force=force)
         specs = [s for s in specs if s.name == stage2["task"]]
         if not specs:
             raise ConfigError(f"task_head.stage2.task '{stage2['task']}' is not in the tasks: list")
