@@ -1,5 +1,6 @@
 """Faceptor's parts: multi-dataset batches (one sampler per task), and their resume."""
 import doctest
+import json
 from pathlib import Path
 import math
 import importlib
@@ -486,3 +487,24 @@ def test_a_task_trains_on_a_fraction_of_its_labels_and_the_summary_counts_each_t
 def test_multi_task_mistakes_are_one_sentence(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
         visrep.pretrain(visrep.resolve(_faceptor_run(tmp_path, "run", **change)), quiet=True)
+
+
+@pytest.mark.filterwarnings("ignore:utkface. skipped")
+def test_faceptor_trains_under_torchrun_with_two_processes(tmp_path):
+    """Every parameter of the task head and the encoder gets a gradient on every rank (DDP would stop otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    over = _faceptor_run(tmp_path, "ddp", train={"epochs": 1, "deterministic": False})
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(over))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "visrep.cli", "pretrain", "--config", str(config)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["steps"] == 4 and math.isfinite(summary["final_loss"])
