@@ -40,11 +40,14 @@ from torch import nn  # noqa: E402
 
 RUNS = ("visrep_simclr", "visrep_byol", "lightly_simclr", "lightly_byol", "random_init",
         # the A/B arms: each loop with the other side's views (SimCLR only)
-        "visrep_simclr_lightlyviews", "lightly_simclr_visrepviews")
+        "visrep_simclr_lightlyviews", "lightly_simclr_visrepviews",
+        # visrep's SimCLR with the official projection head, batch-normalised output (the preset since B2 found it)
+        "visrep_simclr_bnhead")
 
 
 def parse_run(name: str) -> tuple[str, str, str]:
     """'visrep_simclr_lightlyviews' -> ('visrep', 'simclr', 'lightly'): loop, method, views."""
+    name = name.removesuffix("_bnhead")
     impl, rest = name.split("_", 1)
     method, _, views = rest.partition("_")
     return impl, method, (views[: -len("views")] if views else impl)
@@ -160,14 +163,18 @@ def visrep_config(args, method: str, out_dir: str, plan: dict, views: str = "vis
     return visrep.resolve(cfg)
 
 
-def run_visrep(args, method: str, plan: dict, work: Path, views: str = "visrep") -> dict:
+def run_visrep(args, method: str, plan: dict, work: Path, views: str = "visrep", bn_head: bool = False) -> dict:
     import visrep
     from visrep.runs import load_backbone
 
-    out_dir = work / f"visrep_{method}_{views}views_seed{args.seed}"
+    out_dir = work / f"visrep_{method}_{views}views{'_bnhead' if bn_head else ''}_seed{args.seed}"
     if out_dir.exists():
         shutil.rmtree(out_dir)
     cfg = visrep_config(args, method, str(out_dir), plan, views)
+    if bn_head:  # google-research/simclr's projection head: the output batch-normalised, scale only
+        d = cfg.to_dict()
+        d["projector"] = {**d["projector"], "last_bn": True, "last_bn_center": False}
+        cfg = visrep.resolve(d)
     started = common.now_iso()
     t0 = time.perf_counter()
     summary = visrep.pretrain(cfg, quiet=True)  # the budget clock is visrep's own (train.time_budget_s)
@@ -527,7 +534,7 @@ def one_run(args, name: str, plan: dict, work: Path, train, test) -> dict:
                                         build_backbone("resnet18", cifar_stem=True, width=args.width))
         impl, method, views = parse_run(name)
         if impl == "visrep":
-            res = run_visrep(args, method, plan, work, views)
+            res = run_visrep(args, method, plan, work, views, bn_head=name.endswith("_bnhead"))
         else:
             res = run_lightly(args, method, plan, views)
     rec = res["record"]
@@ -594,6 +601,8 @@ def summarise_seeds(runs_dir: Path, benchmark: str) -> dict:
 
     pairs = {
         "visrep_minus_lightly (the gap)": ("visrep_simclr", "lightly_simclr"),
+        "visrep with the official head minus lightly": ("visrep_simclr_bnhead", "lightly_simclr"),
+        "the official head minus the old head (visrep)": ("visrep_simclr_bnhead", "visrep_simclr"),
         "views, in visrep's loop: lightly views minus visrep views": ("visrep_simclr_lightlyviews", "visrep_simclr"),
         "views, in lightly's loop: lightly views minus visrep views": ("lightly_simclr", "lightly_simclr_visrepviews"),
         "loop, with visrep views: visrep loop minus lightly loop": ("visrep_simclr", "lightly_simclr_visrepviews"),

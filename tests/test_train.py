@@ -254,3 +254,20 @@ def test_width_narrows_the_stages_and_the_stem_keeps_64_channels():
     m = build_backbone("resnet18", width=16, cifar_stem=True)
     assert m.conv1.out_channels == 64 and m.layer1[0].conv1.out_channels == 16
     assert [m.layer4[0].conv1.out_channels, m.num_features] == [128, 128]
+
+
+def test_simclr_projection_head_is_the_official_one():
+    """google-research/simclr's projection_head: Linear(no bias)-BN-ReLU, then Linear(no bias)-BN with scale but no
+    shift (TF batch norm center=False); the shift stays 0 through training."""
+    from visrep.models import build_head
+
+    head = build_head(visrep.resolve({"method": "simclr", "data": {"dataset": "synthetic"}}).projector, 8)
+    kinds = [type(m).__name__ for m in head.net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert head.net[0].bias is None and head.net[3].bias is None
+    last = head.net[4]
+    assert last.weight.requires_grad and not last.bias.requires_grad
+    opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=1.0)
+    head(torch.randn(16, 8)).pow(3).sum().backward()
+    opt.step()
+    assert torch.equal(last.bias, torch.zeros_like(last.bias)) and not torch.equal(last.weight, torch.ones_like(last.weight))

@@ -35,7 +35,10 @@ def _add(name: str, paper: str, **config) -> None:
 
 
 _add("simclr", "SimCLR: Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations",
-     views={"policy": "simclr"}, projector=mlp(2048, 256), predictor=None, target={"branch": "none"},
+     # the official head (google-research/simclr model_util.projection_head): every layer batch-normalised, the
+     # last without bias, ReLU or BN shift
+     views={"policy": "simclr"}, projector=mlp(2048, 256, last_bn=True, last_bn_center=False), predictor=None,
+     target={"branch": "none"},
      objective={"name": "ntxent", "params": {"temperature": 0.2}},
      optim={"name": "lars", "lr": 0.4, "weight_decay": 1e-5})
 

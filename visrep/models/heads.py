@@ -27,10 +27,14 @@ HEADS = Registry("head")
 
 @HEADS.register("mlp")
 class MLPHead(nn.Module):
-    """MLP projector/predictor: (Linear-BN-ReLU) x (num_layers-1), then Linear [+ BN] (SimCLR/BYOL/Barlow style)."""
+    """MLP projector/predictor: (Linear-BN-ReLU) x (num_layers-1), then Linear [+ BN] (SimCLR/BYOL/Barlow style).
+
+    last_bn: a BatchNorm on the output (the last Linear then has no bias); last_bn_affine=False drops its scale and
+    shift (MoCo v3), last_bn_center=False only its shift (SimCLR's official head: TF batch norm with center=False).
+    """
 
     def __init__(self, in_dim: int, *, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
-                 bn: bool = True, last_bn: bool = False, last_bn_affine: bool = True):
+                 bn: bool = True, last_bn: bool = False, last_bn_affine: bool = True, last_bn_center: bool = True):
         super().__init__()
         if num_layers < 1:
             raise ConfigError(f"mlp head needs num_layers >= 1, got {num_layers}")
@@ -44,7 +48,10 @@ class MLPHead(nn.Module):
             dim = hidden_dim
         layers += [nn.Linear(dim, out_dim, bias=not last_bn)]
         if last_bn:
-            layers += [nn.BatchNorm1d(out_dim, affine=last_bn_affine)]
+            norm = nn.BatchNorm1d(out_dim, affine=last_bn_affine)
+            if last_bn_affine and not last_bn_center:  # scale only: the shift stays 0 and is not trained
+                norm.bias.requires_grad_(False)
+            layers += [norm]
         self.net = nn.Sequential(*layers)
         self.out_dim = out_dim
 
