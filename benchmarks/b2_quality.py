@@ -612,8 +612,8 @@ def summarise_seeds(runs_dir: Path, benchmark: str) -> dict:
         "lightly_simclr minus random_init": ("lightly_simclr", "random_init"),
     }
     comparisons = {k: v for k, (a, b) in pairs.items() if (v := paired(a, b)) is not None}
-    settings = {json.dumps({k: v for k, v in r.get("settings", {}).items() if k not in ("seed", "cpu_core")},
-                           sort_keys=True)
+    settings = {json.dumps({k: (os.path.realpath(v) if k == "data" else v)  # one file, spelt from two checkouts
+                            for k, v in r.get("settings", {}).items() if k not in ("seed", "cpu_core")}, sort_keys=True)
                 for by_seed in recs.values() for r in by_seed.values()}
     return {"benchmark": benchmark, "runs_dir": str(runs_dir),
             "summary": {"per_run": per_run, "paired_comparisons": comparisons,
