@@ -263,6 +263,16 @@ VALUE_OUTPUTS = ("classification", "multilabel", "regression", "age_distribution
 MAP_OUTPUTS = ("landmarks",)
 
 
+def _task_rows(tasks: dict, task_slices: dict | None, batch: int):
+    """(task, output type, first row, end row) of every task with rows in the batch (all rows when no slices)."""
+    for name, (output, _) in tasks.items():
+        if task_slices is not None and name not in task_slices:
+            continue
+        lo, hi = task_slices[name] if task_slices is not None else (0, batch)
+        if hi > lo:
+            yield name, output, lo, hi
+
+
 def _map_output(heatmaps: torch.Tensor) -> dict:
     return {"heatmaps": heatmaps, "points": soft_argmax_points(heatmaps)}
 
@@ -300,12 +310,7 @@ class FaceptorHead(nn.Module):
         maps, grid = encoder_levels(backbone, x, self.memory.all_levels)
         memory, pos, last = self.memory(maps, grid)
         out, attention = {}, {}
-        for name, (output, _) in self.tasks.items():
-            if task_slices is not None and name not in task_slices:
-                continue
-            lo, hi = task_slices[name] if task_slices is not None else (0, x.shape[0])
-            if hi <= lo:
-                continue
+        for name, output, lo, hi in _task_rows(self.tasks, task_slices, x.shape[0]):
             qf, qp = self.queries(name, hi - lo)
             feats = self.decoder(qf, qp, memory[lo:hi], pos, return_attention=return_attention)
             if return_attention:
@@ -379,14 +384,9 @@ class NaiveTaskHeads(nn.Module):
     def forward(self, backbone: nn.Module, x: torch.Tensor, task_slices: dict | None = None):
         maps, grid = encoder_levels(backbone, x, self.levels)
         pooled = torch.cat([m.mean(dim=1) for m in maps], dim=1)
-        last = maps[-1]
+        last = maps[self.levels.index(max(self.levels))]  # the deepest level read
         out = {}
-        for name, (output, _) in self.tasks.items():
-            if task_slices is not None and name not in task_slices:
-                continue
-            lo, hi = task_slices[name] if task_slices is not None else (0, x.shape[0])
-            if hi <= lo:
-                continue
+        for name, output, lo, hi in _task_rows(self.tasks, task_slices, x.shape[0]):
             if output in MAP_OUTPUTS:
                 b, n, d = last[lo:hi].shape
                 pix = self.trunks[output](last[lo:hi].transpose(1, 2).reshape(b, d, *grid))
