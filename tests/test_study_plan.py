@@ -36,17 +36,19 @@ def test_a_grid_is_every_combination_in_order_with_the_budget_and_content_ids():
 
 def test_a_run_id_hashes_the_config_as_written_before_the_classifier_section():
     """Sections added later must not change the ids of runs planned before them (their runs would be retrained):
-    an unset `classifier` is left out, and a supervised run's head is hashed where it used to live, `projector`."""
+    unset `classifier`, `tasks` and `task_head` are left out, and a supervised run's head is hashed where it used to
+    live, `projector`."""
     from visrep.study.plan import short_hash
 
     p = plan(study(factors={"method": ["simclr", "supervised"]}))
     for run in p.runs:
-        old = {k: v for k, v in run.config.items() if k not in ("out_dir", "classifier")}
+        old = {k: v for k, v in run.config.items() if k not in ("out_dir", "classifier", "tasks", "task_head")}
         old["train"] = {k: v for k, v in old["train"].items()
                         if k not in ("progress", "log_every", "num_threads", "device")}
         if run.config["classifier"] is not None:
             old["projector"] = run.config["classifier"]
         assert run.id == short_hash(old), run.factors
+
 
 def test_explicit_points_and_an_epoch_or_seconds_budget():
     p = plan({**study(points=[{"method": "simclr"}, {"method": "byol", "views.policy": "simclr"}]),

@@ -64,7 +64,7 @@ def _protocols() -> dict:
 
 # Config sections added after studies were first planned: left out of a run's id while unset, so a study planned
 # before them keeps its run ids (and its finished runs) when visrep gains a section.
-_SECTIONS_ADDED_LATER = ("classifier",)
+_SECTIONS_ADDED_LATER = ("classifier", "tasks", "task_head")
 
 
 def short_hash(obj) -> str:
