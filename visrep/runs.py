@@ -19,7 +19,8 @@ from pathlib import Path
 
 from torch import nn
 
-from visrep.checkpoint import first_non_finite, load_checkpoint, strip_prefix, weights_fingerprint
+from visrep.checkpoint import (first_non_finite, load_checkpoint, read_checkpoint_meta, strip_prefix,
+                               weights_fingerprint)
 from visrep.config import RunConfig, from_dict, upgrade_saved_run
 from visrep.errors import ConfigError, VisrepError
 from visrep.methods import build_template
@@ -184,11 +185,12 @@ def build_model(cfg: RunConfig, image_size: int, num_outputs: int | None = None,
     return template
 
 
-def stage1_tasks(source: str, target: str, force: bool = False) -> dict:
-    """The {task: (output, queries)} of a stage-1 multi-task run, checked to hold the stage-2 target task."""
-    _, meta, cfg = load_run(run_path(source, "task_head.stage2.init"), force=force)
-    tasks = meta.get("tasks")
-    if not tasks or cfg.task_head is None or cfg.task_head.get("type", "faceptor") != "faceptor":
+def stage1_tasks(source: str, target: str) -> dict:
+    """The {task: (output, queries)} of a stage-1 multi-task run, checked to hold the stage-2 target task. Only the
+    checkpoint's header is read here: its weights are read (and verified) once, by `load_stage1_weights`."""
+    meta = read_checkpoint_meta(run_path(source, "task_head.stage2.init"))
+    tasks, head = meta.get("tasks"), upgrade_saved_run(meta.get("config", {}))[0].get("task_head")
+    if not tasks or not head or head.get("type", "faceptor") != "faceptor":
         raise ConfigError(f"task_head.stage2.init: '{source}' is not a Faceptor run (stage 2 extends one)")
     if target not in tasks:
         raise ConfigError(f"task_head.stage2.task: '{source}' has no task '{target}' (its tasks: {', '.join(tasks)})")

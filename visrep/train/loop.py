@@ -181,7 +181,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
     if dist.is_main:
         clean_stale_temps(ckpt_path.parent)  # leftovers of checkpoint writes that a kill interrupted
 
-    train = load_training_data(cfg, saved=resumed[1] if resumed is not None else None, force=force)
+    train = load_training_data(cfg, saved=resumed[1] if resumed is not None else None)
     batches = train.batches(tc.batch_size, cfg.seed, dist.rank, dist.world_size)  # addressed by step
     spe = batches.steps_per_epoch
     state = build_state(cfg, train, spe, device, dist, load_init=resumed is None, force=force)

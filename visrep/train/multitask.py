@@ -9,7 +9,7 @@ from visrep.errors import ConfigError
 from visrep.runs import stage1_tasks
 
 
-def load_task_training_data(cfg: RunConfig, saved: dict | None = None, force: bool = False) -> MultiTaskData:
+def load_task_training_data(cfg: RunConfig, saved: dict | None = None) -> MultiTaskData:
     """Every task's training split at data.image_size, with data.subset / holdout / label_fraction applied to each."""
     d = cfg.data
     specs = resolve_tasks(cfg.tasks)
@@ -18,7 +18,7 @@ def load_task_training_data(cfg: RunConfig, saved: dict | None = None, force: bo
     if stage2:  # Faceptor stage 2: the stage-1 model's tasks (its query tables), trained on the target task only
         # (a resumed run was built already: its own checkpoint says how, and the stage-1 run may have moved since)
         queries = {n: tuple(v) for n, v in saved["tasks"].items()} if saved and "tasks" in saved else \
-            stage1_tasks(stage2["init"], stage2["task"], force=force)
+            stage1_tasks(stage2["init"], stage2["task"])
         specs = [s for s in specs if s.name == stage2["task"]]
         if not specs:
             raise ConfigError(f"task_head.stage2.task '{stage2['task']}' is not in the tasks: list")

@@ -107,12 +107,12 @@ class TrainState:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def load_training_data(cfg: RunConfig, saved: dict | None = None, force: bool = False):
+def load_training_data(cfg: RunConfig, saved: dict | None = None):
     """The training set the config names: subset, held-out part removed, label fraction applied; with `tasks`, one
     such set per task (`MultiTaskData`). saved: a resumed run's checkpoint metadata (what it was built with)."""
     d = cfg.data
     if cfg.tasks is not None:
-        return load_task_training_data(cfg, saved, force)
+        return load_task_training_data(cfg, saved)
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
     train = train.subset(d.subset, cfg.seed)
     if d.holdout is not None:  # the held-out part is for model selection; never trained on
