@@ -274,9 +274,8 @@ class ILLaMA(nn.Module):
             return ("sdpa", None, True)                                 # fused causal kernel, no mask tensor
         return ("sdpa", soft_causal_mask(n, r, device, dtype), False)
 
-    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                       mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch tokens [B, n, D], class token [B, D]), both after the final norm.
+    def _tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None):
+        """The block input [B, n + 1, D] (patches, then the class token), its RoPE cos/sin and the attention mode.
 
         mask [B, L] (True = masked): without `mask_token` only the visible patches enter (MAE; they keep
         their own positions); with it the masked patches are replaced by the token (SimMIM).
@@ -299,7 +298,12 @@ class ILLaMA(nn.Module):
             angles = torch.cat([patch_angles, angles[-1:].unsqueeze(0).expand(B, -1, -1)], dim=1).unsqueeze(1)
         t = torch.cat([t, cls], dim=1)
         mode = self._attention_mode(t.shape[1], t.device, t.dtype)
-        rope = rope_cos_sin(angles, t.dtype)  # once per forward, shared by every block
+        return t, rope_cos_sin(angles, t.dtype), mode  # RoPE once per forward, shared by every block
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch tokens [B, n, D], class token [B, D]), both after the final norm; `mask` as in `_tokens`."""
+        t, rope, mode = self._tokens(x, mask, mask_token)
         for blk in self.blocks:
             t = blk(t, rope, mode)
         t = self.norm(t)
@@ -316,17 +320,7 @@ class ILLaMA(nn.Module):
             raise ValueError("iLLaMA's forward_intermediates returns NLC patch tokens only")
         depth = len(self.blocks)
         want = sorted({i % depth for i in indices})
-        t = self.patch_embed(x)
-        B, D, h, w = t.shape
-        t = t.flatten(2).transpose(1, 2)
-        angles = rope_angles(self._positions(h, w, t.device), self.head_dim, self.rope_base)
-        cls = self.cls_token.to(t.dtype).expand(B, -1, -1)
-        if self.pos_embed is not None:
-            t = t + self._patch_positions(h, w).to(t.dtype)
-            cls = cls + self.pos_embed[:, -1:].to(t.dtype)
-        t = torch.cat([t, cls], dim=1)
-        mode = self._attention_mode(t.shape[1], t.device, t.dtype)
-        rope = rope_cos_sin(angles, t.dtype)
+        t, rope, mode = self._tokens(x)
         out = {}
         for i, blk in enumerate(self.blocks[:want[-1] + 1]):
             t = blk(t, rope, mode)
