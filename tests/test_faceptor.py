@@ -328,6 +328,9 @@ def test_stage_two_trains_only_the_new_levels():
     assert changed == set(trainable)
     profile = head.level_profile(attention["age"])
     assert profile.shape == (3,) and float(profile.sum()) == pytest.approx(1.0, abs=1e-5)
+    weights = attention["age"].detach()  # levels [-1, 0, 1], 16 tokens each, in the memory's order
+    by_hand = [float(weights[..., 16 * i:16 * (i + 1)].sum(-1).mean()) for i in range(3)]
+    assert profile.tolist() == pytest.approx(by_hand, abs=1e-6)
 
 
 def test_the_faceptor_objective_is_the_weighted_mean_of_the_task_losses():
