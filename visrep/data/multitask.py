@@ -106,16 +106,13 @@ class MultiTaskData:
 
     def __init__(self, datasets: dict, specs: dict, queries: dict[str, tuple[str, int]]):
         self.datasets = dict(datasets)
-        self.specs = dict(specs)
-        self.tasks = {n: (s.output, s.loss, float(s.weight)) for n, s in self.specs.items()}
+        self.tasks = {n: (s.output, s.loss, float(s.weight)) for n, s in specs.items()}
         self.queries = {n: (str(o), int(q)) for n, (o, q) in queries.items()}  # may hold more tasks (stage 2)
         sizes = {ds.image_size for ds in self.datasets.values()}
         if len(sizes) != 1:
             raise ConfigError(f"the tasks' images differ in size ({sorted(sizes)}); set data.image_size")
         self.image_size = sizes.pop()
         self.task_classes = {n: list(ds.classes) for n, ds in self.datasets.items()}
-        self.meta = {"tasks": {n: {"dataset": ds.name, "size": len(ds), "fingerprint": ds.meta.get("fingerprint")}
-                               for n, ds in self.datasets.items()}}
 
     def __len__(self) -> int:
         return sum(len(ds) for ds in self.datasets.values())

@@ -175,15 +175,9 @@ def load_task_data(spec: TaskSpec, split: str, *, root=None, image_size: int | N
     return ds
 
 
-def num_queries(spec: TaskSpec, ds: ImageDataset | None = None) -> int:
-    """The task's query count: `queries`, else from the data (classes, attributes, targets, points; 101 age bins).
-    With data given, a count that does not match it (one query per class, target or point) is an error."""
-    if ds is None:
-        if spec.queries is not None:
-            return int(spec.queries)
-        if spec.output == "age_distribution":
-            return 101
-        raise ConfigError(f"task '{spec.name}': the number of queries comes from its data; load it first")
+def num_queries(spec: TaskSpec, ds: ImageDataset) -> int:
+    """The task's query count: `queries`, else from its data (classes, attributes, targets, points; 101 age bins).
+    A count that does not match the data (one query per class, target or point) is an error."""
     if spec.output == "age_distribution":
         return int(spec.queries or 101)  # the bins 0..K-1; older ages count as K-1
     if spec.output == "classification":
