@@ -67,12 +67,8 @@ def encoder_levels(backbone: nn.Module, x: torch.Tensor, levels: list[int]) -> t
     if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "patch_embed"):
         raise ConfigError(f"Faceptor reads the patch tokens of several encoder layers; backbone "
                           f"{type(backbone).__name__} has none (use a ViT or iLLaMA backbone)")
-    depth = len(backbone.blocks)
-    for lv in levels:
-        if not -depth <= lv < depth:
-            raise ConfigError(f"encoder level {lv} does not exist: the backbone has {depth} blocks (0..{depth - 1})")
-    wanted = [lv % depth for lv in levels]
-    ordered = sorted(set(wanted))  # timm returns the intermediates in block order, whatever order was asked
+    wanted = _block_indices(levels, len(backbone.blocks), "encoder levels")
+    ordered = sorted(wanted)  # timm returns the intermediates in block order, whatever order was asked
     # each level through the encoder's final norm (timm's `norm=True`): levels of different depths on one scale
     maps = backbone.forward_intermediates(x, indices=ordered, output_fmt="NLC", intermediates_only=True, norm=True,
                                           stop_early=True)  # the blocks after the deepest level are not run
