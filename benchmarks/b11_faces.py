@@ -1,4 +1,5 @@
-"""B11: one face model for many tasks (Faceptor) against one model per task, on UTKFace and MTFL, CPU scale.
+"""B11-faces (the issue's "B11"; b11_score_speed.py is the older B11): one face model for many tasks (Faceptor)
+against one model per task, on UTKFace and MTFL, CPU scale.
 
 Every setting trains a ViT-Tiny (64 px, patch 8; from random init, or from `--init`) for the same number of steps,
 and every task gets the same number of its own samples per step (`--per-task`), so each task sees as many of its
