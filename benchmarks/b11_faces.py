@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default=None, help="comma list of settings (default: all)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--per-task", type=int, default=16, help="samples of each task per step")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--patch-size", type=int, default=8)

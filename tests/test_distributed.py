@@ -89,6 +89,7 @@ def worker(rank, init_file, out_dir):
             out = {"info": (vd.is_dist(), vd.world_size(), vd.rank())}
             out["cases"] = {name: run_case(name, rank, WORLD) for name in CASES}
             torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.barrier()  # tearing gloo down while the peer is still in a collective aborts the peer
         finally:
             dist.destroy_process_group()
     except Exception:

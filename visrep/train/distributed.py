@@ -33,9 +33,15 @@ def setup_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned)
 
 
-def teardown_distributed(info: DistInfo) -> None:
-    """Destroy the process group if `setup_distributed` created it."""
+def teardown_distributed(info: DistInfo, *, finished: bool = True) -> None:
+    """Destroy the process group if `setup_distributed` created it.
+
+    After a finished run every rank meets at a barrier first: a rank that tears gloo down while its peer is
+    still in its last collective makes the peer abort ("connection closed by peer"). After an error there
+    is no barrier, since the failed peer may never come to it."""
     if info.owns_group and dist.is_initialized():
+        if finished and info.world_size > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -231,6 +231,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
     seen, t_seen = 0, time.time()
     t_loop = time.time()  # train.time_budget_s counts the loop only (not data decoding or model building)
     in_step = False  # True while the weights and `state.step` disagree (no checkpoint may be written then)
+    finished = False  # every rank left the loop normally (then they can meet once more before teardown)
     try:
         state.model.train()
         for step in range(state.step, stop_at):
@@ -270,13 +271,14 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
                 checkpoint(stop_reason if last and stop_reason != "completed" else "epoch")
             if last:
                 break
+        finished = True
     except KeyboardInterrupt:
         if not in_step:
             checkpoint("interrupted", collective=False)
         raise TrainingError(f"interrupted; continue with --resume from the last checkpoint ({ckpt_path})") from None
     finally:
         log.close()
-        teardown_distributed(dist)
+        teardown_distributed(dist, finished=finished)
 
     summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": state.step,
                "total_steps": total, "train_size": len(train), "epochs_done": state.step / spe,
