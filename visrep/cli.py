@@ -173,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="methods | views | masks | backbones | datasets | objectives | heads | decoders | scores | "
                          "tasks | all")
 
+    pk = sub.add_parser("data", help="data tools: pack a dataset into WebDataset shards for streaming")
+    dsub = pk.add_subparsers(dest="verb", required=True)
+    dp = dsub.add_parser("pack", help="write a dataset's splits as WebDataset tar shards (data.dataset=shards streams them)")
+    dp.add_argument("--dataset", required=True, help="a name from `visrep list datasets`")
+    dp.add_argument("--data-dir", default=None, help="the dataset's folder or archive (default: $VISREP_DATA)")
+    dp.add_argument("--dataset-options", default=None, help='dataset options as YAML, e.g. "{task: age}"')
+    dp.add_argument("--out", required=True, help="folder for the shards and index.json")
+    dp.add_argument("--splits", default="train,test", help="comma-separated splits to pack (default: train,test)")
+    dp.add_argument("--shard-size", default="1GB", help="bytes per shard, such as 1GB or 256MB (default 1GB)")
+    dp.add_argument("--max-count", type=int, default=None, help="at most this many samples per shard")
+    dp.add_argument("--resize", type=int, default=None, help="store images with this short side (re-encoded JPEG)")
+    dp.add_argument("--format", default="jpg", choices=["jpg", "png"],
+                    help="encoding of sources held as pixels (CIFAR, faces); folders keep their files' encoding")
+    dp.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    dp.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
+
     pd = sub.add_parser("demo", help="offline demo: SimCLR on bundled digits vs random init (~2 min on 2 cores)")
     pd.add_argument("--out-dir", default="runs/demo")
     pd.add_argument("--epochs", type=int, default=None)
@@ -393,6 +409,21 @@ def run(argv: list[str] | None = None) -> int:
         print(format_table(res), end="")
         if "out" in res:
             print(f"wrote {res['out']}" + (f" and {res['plot']}" if "plot" in res else ""))
+        return 0
+    if args.command == "data":
+        from visrep.data.pack import pack
+        from visrep.data.streaming import INDEX_NAME
+
+        index = pack(args.dataset, args.out, root=args.data_dir, splits=[x for x in args.splits.split(",") if x],
+                     options=_yaml_mapping(args.dataset_options, "--dataset-options"), shard_size=args.shard_size,
+                     max_count=args.max_count, resize=args.resize, image_format=args.format, quality=args.quality,
+                     seed=args.seed, progress=sys.stderr.isatty())
+        for split, e in index["splits"].items():
+            print(f"{split}: {e['n']} samples in {len(e['shards'])} shards ({e['bytes'] / 2**20:.1f} MiB)"
+                  + (f", {len(e['skipped'])} unreadable skipped" if e["skipped"] else ""))
+        first = next(iter(index["splits"].values()))["shards"]
+        print(f"wrote {args.out}/{INDEX_NAME}; train with data.dataset=shards data.root={args.out} "
+              f"(or data.root={args.out}/{first[0].rsplit('-', 1)[0]}-{{000000..{len(first) - 1:06d}}}.tar)")
         return 0
     if args.command == "list":
         print(api.format_listing(args.kind))

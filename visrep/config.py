@@ -48,6 +48,8 @@ class DataConfig:
     holdout: Optional[float] = None    # keep this seeded fraction of every class (stratified) out of training
                                        # (model selection, e.g. rank --truth finetune's lr grid); None: train on all
     download: bool = True              # fetch cifar10/cifar100 when not found (needs internet)
+    workers: Optional[int] = None      # streaming sources (shards, imagefolder stream=true): DataLoader workers that
+                                       # decode while training (None: cores - 1, at most 8; 0: in the training process)
     options: dict = field(default_factory=dict)  # extra source options (e.g. synthetic n, num_classes)
 
 
@@ -430,6 +432,9 @@ def validate(cfg: RunConfig) -> None:
                           "differ from the one eval --label-fraction draws; use one of them")
     if cfg.data.label_fraction is not None and not 0 < cfg.data.label_fraction <= 1:
         raise ConfigError(f"data.label_fraction must be in (0, 1], got {cfg.data.label_fraction}")
+    w = cfg.data.workers
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        raise ConfigError(f"data.workers must be an integer >= 0 (0: decode in the training process), got {w!r}")
     if cfg.target.momentum_schedule not in ("cosine", "linear"):
         raise ConfigError(f"target.momentum_schedule must be cosine or linear, got {cfg.target.momentum_schedule!r}")
     if cfg.target.momentum_epochs is not None and not cfg.target.momentum_epochs > 0:

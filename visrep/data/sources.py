@@ -285,7 +285,9 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     if not isinstance(split, str) or not split:
         raise ConfigError(f"split must be a non-empty string, got {split!r}")
     _warn_ignored_root(name, source, root)
-    ds = source(split=split, root=resolve_root(root), image_size=None if image_size is None else int(image_size),
+    # a source of URLs or brace patterns takes the root as written (a Path would fold "//" and expand nothing)
+    where = (str(root) if root else os.environ.get("VISREP_DATA")) if getattr(source, "raw_root", False) else resolve_root(root)
+    ds = source(split=split, root=where, image_size=None if image_size is None else int(image_size),
                 download=bool(download), **options)
     ds.meta.setdefault("dataset", name)
     ds.meta.setdefault("split", split)
@@ -411,6 +413,26 @@ def cifar100(*, split: str, root: Path | None, image_size: int | None, download:
 
     verify: also check each file's md5 against torchvision's list (reading never runs code either way)."""
     return _cifar("cifar100", split, root, image_size, download, verify)
+
+
+# ----------------------------------------------------------------------------------------------
+# shards (WebDataset tar shards, streamed; visrep.data.streaming)
+# ----------------------------------------------------------------------------------------------
+@SOURCES.register("shards")
+def shards(*, split: str, root, image_size: int | None, download: bool, workers: int | None = None,
+           crop: str = "center", shuffle_block: int = 1024):
+    """WebDataset tar shards streamed while training (`visrep data pack` writes them): root is the pack's folder (its
+    index.json names each split's shards) or a brace pattern such as shards/train-{000000..000146}.tar, local or URL.
+
+    workers: DataLoader workers that decode (default: cores - 1, at most 8; `data.workers` sets it too); crop: center
+    or random (a random-resized crop per sample, seeded); shuffle_block: samples shuffled together within a reader."""
+    from visrep.data.streaming import load_shards
+
+    return load_shards(split=split, root=root, image_size=image_size, workers=workers, crop=crop,
+                       shuffle_block=shuffle_block)
+
+
+shards.raw_root = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,6 +752,25 @@ def _build_imagefolder(src: Path, archive: bool, paths: list | None, split: str,
     }
 
 
+def _stream_folder(src: Path, archive: bool, split: str, image_size: int | None, split_options: dict, workers: int,
+                   crop: str, shuffle_block: int):
+    from visrep.data.streaming import stream_imagefolder
+
+    if archive:
+        raise ConfigError(f"imagefolder: stream=true reads a folder in place; an archive streams once it is packed "
+                          f"into shards (visrep data pack --dataset imagefolder --data-dir {src} --out shards/)")
+    paths, _ = _list_directory(src)
+    if not paths:
+        raise DataError(f"imagefolder: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {src}")
+    selected, classes, info = _layout(paths, split, str(src))
+    selected = _select_split(selected, info, split, str(src), split_options) if selected else selected
+    if not selected:
+        raise DataError(f"imagefolder: no images found for split '{split}' in {src} (expected <class>/<image> under "
+                        f"{info['split_dir']})")
+    return stream_imagefolder(src, split, image_size, selected=selected, classes=classes, info=info,
+                              workers=workers, crop=crop, shuffle_block=shuffle_block)
+
+
 def _archive_stem(src: Path) -> str:
     stem = src.name
     for suf in (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar"):
@@ -740,14 +781,18 @@ def _archive_stem(src: Path) -> str:
 
 @SOURCES.register("imagefolder")
 def imagefolder(*, split: str, root: Path | None, image_size: int | None, download: bool, path: str | None = None,
-                cache: bool = True, workers: int = 1, test_fraction: float | None = None,
-                split_seed: int = 0) -> ImageDataset:
+                cache: bool = True, workers: int | None = None, test_fraction: float | None = None,
+                split_seed: int = 0, stream: bool = False, crop: str = "center",
+                shuffle_block: int = 1024) -> ImageDataset:
     """Class-per-folder images from a directory or a .tar/.tar.gz/.tgz archive (read in place), optional <split>/ level.
 
     A tree with split folders (train/, test/, val/...) serves those splits. A tree of class folders only
     is split "train" as a whole, unless `test_fraction` (e.g. 0.2) makes a seeded (`split_seed`, default 0)
     per-class train/test split of it; its other splits are an error rather than the training images.
     Directory links are followed, each real folder once (cycles and repeats are skipped and reported).
+
+    stream: read a folder too large for memory (ImageNet) in place while training, decoded by `workers` DataLoader
+    workers to `image_size` crops (`crop`: center or random), nothing cached (`visrep.data.streaming`).
     """
     src = Path(path).expanduser() if path else root
     if src is None:
@@ -758,9 +803,12 @@ def imagefolder(*, split: str, root: Path | None, image_size: int | None, downlo
     archive = _is_archive(src)
     if not archive and not src.is_dir():
         raise DataError(f"imagefolder: {src} is neither a folder nor a .tar/.tar.gz/.tgz archive")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"imagefolder option 'workers' must be an integer >= 1, got {workers!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < (0 if stream else 1)):
+        raise ConfigError(f"imagefolder option 'workers' must be an integer >= {0 if stream else 1}, got {workers!r}")
     split_options = _split_options(test_fraction, split_seed)
+    if stream:  # workers: DataLoader workers that decode while training (None: cores - 1, at most 8)
+        return _stream_folder(src, archive, split, image_size, split_options, workers, crop, shuffle_block)
+    workers = workers or 1  # threads that decode once into the cache
 
     paths, skipped_links = None, []
     if archive:  # tar members are read in place; link members are not files and are never followed

@@ -107,7 +107,7 @@ def _prepare(source, *, dataset, root, train_split, test_split, image_size, bran
     if list(train.classes) != list(test.classes):
         raise DataError(f"splits '{train_split}' and '{test_split}' of '{dataset}' have different classes")
     check_evaluable(train, test, dataset, train_split, test_split)
-    native = int(train.images.shape[-1])
+    native = int(train.image_size[1])
     is_checkpoint = Path(str(source)).expanduser().exists()
     # Image size: the caller's, else the checkpoint's recorded one, else the dataset's native size.
     model, info = _load_model(source, image_size if (image_size or is_checkpoint) else native, branch, seed,

@@ -54,7 +54,10 @@ def images_fingerprint(dataset) -> str:
     """BLAKE2b of every byte of the images (and their shape), not of their labels: features do not depend on
     labels, so the tasks of one image set (UTKFace gender / race / age, MTFL smile / glasses / pose) share cache
     entries. Remembered per image tensor for the tensor's lifetime (never in `meta`: subsets copy their parent's
-    meta; datasets are not changed in place); about 1 s per GB."""
+    meta; datasets are not changed in place); about 1 s per GB. A streamed dataset is named by its index instead
+    (its shards, counts and labels), the size and the crop it decodes to."""
+    if getattr(dataset, "streaming", False):
+        return f"stream-{dataset.meta['fingerprint']}-{dataset.size}-{dataset.crop}"
     images = dataset.images
     known = _IMAGE_HASHES.get(id(images))
     if known is not None and known[0]() is images:
@@ -123,8 +126,11 @@ def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device
              progress: bool, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from tqdm.auto import tqdm
 
-    images, labels = dataset.images, dataset.labels
-    n = int(images.shape[0])
+    labels, n = dataset.labels, len(dataset.labels)
+    if getattr(dataset, "streaming", False):  # decoded by the dataset's workers, in stored order
+        chunks_in = (b["images"] for b in dataset.iter_batches(batch_size))
+    else:
+        chunks_in = (dataset.images[start:start + batch_size] for start in range(0, n, batch_size))
     was_training = model.training
     model.eval()
     model.to(device)
@@ -136,9 +142,9 @@ def _compute(model: nn.Module, dataset, image_size: int, batch_size: int, device
     try:
         with tqdm(total=n, desc=f"features {getattr(dataset, 'name', '')}".strip(), unit="img",
                   disable=not show, leave=False) as bar:
-            for start in range(0, n, batch_size):
+            for chunk in chunks_in:
                 with torch.inference_mode():
-                    x = _transform(images[start:start + batch_size], image_size, mean, std)
+                    x = _transform(chunk, image_size, mean, std)
                     x = x.to(device, non_blocking=True)
                     out = model(x if layout is None else x.contiguous(memory_format=layout))
                 if isinstance(out, (tuple, list)):

@@ -114,7 +114,10 @@ def load_training_data(cfg: RunConfig, saved: dict | None = None):
     if cfg.tasks is not None:
         return load_task_training_data(cfg, saved)
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
-    train = train.subset(d.subset, cfg.seed)
+    if getattr(train, "streaming", False) and d.workers is not None:
+        train.workers = int(d.workers)
+    if d.subset is not None or not getattr(train, "streaming", False):
+        train = train.subset(d.subset, cfg.seed)  # a streamed set's subset is read into memory
     if d.holdout is not None:  # the held-out part is for model selection; never trained on
         train = train.holdout(d.holdout, cfg.seed)[0]
     if d.label_fraction is not None:  # low-label protocols (1 %, 10 % of the labels)

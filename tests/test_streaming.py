@@ -1,0 +1,246 @@
+"""Streaming sources: `visrep data pack` shards and image folders read in place (visrep.data.streaming).
+
+What must hold: the decoded pixels are the packed ones; every sample is seen once per epoch across ranks; the order
+is the same for a seed and differs between epochs; a run restarted at step s sees exactly the batches of an
+uninterrupted one (workers, random crops and shuffle blocks included); bad data is counted and skipped with one
+warning line; a missing shard is one sentence; training and evaluation run from the CLI.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from visrep.data.pack import pack, parse_size
+from visrep.data.sources import load_dataset
+from visrep.data.streaming import _Plan, lane_batches, segments
+from visrep.errors import ConfigError, DataError
+
+N = 96
+
+
+def _h(img: torch.Tensor) -> str:
+    return hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "syn"
+    index = pack("synthetic", out, options={"n": N, "num_classes": 4}, max_count=10, image_format="png",
+                 progress=False)
+    return out, index
+
+
+def _stream(root, **kw):
+    kw.setdefault("workers", 0)
+    return load_dataset("shards", kw.pop("split", "train"), str(root), **kw)
+
+
+def test_parse_size():
+    assert parse_size("1GB") == 1 << 30 and parse_size("256MB") == 256 << 20 and parse_size("64K") == 65536
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("lots")
+
+
+def test_pack_index(packed):
+    out, index = packed
+    train = index["splits"]["train"]
+    assert train["n"] == N and sum(train["counts"]) == N and max(train["counts"]) == 10
+    assert len(train["shards"]) == 10 and all((out / s).is_file() for s in train["shards"])
+    assert json.loads((out / "index.json").read_text())["classes"] == ["class0", "class1", "class2", "class3"]
+    # WebDataset layout: <key>.cls, <key>.json, <key>.png per sample
+    with tarfile.open(out / train["shards"][0]) as tf:
+        names = tf.getnames()
+    assert names[:3] == ["train000000000.cls", "train000000000.json", "train000000000.png"]
+    with pytest.raises(ConfigError, match="already holds packed shards"):
+        pack("synthetic", out, options={"n": N}, progress=False)
+
+
+def test_lossless_pixels_and_labels(packed):
+    """PNG shards decoded at their own size give back exactly the source's images, with their labels."""
+    out, _ = packed
+    ref = load_dataset("synthetic", "train", n=N, num_classes=4)
+    want = sorted((_h(img), int(lab)) for img, lab in zip(ref.images, ref.labels))
+    ds = _stream(out)
+    got = []
+    for b in ds.iter_batches(17):
+        got += [(_h(img), int(lab)) for img, lab in zip(b["images"], b["labels"])]
+    assert sorted(got) == want
+    assert [lab for _, lab in got] == ds.labels.tolist()  # iteration is the stored order the index describes
+
+
+def test_plan_arithmetic():
+    # 3 lanes share 7 steps of epoch 0 as steps 0,3,6 | 1,4 | 2,5; epoch 1 starts at step 7 (lane 1)
+    assert lane_batches(7, 3, 0) == [3, 2, 2] and lane_batches(7, 3, 1) == [2, 3, 2]
+    # units of 4, 2, 5 samples read in order [2, 0, 1]: positions 3..8 are unit 2 [3:5], unit 0 [0:4]
+    starts = [0, 5, 9]
+    assert segments(starts, [4, 2, 5], [2, 0, 1], 3, 6) == [(2, 3, 2), (0, 0, 4)]
+    plan = _Plan([10] * 10, local_batch=4, seed=0, rank=1, world=2, lanes=2, block=8)
+    assert plan.steps == 12  # 100 // (2 * 4)
+    # step 13 = epoch 1, batch 1; lane 1; lane 1 serves epoch-1 batches 1, 3, ... (first = 1) -> its 0th batch
+    epoch, lane, pos, lane_start, lane_len = plan.where(13)
+    assert (epoch, lane, pos) == (1, 1, 0)
+    assert lane_start == 1 * 12 * 4 + 6 * 4 and lane_len == 6 * 4
+
+
+def _epoch_hashes(ds, batch, seed, world, epoch=0):
+    seen = []
+    for r in range(world):
+        b = ds.batches(batch, seed, rank=r, world_size=world)
+        for s in range(epoch * b.steps_per_epoch, (epoch + 1) * b.steps_per_epoch):
+            seen += [_h(x) for x in b(s)["images"]]
+        b.close()
+    return seen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_sample_once_per_epoch_across_ranks(packed, workers):
+    out, _ = packed
+    ds = _stream(out, workers=workers)
+    all_images = sorted(_h(b) for batch in ds.iter_batches(32) for b in batch["images"])
+    e0 = _epoch_hashes(ds, 16, seed=3, world=2)          # 96 = 6 steps x 16: nothing dropped
+    assert sorted(e0) == all_images
+    e1 = _epoch_hashes(ds, 16, seed=3, world=2, epoch=1)
+    assert sorted(e1) == all_images and e1 != e0          # each epoch a new order
+    assert _epoch_hashes(ds, 16, seed=3, world=2) == e0   # and the same one for the same seed
+
+
+def test_resume_is_exact(packed):
+    """Steps 5.. read by a fresh reader started at step 5 equal those of an uninterrupted run: 2 workers, random
+    crops, a shuffle block smaller than a lane, across an epoch boundary."""
+    out, _ = packed
+    ds = _stream(out, workers=2, crop="random", shuffle_block=7, image_size=24)
+    full = ds.batches(8, seed=1)
+    whole = [full(s) for s in range(16)]  # 12 steps per epoch
+    full.close()
+    again = ds.batches(8, seed=1)
+    for s in range(5, 16):
+        b = again(s)
+        assert torch.equal(b["images"], whole[s]["images"]) and torch.equal(b["labels"], whole[s]["labels"])
+    again.close()
+    other = ds.batches(8, seed=2)
+    assert not torch.equal(other(0)["images"], whole[0]["images"])
+    other.close()
+
+
+def test_brace_pattern_and_missing_shard(packed, tmp_path):
+    out, index = packed
+    ds = _stream(f"{out}/train-{{000000..000004}}.tar")
+    assert len(ds) == 50 and ds.labels.tolist() == index["splits"]["train"]["labels"][:50]
+    with pytest.raises(DataError, match="shard .*train-000010.tar named by data.root does not exist"):
+        _stream(f"{out}/train-{{000008..000012}}.tar")
+    with pytest.raises(ConfigError, match="unknown split 'val'.*valid splits: test, train"):
+        _stream(out, split="val")
+    with pytest.raises(DataError, match="holds no index.json"):
+        _stream(tmp_path)
+
+
+def test_corrupt_sample_and_truncated_shard(packed, tmp_path):
+    """A sample that does not decode, and the tail of a cut shard, are skipped with one warning; batches keep
+    their size."""
+    out, index = packed
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    names = index["splits"]["train"]["shards"][:3]
+    for name in names:
+        (bad / name).write_bytes((out / name).read_bytes())
+    # corrupt the first image of shard 0: rewrite its .png member with garbage
+    with tarfile.open(out / names[0]) as src, tarfile.open(bad / names[0], "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name.endswith(".png") and m.name.startswith("train000000000"):
+                data = b"not an image"
+                m.size = len(data)
+            dst.addfile(m, __import__("io").BytesIO(data))
+    raw = (bad / names[2]).read_bytes()
+    (bad / names[2]).write_bytes(raw[: len(raw) // 2])  # truncated mid-shard
+    idx = dict(index)
+    e = index["splits"]["train"]
+    idx["splits"] = {"train": {**e, "shards": names, "counts": e["counts"][:3], "labels": e["labels"][:30],
+                               "n": 30, "targets": None}}
+    (bad / "index.json").write_text(json.dumps(idx))
+    ds = _stream(bad)
+    b = ds.batches(10, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = [b(s) for s in range(3)]
+        b.close()
+    assert all(x["images"].shape == (10, 3, 32, 32) for x in batches)
+    assert b.skipped >= 1 + 1  # the corrupt image and at least one sample of the cut shard
+    text = " ".join(str(w.message) for w in caught)
+    assert "could not be read or decoded" in text and "ended before its indexed count" in text
+
+
+def _jpeg_tree(root: Path, n_per_class: int = 6) -> None:
+    from PIL import Image
+
+    ref = load_dataset("synthetic", "train", n=4 * n_per_class * 2, num_classes=4, image_size=40)
+    for split in ("train", "val"):
+        for i, (img, lab) in enumerate(zip(ref.images, ref.labels)):
+            if (i % 2 == 0) != (split == "train"):
+                continue
+            d = root / split / f"n0{int(lab)}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.JPEG", quality=95)
+    (root / "LOC_synset_mapping.txt").write_text("n00 tench, Tinca tinca\nn01 goldfish\nn02 shark\nn03 ray\n")
+
+
+def test_streamed_image_folder(tmp_path):
+    """ImageNet's layout read in place: classes are the sorted synset folders, names from LOC_synset_mapping.txt."""
+    _jpeg_tree(tmp_path)
+    ds = load_dataset("imagefolder", "train", str(tmp_path), image_size=32, stream=True, workers=0)
+    assert ds.classes == ["n00", "n01", "n02", "n03"] and ds.meta["class_names"][0] == "tench, Tinca tinca"
+    per_class = [len(list((tmp_path / "train" / c).iterdir())) for c in ds.classes]
+    assert len(ds) == 24 and torch.bincount(ds.labels, minlength=4).tolist() == per_class
+    b = ds.batches(8, seed=0)
+    x = b(0)
+    assert x["images"].shape == (8, 3, 32, 32) and x["images"].dtype == torch.uint8
+    with pytest.raises(ConfigError, match="set data.image_size"):
+        load_dataset("imagefolder", "train", str(tmp_path), stream=True)
+
+
+def test_streaming_refuses_in_memory_only_options(packed):
+    out, _ = packed
+    ds = _stream(out)
+    with pytest.raises(ConfigError, match="data.label_fraction needs a dataset held in memory"):
+        ds.fraction(0.1)
+    sub = ds.subset(20, seed=0)  # read into memory
+    assert sub.images.shape == (20, 3, 32, 32) and len(set(_h(i) for i in sub.images)) == 20
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "visrep.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_pack_train_resume_eval(tmp_path):
+    """`visrep data pack`, then pretrain from the shards, stop, resume to the end, and kNN-evaluate on the test shards."""
+    r = _cli("data", "pack", "--dataset", "synthetic", "--dataset-options", "{n: 64}", "--out", "sh",
+             "--shard-size", "8K", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "train: 64 samples in" in r.stdout and "data.dataset=shards data.root=sh" in r.stdout
+    common = ["method=simclr", "data.dataset=shards", "data.root=sh", "data.workers=1", "backbone.name=resnet18",
+              "backbone.options={cifar_stem: true, width: 8}", "train.batch_size=16", "train.epochs=2",
+              "train.device=cpu", "monitor.knn_every=0", "monitor.rankme_every=0", "monitor.online_probe=false",
+              "out_dir=run", "train.progress=false"]
+    r = _cli("pretrain", *common, "train.max_steps=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _cli("pretrain", *common, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["stop_reason"] == "completed"
+    r = _cli("eval", "knn", "--model", "run", "--dataset", "shards", "--data-dir", "sh", "--out", "knn.json",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert 0 <= json.loads((tmp_path / "knn.json").read_text())["top1"] <= 1
+    r = _cli("pretrain", *[c for c in common if not c.startswith("data.root")], "data.root=sh/train-{000000..000099}.tar",
+             "out_dir=run2", cwd=tmp_path)
+    assert r.returncode == 2 and "named by data.root does not exist" in r.stderr and "Traceback" not in r.stderr
