@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--data-dir", default=None, help="the dataset's folder or archive (default: $VISREP_DATA)")
     dp.add_argument("--dataset-options", default=None, help='dataset options as YAML, e.g. "{task: age}"')
     dp.add_argument("--out", required=True, help="folder for the shards and index.json")
-    dp.add_argument("--splits", default="train,test", help="comma-separated splits to pack (default: train,test)")
+    dp.add_argument("--splits", default=None,
+                    help="comma-separated splits to pack (default: a folder's split folders, else train,test)")
     dp.add_argument("--shard-size", default="1GB", help="bytes per shard, such as 1GB or 256MB (default 1GB)")
     dp.add_argument("--max-count", type=int, default=None, help="at most this many samples per shard")
     dp.add_argument("--resize", type=int, default=None, help="store images with this short side (re-encoded JPEG)")
@@ -414,7 +415,7 @@ def run(argv: list[str] | None = None) -> int:
         from visrep.data.pack import pack
         from visrep.data.streaming import INDEX_NAME
 
-        index = pack(args.dataset, args.out, root=args.data_dir, splits=[x for x in args.splits.split(",") if x],
+        index = pack(args.dataset, args.out, root=args.data_dir, splits=[x for x in args.splits.split(",") if x] if args.splits else None,
                      options=_yaml_mapping(args.dataset_options, "--dataset-options"), shard_size=args.shard_size,
                      max_count=args.max_count, resize=args.resize, image_format=args.format, quality=args.quality,
                      seed=args.seed, progress=sys.stderr.isatty())

@@ -61,20 +61,21 @@ def _encode(img: np.ndarray, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _resize_bytes(data: bytes, size: int, quality: int) -> bytes | None:
-    """Short side to `size` (aspect kept), re-encoded as JPEG; None if it cannot be decoded."""
+def _resize_bytes(data: bytes, size: int | None, quality: int) -> bytes | None:
+    """Short side to `size` (aspect kept; None: as it is), re-encoded as JPEG; None if it cannot be decoded."""
     from PIL import Image
 
     from visrep.data.sources import PIL_FORMATS
 
     try:
         with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
-            if im.format == "JPEG":
+            if im.format == "JPEG" and size is not None:
                 im.draft("RGB", (size, size))
             im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+            if size is not None:
+                w, h = im.size
+                s = size / min(w, h)
+                im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=quality)
             return buf.getvalue()
@@ -125,13 +126,30 @@ class _ShardSink:
             self._writer = None
 
 
-def _folder_samples(src: Path, split: str, options: dict, resize: int | None, quality: int, seed: int, stats: dict):
-    """(classes, sample iterator) of an image-folder split, from the files' own bytes, in a seeded order."""
+def _folder_splits(src: Path, splits: list[str] | None, options: dict) -> tuple[list, list[str]]:
+    """(the folder's file list, the splits to pack): every asked split checked before anything is written (default:
+    the folder's split folders, or train for a tree of class folders)."""
     from visrep.data import sources as S
 
     paths, _ = S._list_directory(src)
     if not paths:
         raise DataError(f"imagefolder: no image files found in {src}")
+    if splits is None:
+        try:
+            _, _, info = S._layout(paths, "train", str(src))
+        except ConfigError as e:
+            raise ConfigError(f"{e}; name the splits to pack with --splits") from None
+        splits = info["available_splits"] or (["train", "test"] if options.get("test_fraction") else ["train"])
+    for split in splits:
+        S._layout(paths, split, str(src))  # an unknown split is an error now, not after hours of packing
+    return paths, splits
+
+
+def _folder_samples(src: Path, paths: list, split: str, options: dict, resize: int | None, quality: int, seed: int,
+                    stats: dict):
+    """(classes, sample iterator) of an image-folder split, from the files' own bytes, in a seeded order."""
+    from visrep.data import sources as S
+
     selected, classes, info = S._layout(paths, split, str(src))
     split_options = S._split_options(options.get("test_fraction"), options.get("split_seed", 0))
     selected = S._select_split(selected, info, split, str(src), split_options) if selected else selected
@@ -160,7 +178,10 @@ def _folder_samples(src: Path, split: str, options: dict, resize: int | None, qu
                 continue
             ext = "jpg" if ext in ("jpeg", "jpg") else ext
             if ext not in ("jpg", "png", "webp", "bmp", "ppm"):  # stored as read; re-encoded only when unreadable
-                data, ext = _resize_bytes(data, 10**9, quality) or data, "jpg"
+                data, ext = _resize_bytes(data, None, quality), "jpg"
+                if data is None:
+                    stats["skipped"].append(rel)
+                    continue
             yield {"image": data, "ext": ext, "label": cidx[c], "targets": None, "origin": rel}
 
     return classes, len(selected), gen()
@@ -209,25 +230,25 @@ def pack(dataset: str, out: str | os.PathLike, *, root: str | None = None, split
     out.mkdir(parents=True, exist_ok=True)
     if (out / INDEX_NAME).exists() and any(out.glob("*.tar")):
         raise ConfigError(f"{out} already holds packed shards; choose another --out or delete them first")
-    splits = list(splits or ["train", "test"])
     t0 = time.time()
-    folder = None
-    if dataset == "imagefolder" and not options.get("stream"):
+    folder, paths = None, None
+    if dataset == "imagefolder":
+        options.pop("stream", None)  # packing reads the files either way
         src = Path(options.pop("path", "") or (resolve_root(root) or "")).expanduser()
-        from visrep.data.sources import _is_archive
-
         if src.is_dir():
             folder = src
+            paths, splits = _folder_splits(src, list(splits) if splits else None, options)
         elif not src.exists():
             raise DataError(f"imagefolder: {src} does not exist; pass --data-dir pointing at an image folder or archive")
         else:
             options["path"] = str(src)
+    splits = list(splits or ["train", "test"])
     index = {"format": INDEX_FORMAT, "dataset": dataset, "options": options, "resize": resize,
              "image_size": None, "classes": None, "splits": {}, "seed": seed}
     for split in splits:
         stats = {"skipped": []}
         if folder is not None:
-            classes, total, samples = _folder_samples(folder, split, options, resize, quality, seed, stats)
+            classes, total, samples = _folder_samples(folder, paths, split, options, resize, quality, seed, stats)
         else:
             ds = load_dataset(dataset, split, root, image_size=None, download=False, **options)
             classes, total = list(ds.classes), len(ds)
@@ -259,11 +280,15 @@ def pack(dataset: str, out: str | os.PathLike, *, root: str | None = None, split
         index["splits"][split] = {"shards": sink.names, "counts": sink.counts, "n": len(labels), "bytes": sink.bytes,
                                   "labels": labels, "skipped": stats["skipped"][:20],
                                   "targets": None if any(t is None for t in targets) else targets}
-    if folder is not None:
-        index["image_size"] = None  # files keep their sizes: data.image_size says what to decode to
-        index["source"] = str(folder.resolve())
-    index["seconds"] = round(time.time() - t0, 2)
+        if folder is not None:
+            index["image_size"] = None  # files keep their sizes: data.image_size says what to decode to
+            index["source"] = str(folder.resolve())
+        index["seconds"] = round(time.time() - t0, 2)
+        _write_index(out, index)  # after every split: a split already packed is never lost
+    return index
+
+
+def _write_index(out: Path, index: dict) -> None:
     tmp = out / f".{INDEX_NAME}.tmp"
     tmp.write_text(json.dumps(index))
     os.replace(tmp, out / INDEX_NAME)
-    return index

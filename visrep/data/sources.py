@@ -420,16 +420,17 @@ def cifar100(*, split: str, root: Path | None, image_size: int | None, download:
 # ----------------------------------------------------------------------------------------------
 @SOURCES.register("shards")
 def shards(*, split: str, root, image_size: int | None, download: bool, workers: int | None = None,
-           crop: str = "center", shuffle_block: int = 1024):
+           crop: str = "center", shuffle_block: int = 1024, lanes: int = 8):
     """WebDataset tar shards streamed while training (`visrep data pack` writes them): root is the pack's folder (its
     index.json names each split's shards) or a brace pattern such as shards/train-{000000..000146}.tar, local or URL.
 
     workers: DataLoader workers that decode (default: cores - 1, at most 8; `data.workers` sets it too); crop: center
-    or random (a random-resized crop per sample, seeded); shuffle_block: samples shuffled together within a reader."""
+    or random (a random-resized crop per sample, seeded); shuffle_block: samples shuffled together within a lane;
+    lanes: the parallel readers the data order is defined by (fixed, so a resume with other workers sees the same)."""
     from visrep.data.streaming import load_shards
 
     return load_shards(split=split, root=root, image_size=image_size, workers=workers, crop=crop,
-                       shuffle_block=shuffle_block)
+                       shuffle_block=shuffle_block, lanes=lanes)
 
 
 shards.raw_root = True
@@ -753,7 +754,7 @@ def _build_imagefolder(src: Path, archive: bool, paths: list | None, split: str,
 
 
 def _stream_folder(src: Path, archive: bool, split: str, image_size: int | None, split_options: dict, workers: int,
-                   crop: str, shuffle_block: int):
+                   crop: str, shuffle_block: int, lanes: int):
     from visrep.data.streaming import stream_imagefolder
 
     if archive:
@@ -768,7 +769,7 @@ def _stream_folder(src: Path, archive: bool, split: str, image_size: int | None,
         raise DataError(f"imagefolder: no images found for split '{split}' in {src} (expected <class>/<image> under "
                         f"{info['split_dir']})")
     return stream_imagefolder(src, split, image_size, selected=selected, classes=classes, info=info,
-                              workers=workers, crop=crop, shuffle_block=shuffle_block)
+                              workers=workers, crop=crop, shuffle_block=shuffle_block, lanes=lanes)
 
 
 def _archive_stem(src: Path) -> str:
@@ -783,7 +784,7 @@ def _archive_stem(src: Path) -> str:
 def imagefolder(*, split: str, root: Path | None, image_size: int | None, download: bool, path: str | None = None,
                 cache: bool = True, workers: int | None = None, test_fraction: float | None = None,
                 split_seed: int = 0, stream: bool = False, crop: str = "center",
-                shuffle_block: int = 1024) -> ImageDataset:
+                shuffle_block: int = 1024, lanes: int = 8) -> ImageDataset:
     """Class-per-folder images from a directory or a .tar/.tar.gz/.tgz archive (read in place), optional <split>/ level.
 
     A tree with split folders (train/, test/, val/...) serves those splits. A tree of class folders only
@@ -807,7 +808,7 @@ def imagefolder(*, split: str, root: Path | None, image_size: int | None, downlo
         raise ConfigError(f"imagefolder option 'workers' must be an integer >= {0 if stream else 1}, got {workers!r}")
     split_options = _split_options(test_fraction, split_seed)
     if stream:  # workers: DataLoader workers that decode while training (None: cores - 1, at most 8)
-        return _stream_folder(src, archive, split, image_size, split_options, workers, crop, shuffle_block)
+        return _stream_folder(src, archive, split, image_size, split_options, workers, crop, shuffle_block, lanes)
     workers = workers or 1  # threads that decode once into the cache
 
     paths, skipped_links = None, []

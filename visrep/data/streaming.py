@@ -8,16 +8,20 @@ What is streamed is a list of *units*, each a known number of samples in a store
 `visrep data pack` (WebDataset layout: `<key>.jpg`, `<key>.cls`, `<key>.json`), or chunks of an image folder's
 file list. `index.json` beside the shards names them with their counts and labels.
 
-The order of an epoch (deterministic for a seed; W = world size, L = lanes = max(1, data.workers)):
+The order of an epoch (deterministic for a seed; W = world size, L = `lanes`, 8 by default, whatever the workers):
   1. the units are permuted by (seed, epoch) and read as one virtual sequence of N samples;
   2. rank r takes the contiguous range [r·S·b, (r+1)·S·b) of it, S = N // (W·b) steps of b samples per rank
      (the last N - S·W·b samples are dropped, like drop_last);
   3. step s of the run is lane s mod L's next batch: each lane reads its own contiguous part of the rank's range,
      shuffled in blocks of `shuffle_block` samples (each block permuted by (seed, epoch, rank, lane, block)).
+     DataLoader worker i of K reads the steps ≡ start + i (mod K), keeping one reader per lane it meets.
+An image folder read in place is random access, so its epoch order is one permutation of all files by (seed, epoch)
+instead of units and blocks.
 So every sample is seen once per epoch across ranks, each reader touches few units, and the batch of any step can
 be recomputed from the step alone: a resumed run continues from the exact sample, re-reading at most one block
 of the lane it resumes in (plus the skipped members' headers of that unit). Guarantee: for the same seed, world
-size, data.workers, shuffle_block and shards, a resumed run trains on exactly the batches of an uninterrupted one.
+size, lanes, shuffle_block and shards, a resumed run trains on exactly the batches of an uninterrupted one, with any
+number of workers.
 
 Bad data: a sample that does not decode, or the rest of a truncated shard, is counted and its slot is filled with
 another image of the same batch (batches keep their size, so ranks stay in step); one warning line per reader. A
@@ -67,7 +71,8 @@ def expand_pattern(pattern: str) -> list[str]:
     """Brace notation as WebDataset writes it: `shards/train-{000000..000146}.tar` (the `braceexpand` package)."""
     from braceexpand import braceexpand
 
-    return list(braceexpand(pattern))
+    return [u if is_url(u) else str(Path(u[len("file://"):] if u.startswith("file://") else u).expanduser())
+            for u in braceexpand(pattern)]
 
 
 def _decode_fixed(data: bytes, size: int, crop: str, rng: random.Random | None) -> torch.Tensor | None:
@@ -140,6 +145,8 @@ class UnitReader:
             if sample is False:  # the shard ended early: truncated or shorter than its index says
                 if unit.url not in self.truncated:
                     self.truncated.append(unit.url)
+                    warnings.warn(f"shard {unit.url} ended after {self._pos} of its {unit.count} indexed samples "
+                                  "(truncated?); the missing ones are skipped", stacklevel=2)
                 out += [None] * (start + n - max(self._pos, start))
                 self._pos = start + n
                 break
@@ -180,9 +187,9 @@ class UnitReader:
         except (tarfile.TarError, OSError, EOFError):
             return None
 
-    def _next_sample(self, keep: bool):
+    def _next_sample(self, keep: bool, only: tuple | None = None):
         """The next sample (grouped by key, WebDataset style), or False when the shard ends; data is read only when
-        `keep` (a skipped sample costs its headers)."""
+        `keep` (a skipped sample costs its headers), and then only the members `only` names (None: all)."""
         key, fields = None, {}
         while True:
             m = self._pending if self._pending is not None else self._members()
@@ -200,7 +207,7 @@ class UnitReader:
                 self._pending = m  # the first member of the next sample
                 break
             key = k
-            if keep:
+            if keep and (only is None or ext.lower() in only):
                 try:
                     f = self._tar.extractfile(m)
                     fields[ext.lower()] = f.read() if f is not None else b""
@@ -208,11 +215,13 @@ class UnitReader:
                     return False
         if not keep:
             return None
-        return _parse_sample(key, fields)
+        return _parse_sample(key, fields, need_image=only is None)
 
 
-def _parse_sample(key: str, fields: dict):
+def _parse_sample(key: str, fields: dict, need_image: bool = True):
     image = next((fields[e] for e in ("jpg", "jpeg", "png", "webp", "ppm", "bmp") if e in fields), None)
+    if image is None and not need_image:
+        image = b""
     if image is None:
         return None
     try:
@@ -280,7 +289,8 @@ class _Plan:
         return step % self.lanes
 
     def where(self, step: int):
-        """(epoch, lane, block index, position in the block's permutation order, lane range start, lane length)."""
+        """(epoch, lane, position of the batch's first sample in the lane, lane start in the epoch's sequence, lane
+        length)."""
         epoch, j = divmod(step, self.steps)
         lane = step % self.lanes
         per_lane = lane_batches(self.steps, self.lanes, epoch)
@@ -307,7 +317,12 @@ class StreamingDataset:
     streaming = True
 
     def __init__(self, units: list[Unit], labels, classes: list[str], name: str, image_size: int, *, targets=None,
-                 meta: dict | None = None, workers: int | None = None, crop: str = "center", shuffle_block: int = 1024):
+                 meta: dict | None = None, workers: int | None = None, crop: str = "center", shuffle_block: int = 1024,
+                 lanes: int = 8, random_access: bool = False):
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+            raise ConfigError(f"streaming option 'lanes' must be a positive integer, got {lanes!r}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ConfigError(f"streaming option 'workers' must be an integer >= 0, got {workers!r}")
         if crop not in CROPS:
             raise ConfigError(f"streaming option 'crop' must be one of {', '.join(CROPS)}, got {crop!r}")
         if isinstance(shuffle_block, bool) or not isinstance(shuffle_block, int) or shuffle_block < 1:
@@ -320,7 +335,7 @@ class StreamingDataset:
                             f"{len(self.labels)} labels")
         self.size = int(image_size)
         self.workers = default_workers() if workers is None else int(workers)
-        self.crop, self.shuffle_block = crop, int(shuffle_block)
+        self.crop, self.shuffle_block, self.lanes, self.random_access = crop, int(shuffle_block), int(lanes), random_access
         self.meta = dict(meta or {})
         self.meta.setdefault("fingerprint", self._fingerprint())
         self.meta["streaming"] = True
@@ -355,8 +370,16 @@ class StreamingDataset:
     # in stored order (evaluation: features of every sample once)
     def iter_batches(self, batch_size: int):
         """{"images", "labels", "targets"} batches of every sample in stored order (the last one may be short)."""
-        loader = _loader(_StoredOrder(self, batch_size), self.workers, pin=False)
-        yield from loader
+        it = iter(_loader(_StoredOrder(self, batch_size), self.workers, pin=False))
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except (DataError, OSError, RuntimeError) as e:
+                raise worker_error(e, f"{self.name}: reading its images failed") from None
+            batch.pop("skipped", None)
+            yield batch
 
     def subset(self, n: int | None, seed: int = 0):
         """`n` seeded random samples read into memory (an `ImageDataset`): a kNN bank, a probe's training subset."""
@@ -454,29 +477,31 @@ class _TrainStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        i, lanes = (0, 1) if info is None else (info.id, info.num_workers)
+        i, workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan, ds = self.plan, self.ds
-        if lanes != plan.lanes:
-            raise RuntimeError(f"{lanes} loader workers for a plan of {plan.lanes} lanes")
-        collate, reader = _Collator(ds), UnitReader()
-        block_key, block = None, None
+        collate = _Collator(ds)
+        lanes: dict[int, list] = {}  # lane -> [reader, (epoch, block), block samples]
         step = self.start + i
         try:
             while True:
                 epoch, lane, pos, lane_start, lane_len = plan.where(step)
+                state = lanes.setdefault(lane, [UnitReader(), None, None])
                 samples, seeds = [], []
                 for p in range(pos, pos + plan.b):
-                    q, r = divmod(p, plan.block)
-                    if block_key != (epoch, lane, q):
-                        block_key, block = (epoch, lane, q), self._read_block(reader, epoch, lane, lane_start,
-                                                                              lane_len, q)
-                    samples.append(block[r])
+                    if ds.random_access:  # a folder: one permutation of every file per epoch
+                        samples.append(self._read_position(state[0], epoch, lane_start + p))
+                    else:
+                        q, r = divmod(p, plan.block)
+                        if state[1] != (epoch, q):
+                            state[1], state[2] = (epoch, q), self._read_block(state[0], epoch, lane, lane_start,
+                                                                             lane_len, q)
+                        samples.append(state[2][r])
                     seeds.append(hash_seed(plan.seed, epoch, lane_start + p))
                 yield collate(samples, seeds)
-                step += lanes
+                step += workers
         finally:
-            reader.close()
-            _warn_truncated(ds, reader)
+            for reader, _, _ in lanes.values():
+                reader.close()
 
     def _read_block(self, reader, epoch, lane, lane_start, lane_len, q):
         plan = self.plan
@@ -487,15 +512,18 @@ class _TrainStream(torch.utils.data.IterableDataset):
         perm = block_permutation(n, plan.seed, epoch, plan.rank, lane, q)
         return [raw[k] for k in perm]
 
+    def _read_position(self, reader, epoch, position):
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(hash_seed(self.plan.seed, "files", epoch) & (2**63 - 1))
+            self._perm, self._perm_epoch = torch.randperm(len(self.ds), generator=g), epoch
+            self._starts = np.concatenate([[0], np.cumsum([u.count for u in self.ds.units])[:-1]]).tolist()
+        k = int(self._perm[position])
+        u = bisect.bisect_right(self._starts, k) - 1
+        return reader.read(self.ds.units[u], k - self._starts[u], 1)[0]
+
 
 def hash_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha1("/".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
-def _warn_truncated(ds, reader) -> None:
-    if reader.truncated:
-        warnings.warn(f"{ds.name}: shard {reader.truncated[0]} ended before its indexed count (truncated?); "
-                      f"its missing samples were skipped ({len(reader.truncated)} shard(s))", stacklevel=2)
 
 
 class _StoredOrder(torch.utils.data.IterableDataset):
@@ -520,21 +548,25 @@ class _StoredOrder(torch.utils.data.IterableDataset):
                 yield collate(samples, None)
         finally:
             reader.close()
-            _warn_truncated(self.ds, reader)
+
+
+def worker_error(e: Exception, what: str) -> Exception:
+    """A DataError of one sentence from an error of a DataLoader worker (which arrives wrapped in its traceback);
+    other errors of the loader (a crashed worker) are RuntimeErrors and are passed on as they are."""
+    text = str(e).strip()
+    if isinstance(e, DataError) and "Original Traceback" not in text:
+        return e
+    if isinstance(e, DataError) or "DataError" in text or isinstance(e, OSError):
+        last = text.splitlines()[-1] if text else type(e).__name__
+        return DataError(f"{what}: {last.split('Error: ', 1)[-1]}")
+    return e
 
 
 def _loader(dataset, workers: int, pin: bool):
     kw = dict(batch_size=None, num_workers=workers, pin_memory=pin)
     if workers > 0:
-        kw.update(prefetch_factor=2, persistent_workers=False, multiprocessing_context=_mp_context())
+        kw.update(prefetch_factor=2, persistent_workers=False)  # the platform's start method (fork on Linux)
     return torch.utils.data.DataLoader(dataset, **kw)
-
-
-def _mp_context():
-    import multiprocessing as mp
-
-    # fork is fast and safe before any thread pool of the training process has work to share; elsewhere spawn
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 class StreamBatches:
@@ -544,9 +576,8 @@ class StreamBatches:
     def __init__(self, ds: StreamingDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world_size} processes")
-        lanes = max(1, ds.workers)
         self.ds, self.workers = ds, ds.workers
-        self.plan = _Plan([u.count for u in ds.units], batch_size // world_size, seed, rank, world_size, lanes,
+        self.plan = _Plan([u.count for u in ds.units], batch_size // world_size, seed, rank, world_size, ds.lanes,
                           ds.shuffle_block)
         self.steps_per_epoch = self.plan.steps
         if self.steps_per_epoch == 0:
@@ -560,13 +591,9 @@ class StreamBatches:
             self._it = iter(_loader(_TrainStream(self.ds, self.plan, step), self.workers, pin))
         try:
             batch = next(self._it)
-        except Exception as e:  # noqa: BLE001 -- a worker's error arrives wrapped in its traceback: keep its sentence
+        except (DataError, OSError, RuntimeError) as e:
             self.close()
-            if isinstance(e, DataError) and "Original Traceback" not in str(e):
-                raise
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise DataError(f"{self.ds.name}: reading the batch of step {step} failed: "
-                            f"{last.split(': ', 1)[-1] if 'Error: ' in last else last}") from None
+            raise worker_error(e, f"{self.ds.name}: reading the batch of step {step} failed") from None
         self._next = step + 1
         self.skipped += int(batch.pop("skipped", 0))
         return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -621,13 +648,14 @@ def _local(url: str) -> Path | None:
 
 
 def _scan_shard(url: str) -> tuple[int, list[int], list]:
-    """(count, labels, targets) of one local shard without an index: one pass over it (decodes no image)."""
+    """(count, labels, targets) of one local shard without an index: one pass over its headers and label members
+    (images are skipped unread)."""
     reader, labels, targets = UnitReader(), [], []
     unit = Unit(url, 1 << 62)
     try:
         reader._open(unit)
         while True:
-            s = reader._next_sample(keep=True)
+            s = reader._next_sample(keep=True, only=("cls", "json"))  # labels only: images are skipped unread
             if s is False:
                 break
             labels.append(-1 if s is None else s[2])
@@ -638,7 +666,7 @@ def _scan_shard(url: str) -> tuple[int, list[int], list]:
 
 
 def load_shards(*, split: str, root, image_size: int | None, workers: int | None = None, crop: str = "center",
-                shuffle_block: int = 1024) -> StreamingDataset:
+                shuffle_block: int = 1024, lanes: int = 8) -> StreamingDataset:
     if root is None or str(root) == "":
         raise DataError("dataset 'shards' needs data.root: the folder `visrep data pack` wrote, or a brace pattern "
                         "such as shards/train-{000000..000009}.tar")
@@ -687,7 +715,7 @@ def load_shards(*, split: str, root, image_size: int | None, workers: int | None
     meta = {"source": root, "split": split, "n_skipped": 0, "shards": len(units), "dataset": "shards",
             "packed_from": (index or {}).get("dataset")}
     return StreamingDataset(units, labels, classes, f"shards/{split}", size, targets=targets, meta=meta,
-                            workers=workers, crop=crop, shuffle_block=shuffle_block)
+                            workers=workers, crop=crop, shuffle_block=shuffle_block, lanes=lanes)
 
 
 def _entry_for(index: dict, urls: list[str]) -> dict | None:
@@ -714,9 +742,10 @@ def _index_labels(index: dict, entry: dict, base: str):
 
 
 def stream_imagefolder(src: Path, split: str, image_size: int | None, *, selected: list, classes: list[str],
-                       info: dict, workers: int | None, crop: str, shuffle_block: int) -> StreamingDataset:
-    """A large class-per-folder tree (ImageNet's train/<synset>/*.JPEG, val/<synset>/) read in place: the files of the
-    split in one seeded shuffled order (so every unit mixes classes), cut into units of FOLDER_UNIT files."""
+                       info: dict, workers: int | None, crop: str, shuffle_block: int, lanes: int) -> StreamingDataset:
+    """A large class-per-folder tree (ImageNet's train/<synset>/*.JPEG, val/<synset>/) read in place. Stored order (the
+    order of evaluation): the files in one fixed shuffled order, cut into units of FOLDER_UNIT files; training reads
+    them in a new permutation every epoch (random access)."""
     size = _check_size(f"imagefolder {src} with stream=true", image_size, None)
     cidx = {c: i for i, c in enumerate(classes)}
     selected = sorted(selected, key=lambda cp: "/".join(cp[1]))
@@ -730,7 +759,7 @@ def stream_imagefolder(src: Path, split: str, image_size: int | None, *, selecte
     if names:
         meta["class_names"] = names
     return StreamingDataset(units, labels, classes, f"{src.name}/{split}", size, meta=meta, workers=workers,
-                            crop=crop, shuffle_block=shuffle_block)
+                            crop=crop, shuffle_block=shuffle_block, lanes=lanes, random_access=True)
 
 
 def _synset_names(src: Path, classes: list[str]) -> list[str] | None:

@@ -278,6 +278,8 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
         raise TrainingError(f"interrupted; continue with --resume from the last checkpoint ({ckpt_path})") from None
     finally:
         log.close()
+        if hasattr(batches, "close"):  # a streaming source's DataLoader workers
+            batches.close()
         teardown_distributed(dist, finished=finished)
 
     summary = {"out_dir": str(out_dir), "method": cfg.method, "backbone": cfg.backbone.name, "steps": state.step,
@@ -285,6 +287,8 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
                "stop_reason": stop_reason, "final_loss": last_loss, "seconds": time.time() - t_start,
                "loop_seconds": time.time() - t_loop, "history": state.history, "checkpoint": str(ckpt_path),
                "parameters": parameter_counts(state.model)}
+    if hasattr(batches, "skipped"):  # streamed samples that could not be read (their slots took other images)
+        summary["data_skipped"] = int(batches.skipped)
     if dist.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
