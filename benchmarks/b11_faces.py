@@ -117,6 +117,31 @@ def run_one(args, setting: str, seed: int) -> dict:
             "final_loss": summary["final_loss"], "recipe": cfg.to_dict(), "machine": common.machine_info()}
 
 
+def baselines(args) -> dict:
+    """What a model that ignores the image scores, from the training split alone: the majority class, the median age
+    (the constant of least MAE), the mean landmark shape. A setting at this level has learned nothing."""
+    from visrep.data.tasks import TASKS as SPECS, load_task_data
+    from visrep.evaluate.regression import landmark_nme
+
+    out = {}
+    for name in TASKS:
+        spec = SPECS.get(name)
+        tr = load_task_data(spec, "train", root=args.data, image_size=args.image_size)
+        te = load_task_data(spec, "test", root=args.data, image_size=args.image_size)
+        if spec.output == "classification":
+            majority = int(tr.labels.bincount().argmax())
+            out[name] = {"metric": "accuracy", "accuracy": float((te.labels == majority).double().mean()),
+                         "rule": f"majority class '{tr.classes[majority]}'"}
+        elif spec.output == "age_distribution":
+            med = float(tr.targets[:, 0].median())
+            out[name] = {"metric": "mae", "mae": float((te.targets[:, 0] - med).abs().mean()),
+                         "rule": f"median training age {med:.0f}"}
+        else:
+            mean = tr.targets.mean(0, keepdim=True).expand_as(te.targets)
+            out[name] = {"metric": "nme", **landmark_nme(mean, te.targets), "rule": "mean training shape"}
+    return out
+
+
 def summarise(out_dir: Path) -> dict:
     from scipy import stats
 
@@ -149,6 +174,9 @@ def summarise(out_dir: Path) -> dict:
                                             ("parameters", "model_bytes_fp32", "checkpoint_bytes", "train_seconds")}
     out = {"benchmark": "B11 joint vs single-task vs naive face models (UTKFace + MTFL, ViT-Tiny 64 px, CPU)",
            "table": table, "cost": cost, "runs": len(recs), "updated_utc": common.now_iso()}
+    base = out_dir / "baselines.json"
+    if base.is_file():  # the image-blind scores every setting must beat
+        out["image_blind_baselines"] = json.loads(base.read_text())["tasks"]
     _figure(table, out_dir.parent / "b11_faces.png")
     return out
 
@@ -211,6 +239,8 @@ def main(argv=None) -> None:
         s = make_init(args, args.make_init)
         print(f"MAE init: {s['steps']} steps, final loss {s['final_loss']:.4f} -> {args.make_init}")
         return
+    if not args.summarise and not (out_dir / "baselines.json").is_file():
+        common.write_json(out_dir / "baselines.json", {"tasks": baselines(args), "machine": common.machine_info()})
     if not args.summarise:
         common.set_threads(args.threads)
         wanted = args.only.split(",") if args.only else settings()
