@@ -139,6 +139,14 @@ def _run_lock(out_dir: Path):
         lock.release()
 
 
+def elastic_restart() -> bool:
+    """True in workers that torchrun restarted (`--max-restarts`): TORCHELASTIC_RESTART_COUNT counts the restarts."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
 def _open_checkpoint(cfg: RunConfig, ckpt_path: Path, resume: bool, force: bool):
     """The checkpoint to resume from, verified before anything is built or written (None for a new run)."""
     if ckpt_path.exists() and not resume:
@@ -172,6 +180,11 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
         torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "checkpoints" / "last.safetensors"
+    if elastic_restart() and ckpt_path.exists() and not resume:
+        # torchrun --max-restarts restarted the workers after a failure: continue from the last checkpoint
+        if dist.is_main and not quiet:
+            print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of an elastic job: resuming from {ckpt_path}")
+        resume = True
     resumed = _open_checkpoint(cfg, ckpt_path, resume, force)
     if resumed is not None:
         done = _finished(resumed[1], cfg)
