@@ -20,7 +20,7 @@ import torch
 
 from visrep.data.pack import pack, parse_size
 from visrep.data.sources import load_dataset
-from visrep.data.streaming import _Plan, lane_batches, segments
+from visrep.data.streaming import _Plan, segments
 from visrep.errors import ConfigError, DataError
 
 N = 96
@@ -77,17 +77,18 @@ def test_lossless_pixels_and_labels(packed):
 
 
 def test_plan_arithmetic():
-    # 3 lanes share 7 steps of epoch 0 as steps 0,3,6 | 1,4 | 2,5; epoch 1 starts at step 7 (lane 1)
-    assert lane_batches(7, 3, 0) == [3, 2, 2] and lane_batches(7, 3, 1) == [2, 3, 2]
     # units of 4, 2, 5 samples read in order [2, 0, 1]: positions 3..8 are unit 2 [3:5], unit 0 [0:4]
-    starts = [0, 5, 9]
-    assert segments(starts, [4, 2, 5], [2, 0, 1], 3, 6) == [(2, 3, 2), (0, 0, 4)]
-    plan = _Plan([10] * 10, local_batch=4, seed=0, rank=1, world=2, lanes=2, block=8)
-    assert plan.steps == 12  # 100 // (2 * 4)
-    # step 13 = epoch 1, batch 1; lane 1; lane 1 serves epoch-1 batches 1, 3, ... (first = 1) -> its 0th batch
-    epoch, lane, pos, lane_start, lane_len = plan.where(13)
-    assert (epoch, lane, pos) == (1, 1, 0)
-    assert lane_start == 1 * 12 * 4 + 6 * 4 and lane_len == 6 * 4
+    assert segments([0, 5, 9], [4, 2, 5], [2, 0, 1], 3, 6) == [(2, 3, 2), (0, 0, 4)]
+    # N = 100, B = 8, L = 4 streams: c = 2 per stream per step, S = 12 steps, stream j holds [24j, 24j + 24)
+    plan = _Plan([10] * 10, batch_size=8, seed=0, world=2, lanes=4, block=5)
+    assert (plan.c, plan.steps, plan.group, plan.groups_per_epoch) == (2, 12, 2, 6)  # G = 5 // 2 steps per block
+    assert list(plan.streams(1)) == [2, 3]
+    # step 17 = epoch 1, step 5 of it: group 2 of epoch 1 (global group 8), which holds steps 16 and 17
+    assert plan.group_of(17) == 8 and plan.group_steps(8) == (1, 2, 16, 2)
+    assert plan.block(1, 3, 2, 2) == (3 * 24 + 2 * 2 * 2, 4)  # stream 3's block of group 2: 4 samples
+    assert _Plan([10] * 10, 8, 0, 1, 4, 5).steps == 12  # the same order whatever the world size
+    with pytest.raises(ConfigError, match="must divide the 4 streams"):
+        _Plan([10] * 10, 24, 0, 3, 4, 5)
 
 
 def _epoch_hashes(ds, batch, seed, world, epoch=0):
@@ -112,11 +113,27 @@ def test_every_sample_once_per_epoch_across_ranks(packed, workers):
     assert _epoch_hashes(ds, 16, seed=3, world=2) == e0   # and the same one for the same seed
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_batches_do_not_depend_on_the_world_size(packed, workers):
+    """Rank r of W holds rows [r·B/W, (r+1)·B/W) of the one-process batch of the same step, for W = 1, 2, 4."""
+    out, _ = packed
+    ds = _stream(out, workers=workers, shuffle_block=8)
+    one = ds.batches(16, seed=5)
+    ref = [one(s)["images"] for s in range(8)]  # across the epoch boundary (6 steps per epoch)
+    one.close()
+    for world in (2, 4):
+        parts = [ds.batches(16, seed=5, rank=r, world_size=world) for r in range(world)]
+        for s in range(8):
+            assert torch.equal(torch.cat([p(s)["images"] for p in parts]), ref[s]), (world, s)
+        for p in parts:
+            p.close()
+
+
 def test_resume_is_exact(packed):
     """Steps 5.. read by a fresh reader started at step 5 equal those of an uninterrupted run: 2 workers, random
     crops, a shuffle block smaller than a lane, across an epoch boundary."""
     out, _ = packed
-    ds = _stream(out, workers=2, crop="random", shuffle_block=7, image_size=24, lanes=3)
+    ds = _stream(out, workers=2, crop="random", shuffle_block=7, image_size=24, lanes=4)
     full = ds.batches(8, seed=1)
     whole = [full(s) for s in range(16)]  # 12 steps per epoch
     full.close()

@@ -420,13 +420,14 @@ def cifar100(*, split: str, root: Path | None, image_size: int | None, download:
 # ----------------------------------------------------------------------------------------------
 @SOURCES.register("shards")
 def shards(*, split: str, root, image_size: int | None, download: bool, workers: int | None = None,
-           crop: str = "center", shuffle_block: int = 1024, lanes: int = 8):
+           crop: str = "center", shuffle_block: int = 1024, lanes: int | None = None):
     """WebDataset tar shards streamed while training (`visrep data pack` writes them): root is the pack's folder (its
     index.json names each split's shards) or a brace pattern such as shards/train-{000000..000146}.tar, local or URL.
 
     workers: DataLoader workers that decode (default: cores - 1, at most 8; `data.workers` sets it too); crop: center
     or random (a random-resized crop per sample, seeded); shuffle_block: samples shuffled together within a lane;
-    lanes: the parallel readers the data order is defined by (fixed, so a resume with other workers sees the same)."""
+    lanes: the streams the data order is cut into (default gcd(batch, 8); ranks own whole streams, so the order is the
+    same on any number of processes dividing it, and with any workers)."""
     from visrep.data.streaming import load_shards
 
     return load_shards(split=split, root=root, image_size=image_size, workers=workers, crop=crop,
@@ -784,7 +785,7 @@ def _archive_stem(src: Path) -> str:
 def imagefolder(*, split: str, root: Path | None, image_size: int | None, download: bool, path: str | None = None,
                 cache: bool = True, workers: int | None = None, test_fraction: float | None = None,
                 split_seed: int = 0, stream: bool = False, crop: str = "center",
-                shuffle_block: int = 1024, lanes: int = 8) -> ImageDataset:
+                shuffle_block: int = 1024, lanes: int | None = None) -> ImageDataset:
     """Class-per-folder images from a directory or a .tar/.tar.gz/.tgz archive (read in place), optional <split>/ level.
 
     A tree with split folders (train/, test/, val/...) serves those splits. A tree of class folders only

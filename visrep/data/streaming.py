@@ -8,20 +8,21 @@ What is streamed is a list of *units*, each a known number of samples in a store
 `visrep data pack` (WebDataset layout: `<key>.jpg`, `<key>.cls`, `<key>.json`), or chunks of an image folder's
 file list. `index.json` beside the shards names them with their counts and labels.
 
-The order of an epoch (deterministic for a seed; W = world size, L = `lanes`, 8 by default, whatever the workers):
-  1. the units are permuted by (seed, epoch) and read as one virtual sequence of N samples;
-  2. rank r takes the contiguous range [r·S·b, (r+1)·S·b) of it, S = N // (W·b) steps of b samples per rank
-     (the last N - S·W·b samples are dropped, like drop_last);
-  3. step s of the run is lane s mod L's next batch: each lane reads its own contiguous part of the rank's range,
-     shuffled in blocks of `shuffle_block` samples (each block permuted by (seed, epoch, rank, lane, block)).
-     DataLoader worker i of K reads the steps ≡ start + i (mod K), keeping one reader per lane it meets.
-An image folder read in place is random access, so its epoch order is one permutation of all files by (seed, epoch)
-instead of units and blocks.
-So every sample is seen once per epoch across ranks, each reader touches few units, and the batch of any step can
-be recomputed from the step alone: a resumed run continues from the exact sample, re-reading at most one block
-of the lane it resumes in (plus the skipped members' headers of that unit). Guarantee: for the same seed, world
-size, lanes, shuffle_block and shards, a resumed run trains on exactly the batches of an uninterrupted one, with any
-number of workers.
+The order of an epoch is arithmetic of the step, the same for any number of processes and workers (the idea of
+MosaicML Streaming's canonical nodes). B = global batch, L = `lanes` streams (default gcd(B, 8)), c = B / L:
+  1. the units are permuted by (seed, epoch) and read as one virtual sequence of N samples; S = N // B steps;
+  2. stream j holds the contiguous positions [j·S·c, (j+1)·S·c) (the last N - S·B samples are dropped, like
+     drop_last), shuffled in blocks of G·c samples, G = max(1, shuffle_block // c) steps (each block permuted by
+     (seed, epoch, stream, block));
+  3. the global batch of step s is c samples of every stream, in stream order; rank r of W reads the streams
+     [r·L/W, (r+1)·L/W), so its rows are the same rows of the same global batch whatever W is;
+  4. DataLoader worker k of K reads the groups of G steps ≡ k (mod K) and hands over a group at a time.
+An image folder read in place is random access, so its epoch sequence is one permutation of all files by (seed,
+epoch) and needs no block shuffle.
+So every sample is seen once per epoch across ranks, each rank reads only its own streams, and the batch of any step
+can be recomputed from the step: a resumed run continues from the exact sample, re-reading at most one block per
+stream. Guarantee: for the same seed, batch size, lanes, shuffle_block and shards, a run trains on the same global
+batches, uninterrupted or resumed, on any number of processes (that divides L) and workers.
 
 Bad data: a sample that does not decode, or the rest of a truncated shard, is counted and its slot is filled with
 another image of the same batch (batches keep their size, so ranks stay in step); one warning line per reader. A
@@ -33,6 +34,7 @@ import bisect
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import tarfile
@@ -241,12 +243,6 @@ def unit_order(n_units: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_units, generator=g).tolist()
 
 
-def lane_batches(steps: int, lanes: int, epoch: int) -> list[int]:
-    """How many of an epoch's `steps` batches each lane serves (global step s belongs to lane s mod lanes)."""
-    first = epoch * steps
-    return [len(range((lane - first) % lanes, steps, lanes)) for lane in range(lanes)]
-
-
 def segments(starts: list[int], counts: list[int], order: list[int], a: int, n: int) -> list[tuple[int, int, int]]:
     """(unit, offset, length) pieces of virtual positions [a, a+n) when units are read in `order`
     (`starts[i]`: position of order[i]'s first sample)."""
@@ -263,52 +259,66 @@ def segments(starts: list[int], counts: list[int], order: list[int], a: int, n: 
     return out
 
 
-def block_permutation(size: int, seed: int, epoch: int, rank: int, lane: int, block: int) -> list[int]:
-    h = int.from_bytes(hashlib.sha1(f"{seed}/{epoch}/{rank}/{lane}/{block}".encode()).digest()[:8], "little")
+def block_permutation(size: int, seed: int, epoch: int, stream: int, group: int) -> list[int]:
+    h = hash_seed(seed, epoch, stream, group)
     g = torch.Generator().manual_seed(h & (2**63 - 1))
     return torch.randperm(size, generator=g).tolist()
 
 
-class _Plan:
-    """Where each step's samples are: the arithmetic of the module docstring for one (seed, rank, world, lanes)."""
+def hash_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha1("/".join(map(str, parts)).encode()).digest()[:8], "little")
 
-    def __init__(self, counts: list[int], local_batch: int, seed: int, rank: int, world: int, lanes: int, block: int):
-        self.counts, self.b, self.seed, self.rank, self.world, self.lanes, self.block = \
-            counts, local_batch, seed, rank, world, lanes, block
+
+def default_lanes(batch_size: int) -> int:
+    return math.gcd(int(batch_size), 8)
+
+
+class _Plan:
+    """Where each step's samples are (the arithmetic of the module docstring). N samples, global batch B, L streams:
+    c = B / L samples of every stream per step, S = N // B steps per epoch, stream j holds the virtual positions
+    [j·S·c, (j+1)·S·c) of the epoch, read in groups of G = max(1, shuffle_block // c) steps (one block per stream)."""
+
+    def __init__(self, counts: list[int], batch_size: int, seed: int, world: int, lanes: int, block: int):
+        if batch_size % lanes:
+            raise ConfigError(f"train.batch_size {batch_size} must be a multiple of the {lanes} streams of the data "
+                              f"order (data.options.lanes)")
+        if lanes % world:
+            raise ConfigError(f"the {world} processes must divide the {lanes} streams of the data order (each rank "
+                              f"reads whole streams); set data.options.lanes to a multiple of {world} that divides "
+                              f"train.batch_size {batch_size}")
+        self.counts, self.seed, self.world, self.lanes = counts, int(seed), world, lanes
+        self.c = batch_size // lanes
         self.n = sum(counts)
-        self.steps = self.n // (world * local_batch)
+        self.steps = self.n // batch_size
+        self.group = max(1, int(block) // self.c)
+        self.groups_per_epoch = -(-self.steps // self.group) if self.steps else 0
         self._epoch, self._order, self._starts = None, None, None
 
-    def _set_epoch(self, epoch: int) -> None:
+    def streams(self, rank: int) -> range:
+        per = self.lanes // self.world
+        return range(rank * per, (rank + 1) * per)
+
+    def group_of(self, step: int) -> int:
+        epoch, i = divmod(step, self.steps)
+        return epoch * self.groups_per_epoch + i // self.group
+
+    def group_steps(self, gid: int) -> tuple[int, int, int, int]:
+        """(epoch, group in the epoch, its first global step, how many steps it holds)."""
+        epoch, g = divmod(gid, self.groups_per_epoch)
+        return epoch, g, epoch * self.steps + g * self.group, min(self.group, self.steps - g * self.group)
+
+    def block(self, epoch: int, stream: int, g: int, n_steps: int) -> tuple[int, int]:
+        """(first virtual position, length) of stream `stream`'s block for group g of the epoch."""
+        return stream * self.steps * self.c + g * self.group * self.c, n_steps * self.c
+
+    def block_segments(self, epoch: int, start: int, n: int):
         if epoch != self._epoch:
             self._order = unit_order(len(self.counts), self.seed, epoch)
             self._starts = np.concatenate([[0], np.cumsum([self.counts[u] for u in self._order])[:-1]]).tolist()
             self._epoch = epoch
-
-    def lane_of(self, step: int) -> int:
-        return step % self.lanes
-
-    def where(self, step: int):
-        """(epoch, lane, position of the batch's first sample in the lane, lane start in the epoch's sequence, lane
-        length)."""
-        epoch, j = divmod(step, self.steps)
-        lane = step % self.lanes
-        per_lane = lane_batches(self.steps, self.lanes, epoch)
-        first = (lane - epoch * self.steps) % self.lanes
-        k = (j - first) // self.lanes  # this batch is the lane's k-th of the epoch
-        lane_start = self.rank * self.steps * self.b + sum(per_lane[:lane]) * self.b
-        return epoch, lane, k * self.b, lane_start, per_lane[lane] * self.b
-
-    def block_segments(self, epoch: int, lane_start: int, lane_len: int, q: int):
-        self._set_epoch(epoch)
-        a = q * self.block
-        n = min(self.block, lane_len - a)
-        return segments(self._starts, self.counts, self._order, lane_start + a, n), n
+        return segments(self._starts, self.counts, self._order, start, n)
 
 
-# ----------------------------------------------------------------------------------------------
-# the dataset
-# ----------------------------------------------------------------------------------------------
 class StreamingDataset:
     """A dataset whose images stay on disk (or behind URLs); labels and targets are known up front (from the
     index), images are decoded by the batches' workers. It offers what the loop and the evaluations use of an
@@ -318,8 +328,8 @@ class StreamingDataset:
 
     def __init__(self, units: list[Unit], labels, classes: list[str], name: str, image_size: int, *, targets=None,
                  meta: dict | None = None, workers: int | None = None, crop: str = "center", shuffle_block: int = 1024,
-                 lanes: int = 8, random_access: bool = False):
-        if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+                 lanes: int | None = None, random_access: bool = False):
+        if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
             raise ConfigError(f"streaming option 'lanes' must be a positive integer, got {lanes!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise ConfigError(f"streaming option 'workers' must be an integer >= 0, got {workers!r}")
@@ -335,7 +345,7 @@ class StreamingDataset:
                             f"{len(self.labels)} labels")
         self.size = int(image_size)
         self.workers = default_workers() if workers is None else int(workers)
-        self.crop, self.shuffle_block, self.lanes, self.random_access = crop, int(shuffle_block), int(lanes), random_access
+        self.crop, self.shuffle_block, self.lanes, self.random_access = crop, int(shuffle_block), lanes, random_access
         self.meta = dict(meta or {})
         self.meta.setdefault("fingerprint", self._fingerprint())
         self.meta["streaming"] = True
@@ -470,60 +480,60 @@ class _Collator:
 
 
 class _TrainStream(torch.utils.data.IterableDataset):
-    """Worker i of L yields the batches of steps start + i, start + i + L, ...: always one lane's batches."""
+    """Worker k of K yields the groups first_group + k, + K, ...: each item is (first step, [this rank's batches of
+    the group's steps]), built from one block of each of the rank's streams."""
 
-    def __init__(self, ds: StreamingDataset, plan: _Plan, start: int):
-        self.ds, self.plan, self.start = ds, plan, start
+    def __init__(self, ds: StreamingDataset, plan: _Plan, rank: int, first_group: int):
+        self.ds, self.plan, self.rank, self.first_group = ds, plan, rank, first_group
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        i, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        k, workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan, ds = self.plan, self.ds
         collate = _Collator(ds)
-        lanes: dict[int, list] = {}  # lane -> [reader, (epoch, block), block samples]
-        step = self.start + i
+        readers = {j: UnitReader() for j in plan.streams(self.rank)}
+        gid = self.first_group + k
         try:
             while True:
-                epoch, lane, pos, lane_start, lane_len = plan.where(step)
-                state = lanes.setdefault(lane, [UnitReader(), None, None])
-                samples, seeds = [], []
-                for p in range(pos, pos + plan.b):
-                    if ds.random_access:  # a folder: one permutation of every file per epoch
-                        samples.append(self._read_position(state[0], epoch, lane_start + p))
-                    else:
-                        q, r = divmod(p, plan.block)
-                        if state[1] != (epoch, q):
-                            state[1], state[2] = (epoch, q), self._read_block(state[0], epoch, lane, lane_start,
-                                                                             lane_len, q)
-                        samples.append(state[2][r])
-                    seeds.append(hash_seed(plan.seed, epoch, lane_start + p))
-                yield collate(samples, seeds)
-                step += workers
+                epoch, g, first, n = plan.group_steps(gid)
+                blocks = {j: self._read_block(readers[j], epoch, j, g, n) for j in readers}
+                batches = []
+                for t in range(n):
+                    samples, seeds = [], []
+                    for j, (block, starts) in blocks.items():
+                        samples += block[t * plan.c:(t + 1) * plan.c]
+                        seeds += [hash_seed(plan.seed, epoch, p) for p in starts[t * plan.c:(t + 1) * plan.c]]
+                    batches.append(collate(samples, seeds))
+                yield first, batches
+                gid += workers
         finally:
-            for reader, _, _ in lanes.values():
+            for reader in readers.values():
                 reader.close()
 
-    def _read_block(self, reader, epoch, lane, lane_start, lane_len, q):
-        plan = self.plan
-        pieces, n = plan.block_segments(epoch, lane_start, lane_len, q)
+    def _read_block(self, reader, epoch, j, g, n):
+        """The block's samples in their shuffled order, and the virtual position of each (seeds its random crop)."""
+        plan, ds = self.plan, self.ds
+        start, size = plan.block(epoch, j, g, n)
+        if ds.random_access:  # a folder: one permutation of every file per epoch, so no block shuffle
+            perm = self._epoch_permutation(epoch)
+            return [self._read_one(reader, int(perm[p])) for p in range(start, start + size)], \
+                list(range(start, start + size))
         raw = []
-        for u, off, length in pieces:
-            raw += reader.read(self.ds.units[u], off, length)
-        perm = block_permutation(n, plan.seed, epoch, plan.rank, lane, q)
-        return [raw[k] for k in perm]
+        for u, off, length in plan.block_segments(epoch, start, size):
+            raw += reader.read(ds.units[u], off, length)
+        perm = block_permutation(size, plan.seed, epoch, j, g)
+        return [raw[i] for i in perm], [start + i for i in perm]
 
-    def _read_position(self, reader, epoch, position):
+    def _epoch_permutation(self, epoch):
         if getattr(self, "_perm_epoch", None) != epoch:
             g = torch.Generator().manual_seed(hash_seed(self.plan.seed, "files", epoch) & (2**63 - 1))
             self._perm, self._perm_epoch = torch.randperm(len(self.ds), generator=g), epoch
             self._starts = np.concatenate([[0], np.cumsum([u.count for u in self.ds.units])[:-1]]).tolist()
-        k = int(self._perm[position])
+        return self._perm
+
+    def _read_one(self, reader, k):
         u = bisect.bisect_right(self._starts, k) - 1
         return reader.read(self.ds.units[u], k - self._starts[u], 1)[0]
-
-
-def hash_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha1("/".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
 class _StoredOrder(torch.utils.data.IterableDataset):
@@ -571,35 +581,45 @@ def _loader(dataset, workers: int, pin: bool):
 
 class StreamBatches:
     """The loop's `batches(step, device)` for a streaming dataset. Steps are expected in order (a jump, such as the
-    first step after a resume, restarts the workers at that step)."""
+    first step after a resume, restarts the workers at that step's group)."""
 
     def __init__(self, ds: StreamingDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world_size} processes")
-        self.ds, self.workers = ds, ds.workers
-        self.plan = _Plan([u.count for u in ds.units], batch_size // world_size, seed, rank, world_size, ds.lanes,
-                          ds.shuffle_block)
+        lanes = ds.lanes if ds.lanes is not None else default_lanes(batch_size)
+        if ds.lanes is None and lanes % world_size:
+            raise ConfigError(f"streaming across {world_size} processes needs data.options.lanes: a multiple of "
+                              f"{world_size} that divides train.batch_size {batch_size}")
+        self.ds, self.workers, self.rank = ds, ds.workers, rank
+        self.plan = _Plan([u.count for u in ds.units], batch_size, seed, world_size, lanes, ds.shuffle_block)
         self.steps_per_epoch = self.plan.steps
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size {batch_size} is larger than the {len(ds)} training images")
-        self._it, self._next, self.skipped = None, None, 0
+        self._it, self._first, self._group, self.skipped = None, None, [], 0
 
     def __call__(self, step: int, device: torch.device | str = "cpu") -> dict:
-        if self._it is None or step != self._next:
-            self.close()
-            pin = torch.device(device).type == "cuda"
-            self._it = iter(_loader(_TrainStream(self.ds, self.plan, step), self.workers, pin))
+        if self._first is None or not self._first <= step < self._first + len(self._group):
+            if self._it is None or step != self._first + len(self._group):
+                self.close()
+                pin = torch.device(device).type == "cuda"
+                loader = _loader(_TrainStream(self.ds, self.plan, self.rank, self.plan.group_of(step)), self.workers, pin)
+                self._it = iter(loader)
+            self._first, self._group = self._next_group()
+            for b in self._group:
+                self.skipped += int(b.pop("skipped", 0))
+        batch = self._group[step - self._first]
+        return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _next_group(self):
         try:
-            batch = next(self._it)
+            return next(self._it)
         except (DataError, OSError, RuntimeError) as e:
             self.close()
-            raise worker_error(e, f"{self.ds.name}: reading the batch of step {step} failed") from None
-        self._next = step + 1
-        self.skipped += int(batch.pop("skipped", 0))
-        return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            raise worker_error(e, f"{self.ds.name}: reading its images failed") from None
 
     def close(self) -> None:
         it, self._it = self._it, None
+        self._first, self._group = None, []
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
@@ -666,7 +686,7 @@ def _scan_shard(url: str) -> tuple[int, list[int], list]:
 
 
 def load_shards(*, split: str, root, image_size: int | None, workers: int | None = None, crop: str = "center",
-                shuffle_block: int = 1024, lanes: int = 8) -> StreamingDataset:
+                shuffle_block: int = 1024, lanes: int | None = None) -> StreamingDataset:
     if root is None or str(root) == "":
         raise DataError("dataset 'shards' needs data.root: the folder `visrep data pack` wrote, or a brace pattern "
                         "such as shards/train-{000000..000009}.tar")
@@ -742,7 +762,7 @@ def _index_labels(index: dict, entry: dict, base: str):
 
 
 def stream_imagefolder(src: Path, split: str, image_size: int | None, *, selected: list, classes: list[str],
-                       info: dict, workers: int | None, crop: str, shuffle_block: int, lanes: int) -> StreamingDataset:
+                       info: dict, workers: int | None, crop: str, shuffle_block: int, lanes: int | None) -> StreamingDataset:
     """A large class-per-folder tree (ImageNet's train/<synset>/*.JPEG, val/<synset>/) read in place. Stored order (the
     order of evaluation): the files in one fixed shuffled order, cut into units of FOLDER_UNIT files; training reads
     them in a new permutation every epoch (random access)."""
