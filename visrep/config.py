@@ -127,6 +127,8 @@ class TrainConfig:
     time_budget_s: Optional[float] = None  # stop at the end of the step that exceeds this wall time
     progress: bool = True              # show a progress bar
     sync_bn: bool = True               # convert BatchNorm to SyncBatchNorm when more than one process runs
+    channels_last: Optional[bool] = None  # NHWC memory layout for convolutional backbones (None: on CUDA only)
+    compile: bool = False              # torch.compile the backbone; if compiling fails, one warning and eager mode
 
 
 @dataclass

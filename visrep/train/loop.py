@@ -60,6 +60,8 @@ def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
 
     seed = view_seed(cfg.seed, step, state.dist.rank)
     views = state.views(batch["images"], seed=seed)
+    if state.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     labels = batch["labels"]
     for i, transform in enumerate(state.batch_transforms):  # e.g. Mixup/CutMix: mixed views, soft labels
         views, labels = transform(views, labels, seed=seed + 2 + i)

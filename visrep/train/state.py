@@ -85,6 +85,7 @@ class TrainState:
     total_steps: int
     info: dict                           # image_size, classes, num_classes, num_outputs (saved with the run)
     monitors_on: bool = True             # the training set has at least two classes (probe, kNN)
+    channels_last: bool = False          # views go in NHWC (train.channels_last)
     step: int = 0
     history: list = field(default_factory=list)
     # The first step whose loss was not finite (-1: none) and that loss, kept on the device so that a step
@@ -123,6 +124,36 @@ def load_training_data(cfg: RunConfig, saved: dict | None = None):
     if d.label_fraction is not None:  # low-label protocols (1 %, 10 % of the labels)
         train = train.fraction(d.label_fraction, cfg.seed)
     return train
+
+
+def use_channels_last(setting: bool | None, backbone: nn.Module, device: torch.device) -> bool:
+    """NHWC helps convolutions (cuDNN, oneDNN) and nothing else: a backbone with more convolutions than a patch
+    embedding, on CUDA unless the setting says otherwise."""
+    convolutional = sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) > 1
+    if setting is None:
+        return convolutional and device.type == "cuda"
+    return bool(setting) and convolutional
+
+
+def compile_with_fallback(module: nn.Module, name: str) -> None:
+    """`module.compile()` in place (its state-dict keys stay as they are). Compilation happens at the first call; if
+    it fails there (no compiler, an unsupported op), one warning says so and the module runs eagerly from then on."""
+    module.compile()
+    _guard_compiled(module, module._compiled_call_impl, name)
+
+
+def _guard_compiled(module: nn.Module, compiled, name: str) -> None:
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 -- any failure of the compiler: run as written instead
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            warnings.warn(f"train.compile: torch.compile failed for the {name} ({type(e).__name__}: {first}); "
+                          "training continues without compiling", stacklevel=2)
+            module._compiled_call_impl = None
+            return module._call_impl(*args, **kwargs)
+
+    module._compiled_call_impl = call
 
 
 def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.device, dist: DistInfo, *,
@@ -164,6 +195,11 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
     if not probe_on and (cfg.monitor.online_probe or cfg.monitor.knn_every):
         warnings.warn(f"the training set of '{cfg.data.dataset}' holds one class, so the online probe and kNN "
                       "monitor are off", stacklevel=3)
+    channels_last = use_channels_last(cfg.train.channels_last, model.backbone, device)
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        compile_with_fallback(model.backbone, f"backbone '{cfg.backbone.name}'")
     forward, wrap = model, None
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -182,7 +218,7 @@ def build_state(cfg: RunConfig, train, steps_per_epoch: int, device: torch.devic
         inputs=inputs, batch_transforms=batch_transforms, optimizers=build_optimizers(model, cfg, schedules),
         probe=probe, probe_on=bool(cfg.monitor.online_probe) and probe_on,
         scaler=torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16"), schedules=schedules,
-        progress_hooks=progress_hooks, steps_per_epoch=steps_per_epoch,
+        progress_hooks=progress_hooks, steps_per_epoch=steps_per_epoch, channels_last=channels_last,
         total_steps=total_steps_of(cfg, steps_per_epoch),
         info={"image_size": image_size, "num_classes": num_classes, "num_outputs": num_outputs,
               "classes": train.classes, **({"tasks": tasks, "task_classes": train.task_classes} if tasks else {})},
