@@ -62,3 +62,33 @@ def test_compile_option_trains(tmp_path):
     """train.compile=true: the run finishes, compiled where this machine can compile, eager after one warning where not."""
     losses = _first_losses(tmp_path, compile=True)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _gpu_check(*args, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_without_cuda(tmp_path):
+    r = _gpu_check("--out", str(tmp_path / "g.json"), tmp_path=tmp_path)
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode(tmp_path):
+    """The prepared GPU check at its tiny CPU size: every part runs and lands in the JSON."""
+    r = _gpu_check("--cpu", "--out", str(tmp_path / "g.json"), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert set(res["simclr_resnet18"]) == {"fp32", "bf16", "bf16_channels_last_compile"}
+    assert all(v["images_per_s"] > 0 for v in res["simclr_resnet18"].values())
+    assert res["mae_vit_base"]["images_per_s"] > 0 and res["illama_attention"]["soft_over_fused"] > 0
+    assert res["streaming"]["decode_images_per_s"] > 0 and res["byol_cpu_vs_gpu"]["agree"]
+    assert res["machine"] and res["mode"] == "cpu"

@@ -80,8 +80,8 @@ def test_plan_arithmetic():
     # units of 4, 2, 5 samples read in order [2, 0, 1]: positions 3..8 are unit 2 [3:5], unit 0 [0:4]
     assert segments([0, 5, 9], [4, 2, 5], [2, 0, 1], 3, 6) == [(2, 3, 2), (0, 0, 4)]
     # N = 100, B = 8, L = 4 streams: c = 2 per stream per step, S = 12 steps, stream j holds [24j, 24j + 24)
-    plan = _Plan([10] * 10, batch_size=8, seed=0, world=2, lanes=4, block=5)
-    assert (plan.c, plan.steps, plan.group, plan.groups_per_epoch) == (2, 12, 2, 6)  # G = 5 // 2 steps per block
+    plan = _Plan([10] * 10, batch_size=8, seed=0, world=2, lanes=4, block=16)
+    assert (plan.c, plan.steps, plan.group, plan.groups_per_epoch) == (2, 12, 2, 6)  # G = 16 // 8 steps per group
     assert list(plan.streams(1)) == [2, 3]
     # step 17 = epoch 1, step 5 of it: group 2 of epoch 1 (global group 8), which holds steps 16 and 17
     assert plan.group_of(17) == 8 and plan.group_steps(8) == (1, 2, 16, 2)
@@ -117,7 +117,7 @@ def test_every_sample_once_per_epoch_across_ranks(packed, workers):
 def test_global_batches_do_not_depend_on_the_world_size(packed, workers):
     """Rank r of W holds rows [r·B/W, (r+1)·B/W) of the one-process batch of the same step, for W = 1, 2, 4."""
     out, _ = packed
-    ds = _stream(out, workers=workers, shuffle_block=8)
+    ds = _stream(out, workers=workers, shuffle_block=32)  # groups of 2 steps
     one = ds.batches(16, seed=5)
     ref = [one(s)["images"] for s in range(8)]  # across the epoch boundary (6 steps per epoch)
     one.close()
@@ -133,7 +133,7 @@ def test_resume_is_exact(packed):
     """Steps 5.. read by a fresh reader started at step 5 equal those of an uninterrupted run: 2 workers, random
     crops, a shuffle block smaller than a lane, across an epoch boundary."""
     out, _ = packed
-    ds = _stream(out, workers=2, crop="random", shuffle_block=7, image_size=24, lanes=4)
+    ds = _stream(out, workers=2, crop="random", shuffle_block=24, image_size=24, lanes=4)  # groups of 3 steps
     full = ds.batches(8, seed=1)
     whole = [full(s) for s in range(16)]  # 12 steps per epoch
     full.close()

@@ -12,8 +12,8 @@ The order of an epoch is arithmetic of the step, the same for any number of proc
 MosaicML Streaming's canonical nodes). B = global batch, L = `lanes` streams (default gcd(B, 8)), c = B / L:
   1. the units are permuted by (seed, epoch) and read as one virtual sequence of N samples; S = N // B steps;
   2. stream j holds the contiguous positions [j·S·c, (j+1)·S·c) (the last N - S·B samples are dropped, like
-     drop_last), shuffled in blocks of G·c samples, G = max(1, shuffle_block // c) steps (each block permuted by
-     (seed, epoch, stream, block));
+     drop_last), shuffled in blocks of G·c samples, G = max(1, shuffle_block // B) steps (each block permuted by
+     (seed, epoch, stream, block)), so a group of G steps holds about shuffle_block samples;
   3. the global batch of step s is c samples of every stream, in stream order; rank r of W reads the streams
      [r·L/W, (r+1)·L/W), so its rows are the same rows of the same global batch whatever W is;
   4. DataLoader worker k of K reads the groups of G steps ≡ k (mod K) and hands over a group at a time.
@@ -276,7 +276,8 @@ def default_lanes(batch_size: int) -> int:
 class _Plan:
     """Where each step's samples are (the arithmetic of the module docstring). N samples, global batch B, L streams:
     c = B / L samples of every stream per step, S = N // B steps per epoch, stream j holds the virtual positions
-    [j·S·c, (j+1)·S·c) of the epoch, read in groups of G = max(1, shuffle_block // c) steps (one block per stream)."""
+    [j·S·c, (j+1)·S·c) of the epoch, read in groups of G = max(1, shuffle_block // B) steps (one block of G·c
+    samples per stream)."""
 
     def __init__(self, counts: list[int], batch_size: int, seed: int, world: int, lanes: int, block: int):
         if batch_size % lanes:
@@ -290,7 +291,7 @@ class _Plan:
         self.c = batch_size // lanes
         self.n = sum(counts)
         self.steps = self.n // batch_size
-        self.group = max(1, int(block) // self.c)
+        self.group = max(1, int(block) // batch_size)  # a group holds ~block samples (decoded: block / W per rank)
         self.groups_per_epoch = -(-self.steps // self.group) if self.steps else 0
         self._epoch, self._order, self._starts = None, None, None
 
