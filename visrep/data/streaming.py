@@ -435,7 +435,12 @@ class StreamingDataset:
 
 
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """The cores this process may use (its CPU affinity, as in a container or a Slurm allocation) minus one, 1..8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores - 1))
 
 
 # ----------------------------------------------------------------------------------------------
