@@ -347,9 +347,15 @@ class StreamingDataset:
         self.size = int(image_size)
         self.workers = default_workers() if workers is None else int(workers)
         self.crop, self.shuffle_block, self.lanes, self.random_access = crop, int(shuffle_block), lanes, random_access
+        self.starts = np.concatenate([[0], np.cumsum([u.count for u in self.units])[:-1]]).tolist()  # stored order
         self.meta = dict(meta or {})
         self.meta.setdefault("fingerprint", self._fingerprint())
         self.meta["streaming"] = True
+
+    def read_at(self, reader: "UnitReader", position: int):
+        """The sample at `position` of the stored order (None if it cannot be read)."""
+        u = bisect.bisect_right(self.starts, position) - 1
+        return reader.read(self.units[u], position - self.starts[u], 1)[0]
 
     def _fingerprint(self) -> str:
         h = hashlib.sha1(repr((self.size, self.classes, [(u.url, u.count, u.files[:1]) for u in self.units])).encode())
@@ -404,12 +410,10 @@ class StreamingDataset:
         chosen = torch.randperm(len(self), generator=g)[:int(n)].sort().values
         images = torch.empty(len(chosen), 3, self.size, self.size, dtype=torch.uint8)
         reader, bad = UnitReader(), 0
-        starts = np.concatenate([[0], np.cumsum([u.count for u in self.units])[:-1]]).tolist()
         good = None
         try:
             for row, pos in enumerate(chosen.tolist()):
-                u = bisect.bisect_right(starts, pos) - 1
-                s = reader.read(self.units[u], pos - starts[u], 1)[0]
+                s = self.read_at(reader, pos)
                 img = None if s is None else _decode_fixed(s[1], self.size, "center", None)
                 if img is None:
                     bad += 1
@@ -472,7 +476,8 @@ class _Collator:
         if len(ok) < b:
             if not ok:
                 raise DataError(f"{self.name}: no image of a batch of {b} could be read (first: {self.first_bad})")
-            for j, i in enumerate(i for i in range(b) if i not in set(ok)):
+            good = set(ok)
+            for j, i in enumerate(i for i in range(b) if i not in good):
                 src = ok[j % len(ok)]
                 images[i], labels[i], targets[i] = images[src], labels[src], targets[src]
             if not self.warned:
@@ -506,10 +511,11 @@ class _TrainStream(torch.utils.data.IterableDataset):
                 batches = []
                 for t in range(n):
                     samples, seeds = [], []
-                    for j, (block, starts) in blocks.items():
+                    for j, (block, positions) in blocks.items():
                         samples += block[t * plan.c:(t + 1) * plan.c]
-                        seeds += [hash_seed(plan.seed, epoch, p) for p in starts[t * plan.c:(t + 1) * plan.c]]
-                    batches.append(collate(samples, seeds))
+                        if ds.crop == "random":  # a crop seeded by the sample's position in the epoch
+                            seeds += [hash_seed(plan.seed, epoch, p) for p in positions[t * plan.c:(t + 1) * plan.c]]
+                    batches.append(collate(samples, seeds or None))
                 yield first, batches
                 gid += workers
         finally:
@@ -522,7 +528,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
         start, size = plan.block(epoch, j, g, n)
         if ds.random_access:  # a folder: one permutation of every file per epoch, so no block shuffle
             perm = self._epoch_permutation(epoch)
-            return [self._read_one(reader, int(perm[p])) for p in range(start, start + size)], \
+            return [ds.read_at(reader, int(perm[p])) for p in range(start, start + size)], \
                 list(range(start, start + size))
         raw = []
         for u, off, length in plan.block_segments(epoch, start, size):
@@ -534,12 +540,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
         if getattr(self, "_perm_epoch", None) != epoch:
             g = torch.Generator().manual_seed(hash_seed(self.plan.seed, "files", epoch) & (2**63 - 1))
             self._perm, self._perm_epoch = torch.randperm(len(self.ds), generator=g), epoch
-            self._starts = np.concatenate([[0], np.cumsum([u.count for u in self.ds.units])[:-1]]).tolist()
         return self._perm
-
-    def _read_one(self, reader, k):
-        u = bisect.bisect_right(self._starts, k) - 1
-        return reader.read(self.ds.units[u], k - self._starts[u], 1)[0]
 
 
 class _StoredOrder(torch.utils.data.IterableDataset):
@@ -547,9 +548,8 @@ class _StoredOrder(torch.utils.data.IterableDataset):
 
     def __init__(self, ds: StreamingDataset, batch_size: int):
         self.ds, self.b = ds, int(batch_size)
-        counts = [u.count for u in ds.units]
-        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        self.counts, self.order = counts, list(range(len(counts)))
+        self.counts = [u.count for u in ds.units]
+        self.order = list(range(len(self.counts)))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -559,7 +559,7 @@ class _StoredOrder(torch.utils.data.IterableDataset):
         try:
             for a in range(i * self.b, n, lanes * self.b):
                 samples = []
-                for u, off, length in segments(self.starts, self.counts, self.order, a, min(self.b, n - a)):
+                for u, off, length in segments(self.ds.starts, self.counts, self.order, a, min(self.b, n - a)):
                     samples += reader.read(self.ds.units[u], off, length)
                 yield collate(samples, None)
         finally:
