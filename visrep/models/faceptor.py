@@ -113,6 +113,14 @@ class LayerAttentionMemory(nn.Module):
     def all_levels(self) -> list[int]:
         return self.levels + self.new_levels
 
+    def _sine(self, grid: tuple, like: torch.Tensor) -> torch.Tensor:
+        """The fixed sine table of a grid, built once per (grid, device, dtype) rather than every step."""
+        key = (tuple(grid), like.device, like.dtype)
+        cache = self.__dict__.setdefault("_sine_cache", {})
+        if key not in cache:
+            cache[key] = sine_2d(*grid, self.dim).to(like)
+        return cache[key]
+
     def forward(self, maps: list[torch.Tensor], grid: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """maps: the tokens of `all_levels`, in that order. Returns (memory [B, L·N, d], its position embedding
         [1, L·N, d], the deepest stage-1 level's projected tokens [B, N, d] for the map head)."""
@@ -121,7 +129,7 @@ class LayerAttentionMemory(nn.Module):
                                                                                   self.new_level_embed])
         if len(maps) != len(projs):
             raise ValueError(f"expected {len(projs)} encoder levels, got {len(maps)}")
-        base = self.adapt_pos(sine_2d(*grid, self.dim).to(maps[0]))  # [N, d]
+        base = self.adapt_pos(self._sine(grid, maps[0]))  # [N, d]
         tokens = [proj(m) for proj, m in zip(projs, maps)]
         pos = torch.cat([base + embeds[i] for i in range(len(tokens))]).unsqueeze(0)
         deepest = max(range(len(self.levels)), key=lambda i: self.levels[i])  # the map head reads the last block

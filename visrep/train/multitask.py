@@ -22,15 +22,12 @@ def load_task_training_data(cfg: RunConfig, saved: dict | None = None) -> MultiT
         specs = [s for s in specs if s.name == stage2["task"]]
         if not specs:
             raise ConfigError(f"task_head.stage2.task '{stage2['task']}' is not in the tasks: list")
+    from visrep.train.state import training_split  # (state imports this module)
+
     for spec in specs:
         ds = load_task_data(spec, spec.split, root=d.root, image_size=d.image_size, download=d.download)
-        ds = ds.subset(d.subset, cfg.seed)
-        if d.holdout is not None:
-            ds = ds.holdout(d.holdout, cfg.seed)[0]
         fraction = spec.label_fraction if spec.label_fraction is not None else d.label_fraction
-        if fraction is not None:
-            ds = ds.fraction(fraction, cfg.seed)
-        datasets[spec.name] = ds
+        datasets[spec.name] = ds = training_split(ds, d, cfg.seed, fraction)
         q = (spec.output, num_queries(spec, ds))
         if tuple(queries.setdefault(spec.name, q)) != q:
             raise ConfigError(f"task '{spec.name}' is {q} here and {tuple(queries[spec.name])} in the stage-1 run")

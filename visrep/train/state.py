@@ -117,13 +117,18 @@ def load_training_data(cfg: RunConfig, saved: dict | None = None):
     train = load_dataset(d.dataset, d.split, d.root, image_size=d.image_size, download=d.download, **d.options)
     if getattr(train, "streaming", False) and d.workers is not None:
         train.workers = int(d.workers)
-    if d.subset is not None or not getattr(train, "streaming", False):
-        train = train.subset(d.subset, cfg.seed)  # a streamed set's subset is read into memory
+    return training_split(train, d, cfg.seed, d.label_fraction)
+
+
+def training_split(ds, d, seed: int, label_fraction: float | None):
+    """What of a dataset a run trains on: `data.subset`, minus the `data.holdout` part, at `label_fraction`."""
+    if d.subset is not None or not getattr(ds, "streaming", False):
+        ds = ds.subset(d.subset, seed)  # a streamed set's subset is read into memory
     if d.holdout is not None:  # the held-out part is for model selection; never trained on
-        train = train.holdout(d.holdout, cfg.seed)[0]
-    if d.label_fraction is not None:  # low-label protocols (1 %, 10 % of the labels)
-        train = train.fraction(d.label_fraction, cfg.seed)
-    return train
+        ds = ds.holdout(d.holdout, seed)[0]
+    if label_fraction is not None:  # low-label protocols (1 %, 10 % of the labels)
+        ds = ds.fraction(label_fraction, seed)
+    return ds
 
 
 def use_channels_last(setting: bool | None, backbone: nn.Module, device: torch.device) -> bool:
