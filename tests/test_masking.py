@@ -299,3 +299,26 @@ def test_encode_masked_without_a_mask_is_timms_own_forward(pos_embed):
     torch.testing.assert_close(tokens, full[:, bb.num_prefix_tokens:])
     torch.testing.assert_close(pooled, bb.forward_head(full, pre_logits=True))
     torch.testing.assert_close(pooled, bb(x))
+
+
+@pytest.mark.parametrize("name", ["random", "block", "hard_patches"])
+def test_masks_of_a_ranks_rows_equal_the_one_process_masks(name):
+    """Each rank masks its rows of the global batch exactly as one process masks them (`batch_rows`)."""
+    from visrep.data.batch_rows import batch_rows
+
+    gen = build_mask_generator({"name": name, "ratio": 0.5})
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(3))
+    if name == "hard_patches":
+        gen.alpha = 0.5
+
+    def masks(rows, offset=None):
+        g = torch.Generator().manual_seed(5)
+        if offset is None:
+            return gen(len(range(6)[rows]), (4, 4), g, scores[rows])
+        with batch_rows(offset, 2, 6):
+            return gen(2, (4, 4), g, scores[rows])
+
+    full = masks(slice(0, 6))
+    for rank in range(3):
+        rows = slice(2 * rank, 2 * rank + 2)
+        assert torch.equal(masks(rows, offset=2 * rank), full[rows]), rank

@@ -164,3 +164,33 @@ def test_float_input_and_other_sizes():
     b = policy(x.float() / 255, seed=0)
     assert a[0].shape == (4, 3, 24, 24)
     assert torch.allclose(a[0], b[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol", "multicrop"])
+def test_ranks_holding_rows_of_the_global_batch_get_one_process_views(name):
+    """Under torchrun rank r holds rows [r·b, (r+1)·b); with `batch_rows` its views are exactly those rows of
+    the one-process views of the global batch (crops, jitter, kornia grayscale/blur, solarize), for W = 2 and 4."""
+    from visrep.data.batch_rows import batch_rows
+
+    policy = build_views(name, 16)
+    images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
+    full = policy(images, seed=11)
+    for world in (2, 4):
+        b = 8 // world
+        for rank in range(world):
+            rows = slice(rank * b, (rank + 1) * b)
+            with batch_rows(rank * b, b, 8):
+                part = policy(images[rows], seed=11)
+            for v_full, v_part in zip(full, part):
+                torch.testing.assert_close(v_part, v_full[rows], rtol=0, atol=1e-6)
+    own = policy(images[:4], seed=11)  # without the context the rows draw on their own: other views
+    assert not torch.allclose(own[0], full[0][:4])
+
+
+def test_batch_rows_docstring_example():
+    import doctest
+
+    import visrep.data.batch_rows as mod
+
+    result = doctest.testmod(mod)
+    assert result.attempted > 0 and result.failed == 0

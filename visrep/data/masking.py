@@ -2,7 +2,8 @@
 
 A generator returns a boolean mask [B, L] over the L = h·w patches of a grid, True = masked. Every image
 gets exactly ⌊L·ratio⌋ masked patches, so MAE can gather the visible tokens into a dense [B, L_keep, D]
-tensor without padding. Generators are seeded per step (resume replays the same masks).
+tensor without padding. Generators are seeded per step (resume replays the same masks), and per-image draws
+go through `batch_rows.per_sample`, so W processes mask the global batch as one process does.
 
     random        MAE (He et al. 2022): a uniformly random subset, per image
     block         BEiT (Bao et al. 2022): rectangles of random area and aspect until the count is reached
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrep.data.batch_rows import per_sample
 from visrep.errors import ConfigError
 from visrep.registry import Registry
 
@@ -71,7 +73,7 @@ class RandomMask(MaskGenerator):
 
     def forward(self, batch: int, grid: tuple[int, int], generator: torch.Generator, scores=None) -> torch.Tensor:
         L = grid[0] * grid[1]
-        keys = torch.rand(batch, L, generator=generator, device=generator.device)
+        keys = per_sample(lambda n: torch.rand(n, L, generator=generator, device=generator.device), batch)
         return _first_k(keys, num_masked(L, self.ratio))
 
 
@@ -122,10 +124,10 @@ class BlockMask(MaskGenerator):
 
     def forward(self, batch: int, grid: tuple[int, int], generator: torch.Generator, scores=None) -> torch.Tensor:
         h, w = grid
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        rng = np.random.default_rng(seed)
+        seeds = per_sample(lambda n: torch.randint(0, 2**62, (n,), generator=generator, device=generator.device),
+                           batch).tolist()  # one stream per image: its mask does not depend on the others
         target = num_masked(h * w, self.ratio)
-        masks = np.stack([self._one(rng, h, w, target) for _ in range(batch)])
+        masks = np.stack([self._one(np.random.default_rng(seed), h, w, target) for seed in seeds])
         return torch.from_numpy(masks).to(generator.device)
 
 
@@ -172,7 +174,7 @@ class HardPatchesMask(MaskGenerator):
         L = grid[0] * grid[1]
         n = num_masked(L, self.ratio)
         n_hard = int(math.floor(L * self.ratio * self.alpha + 1e-9))
-        keys = torch.rand(batch, L, generator=generator, device=generator.device)  # in [0, 1)
+        keys = per_sample(lambda m: torch.rand(m, L, generator=generator, device=generator.device), batch)  # [0, 1)
         if n_hard > 0:
             hard = scores.detach().float().topk(n_hard, dim=1).indices
             keys.scatter_(1, hard.to(keys.device), 2.0)  # above every random key: chosen first

@@ -7,7 +7,9 @@ on, with per-sample random parameters. Policies are registered in ``VIEWS`` and 
 Randomness: ``policy(images, seed)`` forks torch's RNG (CPU and, for CUDA inputs, the input's
 device), seeds it with ``seed`` and restores it afterwards, so the same (images, seed) gives the
 same views bit for bit on CPU and the caller's global RNG is untouched. All random parameters are
-drawn on the CPU generator, then moved to the images' device.
+drawn on the CPU generator, then moved to the images' device. Per-sample parameters go through
+``visrep.data.batch_rows.per_sample``, so under torchrun each rank draws them for the whole global
+batch and keeps its rows: W ranks augment the global batch exactly as one process does.
 
 Ops: grayscale and gaussian blur are ``kornia.augmentation`` modules. Three ops are written here
 as batched torch code because their kornia versions cost far more on CPU than the op itself
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visrep.data.batch_rows import current_rows, per_sample
 from visrep.errors import ConfigError
 from visrep.registry import Registry
 
@@ -179,7 +182,7 @@ class RandomResizedCropFlip(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
-        box = self.sample(b, height, width)
+        box = per_sample(lambda n: self.sample(n, height, width), b)
         x0, y0, cw, ch, flip = box.unbind(1)
         # align_corners=False: normalized u_in = (cw/W) * u_out + (2*x0 + cw)/W - 1
         theta = torch.zeros(b, 2, 3)
@@ -203,14 +206,18 @@ class ColorJitter(nn.Module):
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        on = torch.rand(b) < self.p
         bs, cs, ss, hs = self.strengths
-        fb = torch.empty(b).uniform_(max(0.0, 1 - bs), 1 + bs)
-        fc = torch.empty(b).uniform_(max(0.0, 1 - cs), 1 + cs)
-        fs = torch.empty(b).uniform_(max(0.0, 1 - ss), 1 + ss)
-        fh = torch.empty(b).uniform_(-hs, hs)
-        order = torch.randperm(4).tolist()
+
+        def draw(n: int) -> torch.Tensor:  # [n, 5]: on, brightness, contrast, saturation, hue
+            on = (torch.rand(n) < self.p).to(torch.float32)
+            fb = torch.empty(n).uniform_(max(0.0, 1 - bs), 1 + bs)
+            fc = torch.empty(n).uniform_(max(0.0, 1 - cs), 1 + cs)
+            fs = torch.empty(n).uniform_(max(0.0, 1 - ss), 1 + ss)
+            return torch.stack([on, fb, fc, fs, torch.empty(n).uniform_(-hs, hs)], dim=1)
+
+        on, fb, fc, fs, fh = per_sample(draw, x.shape[0]).unbind(1)
+        on = on > 0
+        order = torch.randperm(4).tolist()  # one order for the whole (global) batch
         if not bool(on.any()):
             return x
         everyone = bool(on.all())
@@ -248,7 +255,7 @@ class RandomSolarize(nn.Module):
         self.p, self.threshold = float(p), float(threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        on = (torch.rand(x.shape[0]) < self.p).to(x.device).view(-1, 1, 1, 1)
+        on = (per_sample(torch.rand, x.shape[0]) < self.p).to(x.device).view(-1, 1, 1, 1)
         return torch.where(on & (x >= self.threshold), 1.0 - x, x)
 
 
@@ -301,8 +308,27 @@ class _View(nn.Module):
         if not self.spec.crop:
             return resize_center_crop(x, self.spec.size)
         for op in self.ops:
-            x = op(x)
+            x = _kornia_rows(op, x) if isinstance(op, KA.AugmentationBase2D) else op(x)
         return x
+
+
+def _kornia_rows(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A kornia augmentation on this process's rows of the global batch (`batch_rows`): its parameters are
+    drawn for every row, then sliced, so the ranks together augment as one process would."""
+    rows = current_rows()
+    if rows is None or rows[1] != x.shape[0] or rows[1] == rows[2]:
+        return op(x)
+    offset, local, total = rows
+    params = op.forward_parameters(torch.Size([total, *x.shape[1:]]))
+    sliced = {}
+    for key, value in params.items():
+        if key == "forward_input_shape":
+            sliced[key] = torch.tensor(x.shape)
+        elif torch.is_tensor(value) and value.ndim and value.shape[0] == total:
+            sliced[key] = value[offset:offset + local]
+        else:  # a kornia that draws per applied row only: these rows' own draws (no longer rank-invariant)
+            return op(x)
+    return op(x, params=sliced)
 
 
 class ViewPolicy(nn.Module):

@@ -12,7 +12,7 @@ What differs between methods is in the state's parts, never here: if a method ne
 the template is missing a field.
 
 Reproducibility: the data order is a permutation seeded by (seed, epoch) and the views are seeded by
-(seed, step, rank), so a run can restart at any step from its checkpoint and continue bit-for-bit.
+(seed, step) (each rank keeps its rows of the global draws), so a run can restart at any step from its checkpoint and continue bit-for-bit.
 
 Failures: a step reads nothing back from the device. A non-finite loss is recorded on the device; it is read
 on logging steps and before every checkpoint, where the run stops with a message and the last good checkpoint
@@ -34,6 +34,7 @@ from visrep.objectives import loss_terms
 from visrep.checkpoint import (CheckpointError, check_resume_meta, clean_stale_temps, first_non_finite,
                                      load_checkpoint, save_checkpoint)
 from visrep.device import resolve_device
+from visrep.data.batch_rows import batch_rows
 from visrep.train.distributed import any_rank, any_rank_flags, setup_distributed, teardown_distributed
 from visrep.train.monitor import FeatureMonitor
 from visrep.train.runlog import RunLog
@@ -41,8 +42,10 @@ from visrep.train.state import (TrainState, build_state, checkpoint_contents, lo
                                 parameter_counts)
 
 
-def view_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**62)
+def view_seed(seed: int, step: int) -> int:
+    """The step's seed for views, masks and batch transforms: the same on every rank, which draw per-sample
+    values for the whole global batch and keep their own rows (`visrep.data.batch_rows`)."""
+    return (seed * 1_000_003 + step * 7919) % (2**62)
 
 
 def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
@@ -58,18 +61,20 @@ def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
     for part in state.progress_hooks:
         part.set_progress(step, state.total_steps, state.steps_per_epoch)
 
-    seed = view_seed(cfg.seed, step, state.dist.rank)
-    views = state.views(batch["images"], seed=seed)
-    if state.channels_last:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    labels = batch["labels"]
-    for i, transform in enumerate(state.batch_transforms):  # e.g. Mixup/CutMix: mixed views, soft labels
-        views, labels = transform(views, labels, seed=seed + 2 + i)
-    with state.autocast():
-        out = state.forward(views, state.views.n_global, seed=seed + 1,  # seed: the step's masks, if any
-                            **{k: batch[k] for k in state.model.inputs})  # batch fields the template names
-        available = {**batch, "labels": labels, **out.extras}  # what an objective may name in its `inputs`
-        terms = loss_terms(state.objective(out.student, out.target, **{k: available[k] for k in state.inputs}))
+    seed = view_seed(cfg.seed, step)
+    local = batch["images"].shape[0]  # this rank's rows [rank·b, (rank+1)·b) of the global batch
+    with batch_rows(state.dist.rank * local, local, local * state.dist.world_size):
+        views = state.views(batch["images"], seed=seed)
+        if state.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        labels = batch["labels"]
+        for i, transform in enumerate(state.batch_transforms):  # Mixup/CutMix: mixes within this rank's rows
+            views, labels = transform(views, labels, seed=seed + 2 + i)
+        with state.autocast():
+            out = state.forward(views, state.views.n_global, seed=seed + 1,  # seed: the step's masks, if any
+                                **{k: batch[k] for k in state.model.inputs})  # batch fields the template names
+            available = {**batch, "labels": labels, **out.extras}  # what an objective may name in `inputs`
+            terms = loss_terms(state.objective(out.student, out.target, **{k: available[k] for k in state.inputs}))
     loss = terms["loss"]
     bad = ~torch.isfinite(loss.detach()) & (state.bad_step < 0)
     state.bad_step = torch.where(bad, step, state.bad_step)
@@ -301,7 +306,7 @@ def _pretrain(cfg: RunConfig, *, resume: bool, quiet: bool, force: bool) -> dict
                "total_steps": total, "train_size": len(train), "epochs_done": state.step / spe,
                "stop_reason": stop_reason, "final_loss": last_loss, "seconds": time.time() - t_start,
                "loop_seconds": time.time() - t_loop, "history": state.history, "checkpoint": str(ckpt_path),
-               "parameters": parameter_counts(state.model)}
+               "parameters": parameter_counts(state.model), "processes": dist.world_size}
     if hasattr(batches, "skipped"):  # streamed samples that could not be read (their slots took other images)
         summary["data_skipped"] = int(batches.skipped)
     if dist.is_main:
