@@ -229,6 +229,30 @@ def test_the_slurm_path_through_submitits_local_executors(tmp_path, cluster):
     assert run_study(spec, executor="slurm", executor_options={"cluster": cluster})["skipped"]
 
 
+@pytest.mark.slow
+def test_a_run_of_several_submitit_tasks_trains_as_one_process_group(tmp_path):
+    """{tasks_per_node: 2}: the job's two tasks join one torch.distributed group (the variables torchrun would
+    set, from submitit's job environment) and train one run; task 0 evaluates it and records the results."""
+    import os
+
+    spec = tiny(tmp_path / "s", steps=2)
+    spec["factors"] = {"method": ["simclr"], "seed": [0]}
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        res = run_study(spec, executor="slurm", executor_options={"cluster": "local", "tasks_per_node": 2,
+                                                                  "cpus_per_task": 1}, progress=False)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    assert len(res["done"]) == 1 and not res["failed"], res
+    run = next((tmp_path / "s" / "runs").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    assert status(spec)["counts"]["done"] == 1 and (run / "eval").is_dir()
+    with pytest.raises(ConfigError, match="tasks_per_node must be a positive integer"):
+        run_study(spec, executor="slurm", executor_options={"cluster": "local", "tasks_per_node": 0})
+
+
 def test_executor_options_are_checked(tmp_path):
     spec = tiny(tmp_path / "s")
     with pytest.raises(ConfigError, match="did you mean 'timeout_min'"):

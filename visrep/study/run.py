@@ -2,6 +2,8 @@
 
     visrep study run studies/demo.yaml --workers 2
     visrep study run studies/demo.yaml --executor slurm --executor-options '{slurm_partition: dev, gpus_per_node: 1}'
+    visrep study run studies/demo.yaml --executor slurm \
+        --executor-options '{nodes: 2, tasks_per_node: 8, gpus_per_node: 8, cpus_per_task: 10}'   # 16 GPUs a run
     visrep study status studies/demo.yaml
 
 Layout under the study's out_dir:
@@ -64,11 +66,26 @@ def backbone_params(source: str, model: dict | None = None) -> int:
     return int(sum(p.numel() for p in net.parameters()))
 
 
+def _join_job_processes(job: dict) -> int:
+    """A submitit job of several tasks (nodes × tasks_per_node) trains one run with all of them: export the
+    variables torchrun would set (rank, world size, local rank, master address and port from the job's first
+    host), so the loop's `setup_distributed` joins them into one process group. Returns this task's rank."""
+    if int(job.get("tasks") or 1) <= 1:
+        return 0
+    import submitit
+
+    # each task sees every GPU of its node and takes cuda:LOCAL_RANK (submitit would otherwise hide the others)
+    return submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False).rank
+
+
 def run_one(job: dict) -> dict:
     """Train one run of the study (or resume / find it finished), then its missing evaluations, and record the
-    results in the store. Never raises for the run's own failure: returns (and writes) its status."""
+    results in the store. Never raises for the run's own failure: returns (and writes) its status.
+
+    In a job of several tasks every task trains (one process group); task 0 alone evaluates and records."""
     import torch
 
+    rank = _join_job_processes(job)
     run_dir = Path(job["config"]["out_dir"])
     threads = int(job.get("threads") or 0)
     if threads:
@@ -87,6 +104,8 @@ def run_one(job: dict) -> dict:
             status.update(steps=summary.get("steps", summary.get("step")), train_seconds=summary.get("loop_seconds"),
                           stop_reason=summary.get("stop_reason") or summary.get("already_finished"))
             source = str(run_dir)
+            if rank:  # the other tasks' part ends with the training; task 0 writes the status
+                return {**status, "state": "done", "rank": rank}
         else:  # a `models:` entry: evaluated as it is
             status.update(steps=0, train_seconds=0.0, model=model)
             source = model["source"]
@@ -111,11 +130,11 @@ def run_one(job: dict) -> dict:
     return status
 
 
-def _jobs(p, threads: int) -> list[dict]:
+def _jobs(p, threads: int, tasks: int = 1) -> list[dict]:
     evaluations = [{"id": e.id, "protocol": e.protocol, "spec": e.spec} for e in p.evaluations]
     store = str(Path(p.out_dir) / "results.sqlite")
     return [{"id": r.id, "factors": r.factors, "config": r.config, "model": r.model, "evaluations": evaluations,
-             "store": store, "study": p.name, "threads": threads} for r in p.runs]
+             "store": store, "study": p.name, "threads": threads, "tasks": tasks} for r in p.runs]
 
 
 def _done(job: dict) -> bool:
@@ -169,6 +188,13 @@ def _check_executor_options(options) -> dict:
     return options
 
 
+def _positive(options: dict, key: str) -> int:
+    value = options.get(key, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"executor option {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def _submit(p, todo: list[dict], workers: int, options: dict, bar) -> list[dict]:
     """Run the jobs through submitit (the launcher of the DINOv2 and MAE codebases): one Slurm job per run, as a
     job array of at most `workers` at a time. cluster=local/debug runs the same path on this machine (tests)."""
@@ -206,7 +232,7 @@ def _wait(jobs, todo: list[dict], cluster: str, bar) -> list[dict]:
     results = []
     for job, spec in zip(jobs, todo):
         try:
-            results.append(job.result())
+            results.append(job.results()[0])  # task 0's status (the only one with a job of several tasks)
         except Exception as e:  # noqa: BLE001 - the job died (time limit, memory, node): record it, go on
             msg = str(e).strip().splitlines()
             status = {"run_id": spec["id"], "factors": spec["factors"], "state": "failed",
@@ -243,7 +269,10 @@ def run_study(study, *, workers: int = 1, executor: str = "local", executor_opti
         threads = int(options.get("cpus_per_task") or (0 if options.get("cluster", "slurm") == "slurm" else local_cores))
     else:
         threads = local_cores
-    jobs = _jobs(p, threads=threads)
+    tasks = 1
+    if executor == "slurm":  # a run on several processes (GPUs, nodes): one submitit job with that many tasks
+        tasks = _positive(options, "nodes") * _positive(options, "tasks_per_node")
+    jobs = _jobs(p, threads=threads, tasks=tasks)
     todo, skipped = [], []
     for job in jobs:
         if _done(job):
