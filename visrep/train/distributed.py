@@ -29,7 +29,16 @@ def setup_distributed(device: torch.device) -> DistInfo:
     if owned:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)  # collectives and default allocations go to this process's GPU
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend)
+        else:
+            # torchrun's agent keeps one store across elastic restarts, and the restarted group would read the
+            # killed group's addresses from it (gloo: "connection refused", or a hang): one key space per attempt
+            store, rank, world = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"visrep/attempt_{attempt}", store),
+                                    rank=rank, world_size=world)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned)
 
 
