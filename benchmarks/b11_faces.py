@@ -1,7 +1,7 @@
 """B11-faces (the issue's "B11"; b11_score_speed.py is the older B11): one face model for many tasks (Faceptor)
 against one model per task, on UTKFace and MTFL, CPU scale.
 
-Every setting trains a ViT-Tiny (64 px, patch 8; from random init, or from `--init`) for the same number of steps,
+Every setting trains a ViT-Tiny (64 px, patch 16; from random init, or from `--init`) for the same number of steps,
 and every task gets the same number of its own samples per step (`--per-task`), so each task sees as many of its
 images in a joint run as in its single-task run. Settings (per seed):
 
@@ -18,8 +18,11 @@ parameter counts, the checkpoint size and the training seconds. `--summarise` (a
 `b11_faces.json` (per setting and task: mean and 95 % t-interval over seeds; one model vs seven) and
 `b11_faces.png`.
 
-    python benchmarks/b11_faces.py --make-init runs/b11_mae_init     # the encoder start: MAE on UTKFace train
-    python benchmarks/b11_faces.py --init runs/b11_mae_init          # everything: 3 seeds
+    python benchmarks/b11_faces.py --make-init runs/b11_mae_init_p16   # the encoder start: MAE on UTKFace train
+    python benchmarks/b11_faces.py --init runs/b11_mae_init_p16 --threads 1 --seeds 0 &   # one seed per core:
+    python benchmarks/b11_faces.py --init runs/b11_mae_init_p16 --threads 1 --seeds 1 &   # about 2 h each on
+    python benchmarks/b11_faces.py --init runs/b11_mae_init_p16 --threads 1 --seeds 2     # 2 cores for three
+    python benchmarks/b11_faces.py --summarise
     python benchmarks/b11_faces.py --seeds 0 --steps 20 --per-task 4 --test-subset 64 --out-dir /tmp/b11  # smoke
 """
 from __future__ import annotations
@@ -177,31 +180,47 @@ def summarise(out_dir: Path) -> dict:
     base = out_dir / "baselines.json"
     if base.is_file():  # the image-blind scores every setting must beat
         out["image_blind_baselines"] = json.loads(base.read_text())["tasks"]
-    _figure(table, out_dir.parent / "b11_faces.png")
+    if recs:
+        rec = recs[0]["recipe"]
+        out["recipe"] = {"backbone": rec["backbone"], "steps": rec["train"]["steps"], "lr": rec["optim"]["lr"],
+                         "image_size": rec["data"]["image_size"], "task_head": rec.get("task_head"),
+                         "init": (rec.get("finetune") or {}).get("init")}
+    _figure(table, out_dir.parent / "b11_faces.png", out.get("image_blind_baselines"))
     return out
 
 
-def _figure(table: dict, path: Path) -> None:
+def _figure(table: dict, path: Path, blind: dict | None = None) -> None:
+    """One panel per task (mean over seeds, 95 % t-interval; dashed: the image-blind score), plus the auxiliary
+    panel: age at 10 % of the labels, alone against with the six helper tasks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ["single", "naive", "faceptor"]
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(2.1 * len(TASKS), 2.8))
-    for ax, task in zip(axes, TASKS):
+    panels = [(task, [("single", f"single:{task}"), ("naive", "naive"), ("faceptor", "faceptor")]
+               + ([("stage 2", "stage2_age")] if task == "utkface_age" else [])) for task in TASKS]
+    panels.append(("utkface_age", [("single\n10 %", "single_age10"), ("aux\n10 %", "aux_age10")]))
+    colours = {"single": "#999", "naive": "#6a9", "faceptor": "#36c", "stage 2": "#138", "single\n10 %": "#999",
+               "aux\n10 %": "#c63"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.9))
+    for i, (ax, (task, bars)) in enumerate(zip(axes, panels)):
         xs, ys, es = [], [], []
-        for s in shown:
-            cell = ((table.get(f"single:{task}") if s == "single" else table.get(s)) or {}).get(task)
+        for label, setting in bars:
+            cell = (table.get(setting) or {}).get(task)
             if not cell:
                 continue
-            xs.append(s), ys.append(cell["mean"])
+            xs.append(label), ys.append(cell["mean"])
             es.append((cell["ci95"][1] - cell["mean"]) if cell.get("ci95") else 0)
-        ax.bar(xs, ys, yerr=es, color=["#999", "#6a9", "#36c"][:len(xs)], capsize=3)
+        ax.bar(xs, ys, yerr=es, color=[colours[x] for x in xs], capsize=3)
         metric = next(iter(c["metric"] for s in table.values() for t, c in s.items() if t == task), "")
-        ax.set_title(f"{task}\n{metric} ({'higher' if HIGHER_IS_BETTER.get(metric, True) else 'lower'} is better)",
+        if blind and task in blind:
+            ax.axhline(blind[task][metric], color="k", ls="--", lw=0.8)
+        title = "age, 10 % labels" if i == len(panels) - 1 else task
+        ax.set_title(f"{title}\n{metric} ({'higher' if HIGHER_IS_BETTER.get(metric, True) else 'lower'} is better)",
                      fontsize=7)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("B11-faces: mean of 3 seeds, 95 % interval; dashed = image-blind (majority class, median age, "
+                 "mean shape)", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -211,10 +230,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default=None, help="comma list of settings (default: all)")
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--per-task", type=int, default=16, help="samples of each task per step")
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--patch-size", type=int, default=8)
+    ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128, help="decoder / head width (official 256)")
     ap.add_argument("--depth", type=int, default=3, help="decoder layers (official 9)")
     ap.add_argument("--heads", type=int, default=4)
