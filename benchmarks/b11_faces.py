@@ -21,8 +21,8 @@ parameter counts, the checkpoint size and the training seconds. `--summarise` (a
     python benchmarks/b11_faces.py --make-init runs/b11_mae_init_p16   # the encoder start: MAE on UTKFace train
     python benchmarks/b11_faces.py --init runs/b11_mae_init_p16 --threads 1 --seeds 0 &   # one seed per core:
     python benchmarks/b11_faces.py --init runs/b11_mae_init_p16 --threads 1 --seeds 1 &   # about 2 h each on
-    python benchmarks/b11_faces.py --init runs/b11_mae_init_p16 --threads 1 --seeds 2     # 2 cores for three
-    python benchmarks/b11_faces.py --summarise
+    python benchmarks/b11_faces.py --init runs/b11_mae_init_p16 --threads 1 --seeds 2 &   # 2 cores for three
+    wait; python benchmarks/b11_faces.py --summarise
     python benchmarks/b11_faces.py --seeds 0 --steps 20 --per-task 4 --test-subset 64 --out-dir /tmp/b11  # smoke
 """
 from __future__ import annotations
@@ -219,8 +219,9 @@ def _figure(table: dict, path: Path, blind: dict | None = None) -> None:
         ax.set_title(f"{title}\n{metric} ({'higher' if HIGHER_IS_BETTER.get(metric, True) else 'lower'} is better)",
                      fontsize=7)
         ax.tick_params(labelsize=6)
-    fig.suptitle("B11-faces: mean of 3 seeds, 95 % interval; dashed = image-blind (majority class, median age, "
-                 "mean shape)", fontsize=7)
+    seeds = max((c["n"] for t in table.values() for c in t.values()), default=0)
+    fig.suptitle(f"B11-faces: mean of {seeds} seeds, 95 % t-interval; dashed = image-blind (majority class, "
+                 "median age, mean shape)", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

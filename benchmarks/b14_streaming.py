@@ -83,7 +83,7 @@ def _upsized_shards(args, work: Path, split: str, name: str) -> Path:
 
     out = work / name
     if not (out / "index.json").is_file():
-        pack("imagefolder", out, root=args.data, splits=[split], resize=256, progress=False)
+        pack("imagefolder", out, root=args.data, splits=[split], resize=256, shard_size="64MB", progress=False)
     return out
 
 
@@ -114,15 +114,16 @@ def _visrep_rate(shards: Path, workers: int, batch: int, steps: int) -> float:
     ds = load_dataset("shards", "test", str(shards), image_size=224, workers=workers, crop="random",
                       shuffle_block=2 * batch)
     batches = ds.batches(batch, seed=0)
-    steps = min(steps, batches.steps_per_epoch)
-    batches(0)  # the workers start (left out of the timing, as for torchvision below)
-    batches(1)
+    warm = 2 * (workers + 1)  # groups of 2 steps: every worker's first group, decoded while the workers start
+    steps = min(warm + steps, batches.steps_per_epoch)
+    for s in range(warm):
+        batches(s)
     t0 = time.perf_counter()
-    for s in range(2, steps):
+    for s in range(warm, steps):
         batches(s)
     dt = time.perf_counter() - t0
     batches.close()
-    return (steps - 2) * batch / dt
+    return (steps - warm) * batch / dt
 
 
 def _torchvision_rate(folder: Path, workers: int, batch: int, steps: int) -> float:
@@ -134,12 +135,12 @@ def _torchvision_rate(folder: Path, workers: int, batch: int, steps: int) -> flo
                                          shuffle=True, num_workers=workers, drop_last=True,
                                          generator=torch.Generator().manual_seed(0))
     it = iter(loader)
-    next(it)
-    next(it)
+    for _ in range(2 * (workers + 1)):  # the same warm-up as visrep's: prefetched batches are not timed
+        next(it)
     n, t0 = 0, time.perf_counter()
     for i, (x, _) in enumerate(it):
         n += x.shape[0]
-        if i + 3 >= steps:
+        if i + 1 >= steps:
             break
     dt = time.perf_counter() - t0
     del it
@@ -218,7 +219,8 @@ def _measure_epoch(root: str, batch: int, workers: int) -> dict:
     res = json.loads(out.strip().splitlines()[-1])
     gib = 2**30
     return {**res, "seconds": time.perf_counter() - t0, "peak_pss_gib": peak_pss / gib, "peak_rss_gib": peak_rss / gib,
-            "decoded_gib": res["images"] * 224 * 224 * 3 / gib, "pss_gib_every_0.5s": samples[::10]}
+            "decoded_gib": res["images"] * 224 * 224 * 3 / gib,
+            "pss_gib_every_5s": [[t, round(b / gib, 3)] for t, b in samples[::10]]}
 
 
 def memory(args, work: Path) -> dict:
@@ -226,7 +228,9 @@ def memory(args, work: Path) -> dict:
     n_base = json.loads((base / "index.json").read_text())["splits"]["train"]["n"]
     small = work / "mem_small"
     large = work / "mem_large"
-    copies = max(1, -(-args.large_images // n_base))
+    per_image = 224 * 224 * 3
+    large_images = args.large_images or int(1.15 * _ram_gib() * 2**30 / per_image)  # decodes to 1.15 × the RAM
+    copies = max(1, -(-large_images // n_base))
     tars = sorted(base.glob("train-*.tar"))
     small.mkdir(exist_ok=True)
     large.mkdir(exist_ok=True)
@@ -245,17 +249,21 @@ def memory(args, work: Path) -> dict:
     out = {"recipe": {"batch": args.decode_batch, "workers": 2, "image_px": 224, "crop": "random",
                       "what": "one epoch through the training loader, no model step; PSS of reader + workers",
                       "machine_ram_gib": _ram_gib()}, "sets": {}}
+    index = json.loads((base / "index.json").read_text())
+    _copy_index(index, small, tars[:n_small_tars])
+    _copy_index(index, large, tars * copies)
+    ok = False
     try:
         for name, folder, n_tars in (("small", small, n_small_tars), ("large", large, k)):
-            pattern = f"{folder}/train-{{000000..{n_tars - 1:06d}}}.tar"
             disk = sum(p.stat().st_size for p in folder.glob("*.tar"))
-            res = _measure_epoch(pattern, args.decode_batch, 2)
+            res = _measure_epoch(str(folder), args.decode_batch, 2)
             out["sets"][name] = {**res, "shards": n_tars, "shard_gib": disk / 2**30}
             print(f"memory {name}: {res['images']} images ({res['decoded_gib']:.1f} GiB decoded), peak PSS "
                   f"{res['peak_pss_gib']:.2f} GiB, {res['seconds']:.0f} s", flush=True)
+        ok = True
     finally:
-        if not args.keep:
-            for folder in (small, large, base):
+        if not args.keep:  # the copies always go; the packed base only after a complete measurement
+            for folder in (small, large, *([base] if ok else [])):
                 shutil.rmtree(folder, ignore_errors=True)
     s, lg = out["sets"]["small"], out["sets"]["large"]
     out["large_over_small_images"] = lg["images"] / s["images"]
@@ -263,6 +271,24 @@ def memory(args, work: Path) -> dict:
     out["goal"] = "peak memory does not grow with the data (large decodes to more than the machine's RAM)"
     out["met"] = lg["decoded_gib"] > out["recipe"]["machine_ram_gib"] and out["large_over_small_peak_pss"] < 1.1
     return out
+
+
+def _copy_index(index: dict, folder: Path, tars: list[Path]) -> None:
+    """The index of a set made of copies of the base's shards (so the reader need not scan them)."""
+    split = index["splits"]["train"]
+    count = dict(zip(split["shards"], split["counts"]))
+    starts, pos = {}, 0
+    for name, n in count.items():
+        starts[name], pos = pos, pos + n
+    labels, counts = [], []
+    for t in tars:
+        n = count[t.name]
+        counts.append(n)
+        labels += split["labels"][starts[t.name]:starts[t.name] + n]
+    names = [f"train-{i:06d}.tar" for i in range(len(tars))]
+    out = {**index, "splits": {"train": {**split, "shards": names, "counts": counts, "n": len(labels),
+                                         "labels": labels, "targets": None}}}
+    (folder / "index.json").write_text(json.dumps(out))
 
 
 def _ram_gib() -> float:
@@ -286,9 +312,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--decode-batch", type=int, default=256)
-    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--decode-steps", type=int, default=24, help="timed steps, after the warm-up")
     ap.add_argument("--decode-workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--large-images", type=int, default=180_000, help="the large set: ≥ this many 224-px images")
+    ap.add_argument("--large-images", type=int, default=None,
+                    help="the large set: at least this many images (default: 1.15 × this machine's RAM at 224 px)")
     ap.add_argument("--epoch-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -88,8 +88,8 @@ def _torchrun(tmp_path, over, extra=(), **kw):
 def test_elastic_restart_after_a_killed_worker_finishes_from_the_last_checkpoint(tmp_path):
     """torchrun --max-restarts 1: one of two workers is SIGKILLed after the first checkpoint; torchrun restarts
     both, they resume from the checkpoint (TORCHELASTIC_RESTART_COUNT > 0) and the job ends with the weights of an
-    uninterrupted run. (The restarted group keys its rendezvous by attempt: without that it read the killed
-    group's gloo addresses from torchrun's store and failed to connect in 4 of 6 tries.)"""
+    uninterrupted run. (The restarted group gets a key space of its own in torchrun's store: without it, it read
+    the killed group's gloo addresses and failed to connect in 4 of 6 tries.)"""
     import psutil
 
     def over(name):

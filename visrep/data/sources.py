@@ -500,7 +500,7 @@ def _decode(data: bytes, image_size: int | None) -> torch.Tensor | None:
 
             with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
                 arr = np.asarray(im.convert("RGB"))
-            img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # numpy's copy: torch's is slow
+            img = torch.from_numpy(arr.transpose(2, 0, 1).copy())  # numpy's copy: torch's is slow
         except Exception:  # noqa: BLE001 -- any unreadable file is skipped and counted
             return None
     if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] < 1 or img.shape[2] < 1:

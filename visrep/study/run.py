@@ -78,6 +78,16 @@ def _join_job_processes(job: dict) -> int:
     return submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False).rank
 
 
+def _task_rank() -> int:
+    """This submitit task's global rank (0 outside a job of several tasks)."""
+    import submitit
+
+    try:
+        return int(submitit.JobEnvironment().global_rank)
+    except RuntimeError:  # not inside a submitit job
+        return 0
+
+
 def run_one(job: dict) -> dict:
     """Train one run of the study (or resume / find it finished), then its missing evaluations, and record the
     results in the store. Never raises for the run's own failure: returns (and writes) its status.
@@ -85,7 +95,9 @@ def run_one(job: dict) -> dict:
     In a job of several tasks every task trains (one process group); task 0 alone evaluates and records."""
     import torch
 
-    rank = _join_job_processes(job)
+    if job.get("model") is not None and int(job.get("tasks") or 1) > 1 and _task_rank() > 0:
+        return {"run_id": job["id"], "factors": job["factors"], "state": "done", "rank": _task_rank()}  # eval only
+    rank = _join_job_processes(job) if job.get("model") is None else 0
     run_dir = Path(job["config"]["out_dir"])
     threads = int(job.get("threads") or 0)
     if threads:
@@ -124,6 +136,8 @@ def run_one(job: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - a bug in one run must not stop the study; the traceback is kept
         status["error"] = f"{type(e).__name__}: {e}"
         status["traceback"] = traceback.format_exc()
+    if rank:  # task 0 alone writes the run's status (its own failure is the run's failure)
+        return {**status, "rank": rank}
     status["wall_seconds"] = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(_status_path(run_dir), status)
@@ -272,6 +286,8 @@ def run_study(study, *, workers: int = 1, executor: str = "local", executor_opti
     tasks = 1
     if executor == "slurm":  # a run on several processes (GPUs, nodes): one submitit job with that many tasks
         tasks = _positive(options, "nodes") * _positive(options, "tasks_per_node")
+        if not options.get("cpus_per_task"):
+            threads = max(1, threads // tasks) if threads else 0  # this machine's share, split between the tasks
     jobs = _jobs(p, threads=threads, tasks=tasks)
     todo, skipped = [], []
     for job in jobs:

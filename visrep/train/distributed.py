@@ -30,14 +30,17 @@ def setup_distributed(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)  # collectives and default allocations go to this process's GPU
         backend = "nccl" if device.type == "cuda" else "gloo"
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is None:
+        if "TORCHELASTIC_RESTART_COUNT" not in os.environ:  # not launched by torchrun (e.g. a submitit task)
             dist.init_process_group(backend)
         else:
-            # torchrun's agent keeps one store across elastic restarts, and the restarted group would read the
-            # killed group's addresses from it (gloo: "connection refused", or a hang): one key space per attempt
+            # torchrun's agent keeps one store across elastic restarts, and a restarted group would read the killed
+            # group's addresses from it (gloo: "connection refused", or a hang). So each group gets its own key
+            # space: the number of times this rank has joined, counted in the store. Every rank rejoins once per
+            # rendezvous round, so the count agrees across ranks and nodes (TORCHELASTIC_RESTART_COUNT does not:
+            # it is per node, and a node restarted for a peer's failure does not count it).
             store, rank, world = next(dist.rendezvous("env://"))
-            dist.init_process_group(backend, store=dist.PrefixStore(f"visrep/attempt_{attempt}", store),
+            joins = store.add(f"visrep/joins/rank{rank}", 1)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"visrep/group{joins}", store),
                                     rank=rank, world_size=world)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned)
 
