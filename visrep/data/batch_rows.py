@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["batch_rows", "per_sample", "current_rows"]
+__all__ = ["batch_rows", "per_sample", "rows_of"]
 
 _ROWS: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("visrep_batch_rows", default=None)
 
@@ -43,9 +43,11 @@ def batch_rows(offset: int, local: int, total: int) -> Iterator[None]:
         _ROWS.reset(token)
 
 
-def current_rows() -> tuple[int, int, int] | None:
-    """(offset, local, total) of the enclosing `batch_rows`, or None."""
-    return _ROWS.get()
+def rows_of(batch: int) -> tuple[int, int, int] | None:
+    """(offset, local, total) when a batch of `batch` rows is this process's part of a larger global batch
+    (inside `batch_rows` with local == batch < total); None when its draws are its own."""
+    rows = _ROWS.get()
+    return rows if rows is not None and rows[1] == batch and rows[1] < rows[2] else None
 
 
 def per_sample(draw: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
@@ -54,8 +56,8 @@ def per_sample(draw: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
     Inside `batch_rows(offset, local, total)` with batch == local: draw(total)[offset : offset + local].
     Otherwise draw(batch).
     """
-    rows = _ROWS.get()
-    if rows is None or rows[1] != batch or rows[1] == rows[2]:
+    rows = rows_of(batch)
+    if rows is None:
         return draw(batch)
     offset, local, total = rows
     return draw(total)[offset:offset + local]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrep.data.batch_rows import current_rows, per_sample
+from visrep.data.batch_rows import per_sample, rows_of
 from visrep.errors import ConfigError
 from visrep.registry import Registry
 
@@ -315,8 +315,8 @@ class _View(nn.Module):
 def _kornia_rows(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A kornia augmentation on this process's rows of the global batch (`batch_rows`): its parameters are
     drawn for every row, then sliced, so the ranks together augment as one process would."""
-    rows = current_rows()
-    if rows is None or rows[1] != x.shape[0] or rows[1] == rows[2]:
+    rows = rows_of(x.shape[0])
+    if rows is None:
         return op(x)
     offset, local, total = rows
     params = op.forward_parameters(torch.Size([total, *x.shape[1:]]))
