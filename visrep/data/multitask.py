@@ -32,6 +32,13 @@ from visrep.data.batches import epoch_permutation
 from visrep.errors import ConfigError
 
 
+def _one_size(sizes: set):
+    """The one size every task's images share, or a clear error."""
+    if len(sizes) != 1:
+        raise ConfigError(f"the tasks' images differ in size ({sorted(sizes)}); set data.image_size")
+    return next(iter(sizes))
+
+
 class TaskBatches:
     """`batches(step, device)` → {"images": uint8 [Σ b_t, 3, H, W] (tasks in order), "task_slices": {task: (start,
     end)} rows of each task, "task_labels": {task: [b_t]}, "task_targets": {task: [b_t, T] or None}}, this rank's
@@ -43,9 +50,7 @@ class TaskBatches:
     def __init__(self, datasets: dict, per_step: dict, seed: int, rank: int = 0, world_size: int = 1):
         if list(datasets) != list(per_step):
             raise ConfigError(f"per-step counts for tasks {list(per_step)} do not match the datasets {list(datasets)}")
-        sizes = {tuple(ds.images.shape[1:]) for ds in datasets.values()}
-        if len(sizes) > 1:
-            raise ConfigError(f"the tasks' images differ in size ({sorted(sizes)}); set data.image_size")
+        _one_size({tuple(ds.images.shape[1:]) for ds in datasets.values()})  # the tasks' rows are concatenated
         self.datasets, self.seed = dict(datasets), int(seed)
         self.per_step, self.local, self.offset, self.steps_per_pass = {}, {}, {}, {}
         for i, (name, ds) in enumerate(self.datasets.items()):
@@ -108,10 +113,7 @@ class MultiTaskData:
         self.datasets = dict(datasets)
         self.tasks = {n: (s.output, s.loss, float(s.weight)) for n, s in specs.items()}
         self.queries = {n: (str(o), int(q)) for n, (o, q) in queries.items()}  # may hold more tasks (stage 2)
-        sizes = {ds.image_size for ds in self.datasets.values()}
-        if len(sizes) != 1:
-            raise ConfigError(f"the tasks' images differ in size ({sorted(sizes)}); set data.image_size")
-        self.image_size = sizes.pop()
+        self.image_size = _one_size({ds.image_size for ds in self.datasets.values()})
         self.task_classes = {n: list(ds.classes) for n, ds in self.datasets.items()}
 
     def __len__(self) -> int:

@@ -26,7 +26,7 @@ from visrep.data.sources import ImageDataset, load_dataset
 from visrep.errors import ConfigError, DataError
 from visrep.registry import Registry
 
-__all__ = ["OUTPUTS", "LOSSES", "TaskSpec", "TASKS", "resolve_tasks", "load_task_data", "num_queries"]
+__all__ = ["OUTPUTS", "LOSSES", "TaskSpec", "TASKS", "resolve_tasks", "trained_tasks", "load_task_data", "num_queries"]
 
 # output type -> the losses it accepts (the first is the default)
 OUTPUTS = {
@@ -143,6 +143,19 @@ def resolve_tasks(entries) -> list[TaskSpec]:
     if not any(t.weight > 0 for t in out):
         raise ConfigError("every task has weight 0: give at least one task a positive weight")
     return out
+
+
+def trained_tasks(tasks, task_head: dict | None) -> list[TaskSpec]:
+    """The tasks a run trains on and answers for: all of `tasks`, or a Faceptor stage-2 run's one target task
+    (its new encoder levels serve that task alone)."""
+    specs = resolve_tasks(tasks)
+    stage2 = (task_head or {}).get("stage2")
+    if not stage2:
+        return specs
+    kept = [s for s in specs if s.name == stage2["task"]]
+    if not kept:
+        raise ConfigError(f"task_head.stage2.task '{stage2['task']}' is not in the tasks: list")
+    return kept
 
 
 def load_task_data(spec: TaskSpec, split: str, *, root=None, image_size: int | None = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from visrep.data.faces import _decode_square
-from visrep.data.tasks import load_task_data, resolve_tasks
+from visrep.data.tasks import load_task_data, trained_tasks
 from visrep.data.views import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from visrep.device import resolve_device
 from visrep.errors import ConfigError, DataError
@@ -35,9 +35,7 @@ def _run_of(source, force: bool = False) -> RebuiltRun:
 
 def _scored_tasks(run: RebuiltRun) -> list:
     """The tasks a run answers for: all of its tasks, or a stage-2 run's target task (its new levels serve it)."""
-    specs = resolve_tasks(run.cfg.tasks)
-    stage2 = (run.cfg.task_head or {}).get("stage2")
-    return [s for s in specs if s.name == stage2["task"]] if stage2 else specs
+    return trained_tasks(run.cfg.tasks, run.cfg.task_head)
 
 
 @torch.no_grad()

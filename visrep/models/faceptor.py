@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from visrep.errors import ConfigError
-from visrep.models.masked import patch_size_of
+from visrep.models.masked import patch_size_of, sincos_1d
 
 __all__ = ["sine_2d", "encoder_levels", "LayerAttentionMemory", "DecoderLayer", "FaceptorDecoder", "TaskQueries",
            "ValueHead", "MapHead", "soft_argmax_points", "FaceptorHead", "NaiveTaskHeads"]
@@ -48,15 +48,10 @@ def sine_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Ten
     if dim % 4:
         raise ConfigError(f"the decoder width must be a multiple of 4 for the 2-D sine embedding, got {dim}")
     half = dim // 2
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    freq = temperature ** (2 * torch.arange(half // 2, dtype=torch.float32) / half)
-
-    def embed(c: torch.Tensor) -> torch.Tensor:
-        a = 2 * math.pi * c[:, None] / freq
-        return torch.cat([a.sin(), a.cos()], dim=1)  # [n, half]
-
-    ey, ex = embed(ys), embed(xs)
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+    # the 1-D sin-cos of the angle 2π·c: ω_k = T^(-k/(half/2)) = 1/T^(2k/half)
+    ey, ex = sincos_1d(half, 2 * math.pi * ys, temperature), sincos_1d(half, 2 * math.pi * xs, temperature)
     return torch.cat([ey[:, None, :].expand(h, w, half), ex[None, :, :].expand(h, w, half)], dim=-1).reshape(h * w, dim)
 
 

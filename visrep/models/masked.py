@@ -16,9 +16,9 @@ from torch import nn
 from visrep.errors import ConfigError
 
 
-def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """[P] -> [P, dim]: [sin(p·ω_k), cos(p·ω_k)], ω_k = 10000^(−k/(dim/2)), k < dim/2 (Vaswani et al. 2017)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+def sincos_1d(dim: int, positions: torch.Tensor, temperature: float = 10000.0) -> torch.Tensor:
+    """[P] -> [P, dim]: [sin(p·ω_k), cos(p·ω_k)], ω_k = T^(−k/(dim/2)), k < dim/2, T = 10000 (Vaswani et al. 2017)."""
+    omega = 1.0 / temperature ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     out = positions.double().unsqueeze(1) * omega.unsqueeze(0)
     return torch.cat([out.sin(), out.cos()], dim=1).float()
 

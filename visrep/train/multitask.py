@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from visrep.config import RunConfig
 from visrep.data.multitask import MultiTaskData
-from visrep.data.tasks import load_task_data, num_queries, resolve_tasks
+from visrep.data.tasks import load_task_data, num_queries, trained_tasks
 from visrep.errors import ConfigError
 from visrep.runs import stage1_tasks
 
@@ -12,16 +12,13 @@ from visrep.runs import stage1_tasks
 def load_task_training_data(cfg: RunConfig, saved: dict | None = None) -> MultiTaskData:
     """Every task's training split at data.image_size, with data.subset / holdout / label_fraction applied to each."""
     d = cfg.data
-    specs = resolve_tasks(cfg.tasks)
+    specs = trained_tasks(cfg.tasks, cfg.task_head)
     datasets, queries = {}, {}
     stage2 = (cfg.task_head or {}).get("stage2")
     if stage2:  # Faceptor stage 2: the stage-1 model's tasks (its query tables), trained on the target task only
         # (a resumed run was built already: its own checkpoint says how, and the stage-1 run may have moved since)
         queries = {n: tuple(v) for n, v in saved["tasks"].items()} if saved and "tasks" in saved else \
             stage1_tasks(stage2["init"], stage2["task"])
-        specs = [s for s in specs if s.name == stage2["task"]]
-        if not specs:
-            raise ConfigError(f"task_head.stage2.task '{stage2['task']}' is not in the tasks: list")
     from visrep.train.state import training_split  # (state imports this module)
 
     for spec in specs:
