@@ -98,7 +98,8 @@ class _ShardSink:
             name = f"{self.prefix}-{len(self.names):06d}.tar"
             self._tmp = self.out / f".{name}.tmp-{os.getpid()}"
             self._file = open(self._tmp, "wb")
-            self._writer = wds.TarWriter(self._file, mtime=0.0, user="visrep", group="visrep")
+            # an integer mtime: a float one costs every member a PAX header, which doubles the reader's header parsing
+            self._writer = wds.TarWriter(self._file, mtime=0, user="visrep", group="visrep")
             self.names.append(name)
             self.counts.append(0)
             self._size = 0
