@@ -76,16 +76,84 @@ def test_reads_what_tarfile_writes(fmt, seekable):
     assert _read_all(open_tar(f, seekable=seekable)) == files
 
 
-def test_skipped_members_and_compressed_archives():
+_COMPRESS = {"plain": lambda b: b, "gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress,
+             "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}
+
+
+@pytest.mark.parametrize("how", list(_COMPRESS))
+def test_skipped_members_and_compressed_archives(how):
     raw, files = _archive(tarfile.PAX_FORMAT)
-    for packed in (raw, gzip.compress(raw), bz2.compress(raw), lzma.compress(raw)):
-        for seekable in (True, False):
-            m = open_tar(io.BytesIO(packed) if seekable else _Stream(packed), seekable=seekable)
-            names = []
-            while (h := m.next()) is not None:  # headers only: the data is skipped unread
-                names.append(h[0])
-            assert [n for n in names if n in dict(files)] == [n for n, _ in files]
-            assert "a" in names and "a/link.jpg" in names
+    packed = _COMPRESS[how](raw)
+    for seekable in (True, False):
+        m = open_tar(io.BytesIO(packed) if seekable else _Stream(packed), seekable=seekable)
+        names = []
+        while (h := m.next()) is not None:  # headers only: the data is skipped unread
+            names.append(h[0])
+        assert [n for n in names if n in dict(files)] == [n for n, _ in files]
+        assert "a" in names and "a/link.jpg" in names
+        assert m.next() is None  # stays at the end
+        assert _read_all(open_tar(io.BytesIO(packed) if seekable else _Stream(packed), seekable)) == files
+
+
+class _Trickle(_Stream):
+    """A raw stream that returns at most 100 bytes a read (a pipe or socket may)."""
+
+    def read(self, n=-1):
+        return self._f.read(n if n is not None and 0 <= n < 100 else 100)
+
+
+def test_short_reads_and_a_plain_tar_whose_first_name_looks_compressed():
+    raw, files = _archive(tarfile.PAX_FORMAT)
+    assert _read_all(open_tar(_Trickle(raw), seekable=False)) == files
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name in ("BZh91AY&SY.jpg", "\x1f\x8b\x08.cls"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+    got = _read_all(open_tar(io.BytesIO(buf.getvalue()), seekable=True))
+    assert got == [("BZh91AY&SY.jpg", b"abc"), ("\x1f\x8b\x08.cls", b"abc")]
+
+
+def test_pax_size_and_path_override_the_header_and_global_records_are_skipped():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tf:
+        info = tarfile.TarInfo("short.jpg")
+        info.size, info.pax_headers = 5, {"path": "the/real/name.jpg", "size": "5"}
+        tf.addfile(info, io.BytesIO(b"hello"))
+        link = tarfile.TarInfo("l")
+        link.type, link.linkname = tarfile.SYMTYPE, "x" * 150  # a GNU-style long link name goes in pax here
+        tf.addfile(link)
+    raw = bytearray(buf.getvalue())
+    # the member's own ustar header (after the global header and the pax header, 2 blocks each) says size 0:
+    # only the pax record gives the right size
+    h = 4 * BLOCK
+    assert raw[h + 156:h + 157] == b"0"
+    raw[h + 124:h + 136] = b"00000000000\0"
+    raw[h + 148:h + 156] = b" " * 8
+    raw[h + 148:h + 156] = b"%06o\0 " % sum(raw[h:h + BLOCK])
+    m = open_tar(io.BytesIO(bytes(raw)), seekable=True)
+    assert m.next() == ("the/real/name.jpg", 5, True) and m.read() == b"hello"
+    assert m.next() == ("l", 0, False) and m.next() is None
+
+
+def test_gnu_long_link_and_hard_link_with_a_size():
+    """A hard link's header may carry its target's size with no data after it (old Solaris tar): nothing is
+    skipped after it, as in tarfile."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        link = tarfile.TarInfo("s")
+        link.type, link.linkname = tarfile.SYMTYPE, "y" * 150  # a GNU 'K' header
+        tf.addfile(link)
+        hard = tarfile.TarInfo("h")
+        hard.type, hard.linkname, hard.size = tarfile.LNKTYPE, "s", 4000
+        tf.addfile(hard)
+        info = tarfile.TarInfo("after.cls")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"42"))
+    m = open_tar(io.BytesIO(buf.getvalue()), seekable=True)
+    assert m.next()[::2] == ("s", False) and m.next() == ("h", 4000, False)
+    assert m.next() == ("after.cls", 2, True) and m.read() == b"42"
 
 
 def test_base256_size_and_signed_checksum():
@@ -115,8 +183,32 @@ def test_damage_is_an_error_after_the_good_members():
                 got.append((h[0], m.read()))
     assert got and got == files[: len(got)]
 
+    m = open_tar(io.BytesIO(cut), seekable=True)  # seekable: a seek past the end must not look like the end
+    with pytest.raises(TarFormatError, match="ends"):
+        while m.next() is not None:
+            pass
+
+    second = BLOCK * 2 + -(-len(files[0][1]) // BLOCK) * BLOCK  # the folder's header, the first file's
     bad = bytearray(raw)
-    bad[0] ^= 0xFF  # the first header's name byte, so its checksum no longer matches
+    assert bad[second:second + 1] != b"\0"
+    bad[second] ^= 0xFF  # a name byte of a later header, so its checksum no longer matches
+    m = open_tar(io.BytesIO(bytes(bad)), seekable=True)
     with pytest.raises(TarFormatError, match="checksum"):
-        open_tar(io.BytesIO(bytes(bad)), seekable=True).next()
+        while m.next() is not None:
+            pass
     assert open_tar(io.BytesIO(b""), seekable=True).next() is None  # an empty file is an empty archive
+    with pytest.raises(TarFormatError, match="not a tar archive"):
+        open_tar(io.BytesIO(b"this is not a tar file at all" * 40), seekable=True)
+
+
+@pytest.mark.parametrize("how", ["gzip", "xz", "bzip2"])
+def test_corrupt_compressed_data_is_a_format_error(how):
+    raw, files = _archive(tarfile.PAX_FORMAT)
+    packed = bytearray(_COMPRESS[how](raw))
+    for i in range(len(packed) // 2, len(packed) // 2 + 64):
+        packed[i] ^= 0x5A
+    m = open_tar(io.BytesIO(bytes(packed)), seekable=True)
+    with pytest.raises(TarFormatError):
+        while (h := m.next()) is not None:
+            if h[2]:
+                m.read()

@@ -195,7 +195,10 @@ class UnitReader:
                 self._tar = open_tar(self._file, seekable=True)  # skipped members are seeked over, not read
         except FileNotFoundError:
             raise DataError(f"shard {url} does not exist") from None
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, TarFormatError) as e:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
             raise DataError(f"cannot read shard {url}: {e}") from None
         self._unit, self._pos, self._pending = unit, 0, None
 
