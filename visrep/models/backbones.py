@@ -11,7 +11,6 @@ for the ImageNet stem, and for the CIFAR stem after the same two-line stem chang
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from visrep.errors import ConfigError
