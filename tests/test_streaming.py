@@ -202,6 +202,36 @@ def test_corrupt_sample_and_truncated_shard(packed, tmp_path):
     assert "could not be read or decoded" in text and "ended after" in text and "indexed samples" in text
 
 
+def test_shard_cut_inside_its_first_header_is_skipped_and_a_non_tar_is_an_error(packed, tmp_path):
+    """A shard cut anywhere, even before its first header ends, is a truncation (counted, skipped, one warning);
+    a file that is not a tar archive at all is one clear error naming it."""
+    out, index = packed
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    names = index["splits"]["train"]["shards"][:2]
+    (bad / names[0]).write_bytes((out / names[0]).read_bytes())
+    (bad / names[1]).write_bytes((out / names[1]).read_bytes()[:300])
+    e = index["splits"]["train"]
+    idx = {**index, "splits": {"train": {**e, "shards": names, "counts": e["counts"][:2], "labels": e["labels"][:20],
+                                         "n": 20, "targets": None}}}
+    (bad / "index.json").write_text(json.dumps(idx))
+    b = _stream(bad).batches(10, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = [b(s) for s in range(2)]
+        b.close()
+    assert all(x["images"].shape == (10, 3, 32, 32) for x in batches)
+    assert b.skipped == 10
+    assert "ended after 0 of its 10 indexed samples" in " ".join(str(w.message) for w in caught)
+
+    (bad / names[1]).write_bytes(b"this is not a tar archive" * 40)
+    b = _stream(bad).batches(10, seed=0)
+    with pytest.raises(DataError, match=f"cannot read shard .*{names[1]}: not a tar archive"):
+        for s in range(2):
+            b(s)
+    b.close()
+
+
 def _jpeg_tree(root: Path, n_per_class: int = 6) -> None:
     from PIL import Image
 

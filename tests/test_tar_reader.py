@@ -197,6 +197,9 @@ def test_damage_is_an_error_after_the_good_members():
         while m.next() is not None:
             pass
     assert open_tar(io.BytesIO(b""), seekable=True).next() is None  # an empty file is an empty archive
+    m = open_tar(io.BytesIO(raw[:300]), seekable=True)  # cut inside the first header: a truncation like any other
+    with pytest.raises(TarFormatError, match="ends inside a header"):
+        m.next()
     with pytest.raises(TarFormatError, match="not a tar archive"):
         open_tar(io.BytesIO(b"this is not a tar file at all" * 40), seekable=True)
 

@@ -104,8 +104,8 @@ def open_tar(f, seekable: bool) -> "TarMembers":
         return TarMembers(bz2.BZ2File(f, mode="rb"), seekable=False, owns=True)
     if head.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")):
         return TarMembers(lzma.LZMAFile(f, mode="rb"), seekable=False, owns=True)
-    if len(head) < BLOCK:
-        raise TarFormatError("the archive ends inside its first header")
+    if len(head) < BLOCK:  # a plain tar cut inside its first header: the first next() reports the truncation,
+        return TarMembers(f, seekable=seekable)  # as for a cut anywhere later (the stream skips and counts it)
     raise TarFormatError("not a tar archive (its first header's checksum does not match, and it is not gzip, "
                          "bzip2 or xz)")
 
